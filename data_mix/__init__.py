@@ -1,0 +1,1 @@
+"""The data path: read corpora, build token stores, blend them by weight, load batches."""

@@ -1,0 +1,71 @@
+"""Config sections of the data path: the corpora, the held-out split and the mix."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from launch.base import StrictModel
+
+CORPUS_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class CorpusConfig(StrictModel):
+    """One corpus: files of one kind of text, read into documents."""
+
+    name: str = Field(pattern=CORPUS_NAME)
+    """Short name used in metrics and store folders (letters, digits, `_ . -`)."""
+    group: str = "default"
+    """Free-text group (e.g. `financial`, `public`) that `mix.group_weights` refers to."""
+    paths: list[str] = Field(min_length=1)
+    """Files, globs or folders, relative to the experiment file."""
+    format: Literal["auto", "jsonl", "csv", "parquet", "txt"] = "auto"
+    """File format; `auto` decides by file extension."""
+    text_field: str = "text"
+    """Field holding the text in jsonl, csv and parquet records."""
+    text_template: str | None = None
+    """Join several fields, e.g. `"{headline}\\n\\n{body}"`; replaces `text_field`."""
+    txt_split: Literal["file", "line"] = "file"
+    """For txt files: one document per file, or one per non-empty line."""
+    encoding: str = "utf-8"
+    """Text encoding of the files (e.g. `latin-1`)."""
+    min_chars: int = Field(default=1, ge=1)
+    """Documents shorter than this are rejected (and counted)."""
+
+
+class HeldoutConfig(StrictModel):
+    """Per corpus, documents whose content hash falls below `fraction` are held out."""
+
+    fraction: float = Field(default=0.01, gt=0.0, le=0.5)
+    max_documents: int = Field(default=2000, gt=0)
+    """Cap on held-out documents per corpus (extra ones return to training)."""
+
+
+class MixConfig(StrictModel):
+    """How corpora are blended into training samples of `seq_len` tokens."""
+
+    seq_len: int = Field(default=2048, ge=8)
+    weights: dict[str, float] | None = None
+    """Token share per corpus, normalised; corpora left out get none."""
+    group_weights: dict[str, float] | None = None
+    """Token share per group; inside a group corpora get shares ∝ size^(1/temperature)."""
+    temperature: float = Field(default=1.0, gt=0.0)
+    max_epochs: dict[str, float] = {}
+    """Refuse a plan that repeats a corpus more often than this."""
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> MixConfig:
+        if self.weights is not None and self.group_weights is not None:
+            raise ValueError("set either `weights` (per corpus) or `group_weights` (per group), not both")
+        for section in ("weights", "group_weights"):
+            values = getattr(self, section) or {}
+            for key, value in values.items():
+                if value < 0:
+                    raise ValueError(f"{section}.{key}: must be >= 0, got {value}")
+            if values and sum(values.values()) <= 0:
+                raise ValueError(f"{section}: all weights are zero; give at least one a positive share")
+        for key, value in self.max_epochs.items():
+            if value <= 0:
+                raise ValueError(f"max_epochs.{key}: must be > 0, got {value}")
+        return self

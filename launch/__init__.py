@@ -1,0 +1,1 @@
+"""Command line, launchers and the experiment file that ties the packages together."""

@@ -1,0 +1,163 @@
+"""The `dapt` command: one subcommand per stage of the flow, plus `run` and `demo`.
+
+A `DaptError` (bad config, missing file) is printed as one line without a
+traceback and exits with status 2; everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from launch.base import DaptError
+
+
+def _experiment(args):
+    from launch.experiment import load_experiment
+
+    experiment, _ = load_experiment(args.config)
+    return experiment
+
+
+def cmd_tokenizer_train(args) -> None:
+    from launch.pipeline import train_tokenizer
+
+    train_tokenizer(_experiment(args))
+
+
+def cmd_data_build(args) -> None:
+    from launch.pipeline import build_stores
+
+    build_stores(_experiment(args))
+
+
+def cmd_mix_plan(args) -> None:
+    from launch.pipeline import mix_plan
+
+    mix_plan(_experiment(args))
+
+
+def cmd_train(args) -> None:
+    from launch.experiment import load_experiment
+    from pretrain.train import run_training
+
+    experiment, text = load_experiment(args.config)
+    run_training(experiment, text)
+
+
+def cmd_launch_local(args) -> None:
+    from launch.local import default_nproc, run_local
+
+    run_local(Path(args.config), args.nproc or default_nproc(_experiment(args)))
+
+
+def cmd_export(args) -> None:
+    from pretrain.export import export_checkpoint
+
+    out = export_checkpoint(Path(args.checkpoint), Path(args.out), tag=args.tag)
+    print(f"exported a Hugging Face model directory to {out}")
+
+
+def cmd_eval(args) -> None:
+    from pretrain.evaluate import evaluate_model_dir
+
+    experiment = _experiment(args)
+    model_dir = Path(args.model) if args.model else experiment.export_dir
+    for name, bpb in evaluate_model_dir(experiment, model_dir).items():
+        print(f"{name:<14}held-out BPB {bpb:.4f}")
+
+
+def cmd_run(args) -> None:
+    run_flow(Path(args.config), args.nproc)
+
+
+def cmd_demo(args) -> None:
+    from launch.demo import prepare_demo
+
+    config = prepare_demo(Path(args.workdir))
+    print(f"running: dapt run {config}", flush=True)
+    run_flow(config, args.nproc)
+
+
+def run_flow(config: Path, nproc: int | None) -> None:
+    import json
+
+    from launch.local import default_nproc, run_local
+    from launch.pipeline import build_stores, mix_plan, sample_generation, summary_table, train_tokenizer
+    from pretrain.export import export_checkpoint
+
+    from launch.experiment import load_experiment
+
+    experiment, _ = load_experiment(config)
+    print(f"== {experiment.name}: everything goes to {experiment.workdir}")
+    print("== 1/5 tokenizer", flush=True)
+    train_tokenizer(experiment)
+    print("== 2/5 token stores", flush=True)
+    build_stores(experiment)
+    print("== 3/5 mix", flush=True)
+    mix_plan(experiment)
+    print("== 4/5 training", flush=True)
+    run_local(config, nproc or default_nproc(experiment))
+    print("== 5/5 export", flush=True)
+    export_checkpoint(experiment.checkpoints_dir, experiment.export_dir)
+    prompt = "Total revenue was"
+    print(f"exported to {experiment.export_dir}; it continues {prompt!r} as:\n  {sample_generation(experiment.export_dir, prompt)!r}")
+    results = json.loads(experiment.results_file.read_text())
+    print(f"\n{summary_table(results, experiment)}")
+    print(f"\nW&B run (offline): {results['wandb_run_dir']}\nmetrics: {experiment.workpath / 'metrics.jsonl'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dapt", description="Domain-adaptive pretraining.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(group, name: str, handler, help_text: str, config: bool = True):
+        sub = group.add_parser(name, help=help_text, description=help_text)
+        if config:
+            sub.add_argument("config", help="experiment YAML file")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    demo = command(commands, "demo", cmd_demo, "write the built-in demo corpora and run the whole flow on them", config=False)
+    demo.add_argument("--workdir", default="runs/demo", help="where the demo writes everything (default: runs/demo)")
+    demo.add_argument("--nproc", type=int, help="training processes (default: GPUs, or 2 on CPU)")
+    run = command(commands, "run", cmd_run, "the whole flow: tokenizer, stores, mix plan, training, export")
+    run.add_argument("--nproc", type=int, help="training processes (default: launch.nproc_per_node, GPUs, or 2)")
+
+    tokenizer = commands.add_parser("tokenizer", help="tokenizer stages").add_subparsers(dest="sub", required=True, metavar="STAGE")
+    command(tokenizer, "train", cmd_tokenizer_train, "train the experiment's tokenizer")
+    data = commands.add_parser("data", help="corpus stages").add_subparsers(dest="sub", required=True, metavar="STAGE")
+    command(data, "build", cmd_data_build, "read, validate and tokenise the corpora into token stores")
+    mix = commands.add_parser("mix", help="mix stages").add_subparsers(dest="sub", required=True, metavar="STAGE")
+    command(mix, "plan", cmd_mix_plan, "print samples, tokens and epochs per corpus for the run")
+
+    command(commands, "train", cmd_train, "train on this rank (what launchers start on every process)")
+    launch = commands.add_parser("launch", help="start training processes").add_subparsers(dest="sub", required=True, metavar="HOW")
+    local = command(launch, "local", cmd_launch_local, "torchrun on this machine")
+    local.add_argument("--nproc", type=int, help="processes (default: launch.nproc_per_node, GPUs, or 2)")
+
+    evaluate = command(commands, "eval", cmd_eval, "held-out bits-per-byte per corpus of a Hugging Face model directory")
+    evaluate.add_argument("--model", help="model directory (default: the experiment's export)")
+    export = command(commands, "export", cmd_export, "consolidate a DeepSpeed checkpoint into a Hugging Face directory", config=False)
+    export.add_argument("checkpoint", help="checkpoint folder (holding `latest`)")
+    export.add_argument("out", help="output directory")
+    export.add_argument("--tag", help="checkpoint tag (default: the one `latest` names)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except DaptError as err:
+        print(f"dapt: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dapt: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

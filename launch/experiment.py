@@ -1,0 +1,183 @@
+"""One experiment = one YAML file, validated into typed config objects.
+
+Every section is a strict pydantic model that lives next to the package that uses
+it; this module composes them, resolves paths against the file's folder, checks
+what spans sections (weights name real corpora), and turns every problem into a
+`DaptError` that names the file, the line, the field path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from data_mix.config import CorpusConfig, HeldoutConfig, MixConfig
+from launch.base import DaptError, StrictModel
+from launch.config import LaunchConfig
+from pretrain.config import ModelConfig, TrainConfig, WandbConfig
+from tokenizer.config import TokenizerConfig
+
+
+class Experiment(StrictModel):
+    name: str = Field(min_length=1)
+    workdir: str = "runs/experiment"
+    """Everything this experiment writes goes here (relative to the experiment file)."""
+    seed: int = 1234
+    corpora: list[CorpusConfig] = Field(min_length=1)
+    heldout: HeldoutConfig = HeldoutConfig()
+    tokenizer: TokenizerConfig
+    mix: MixConfig = MixConfig()
+    model: ModelConfig
+    train: TrainConfig
+    deepspeed: dict[str, Any] = {}
+    """A native DeepSpeed config; fields set to `auto` (or left out) are filled from `train`."""
+    wandb: WandbConfig = WandbConfig()
+    launch: LaunchConfig = LaunchConfig()
+
+    @property
+    def workpath(self) -> Path:
+        return Path(self.workdir)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """The tokenizer in use: the given one, or where `dapt tokenizer train` writes."""
+        return Path(self.tokenizer.path) if self.tokenizer.path else self.workpath / "tokenizer"
+
+    @property
+    def stores_dir(self) -> Path:
+        return self.workpath / "stores"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.workpath / "checkpoints"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.workpath / "export"
+
+    @property
+    def results_file(self) -> Path:
+        return self.workpath / "results.json"
+
+    def corpus_names(self) -> list[str]:
+        return [c.name for c in self.corpora]
+
+
+def load_experiment(path: str | Path) -> tuple[Experiment, str]:
+    """The validated experiment with absolute paths, and the YAML text it came from."""
+    path = Path(path)
+    if not path.is_file():
+        raise DaptError(f"experiment file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise DaptError(f"{where}: YAML syntax error: {getattr(err, 'problem', None) or err}") from None
+    if not isinstance(data, dict):
+        raise DaptError(f"{path}: an experiment file must be a YAML mapping (name:, corpora:, ...)")
+    try:
+        experiment = Experiment.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = first["loc"]
+        raise DaptError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: {_explain(first)}") from None
+    _check_names(experiment, path, root)
+    return _resolve_paths(experiment, path.parent.resolve()), text
+
+
+def experiment_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _explain(error: dict) -> str:
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(Experiment, error["loc"][:-1])
+        close = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
+        hint = f"did you mean `{close[0]}`? " if close else ""
+        return f"unknown key; {hint}allowed keys: {', '.join(allowed)}"
+    if error["type"] == "missing":
+        return "required field is missing"
+    if error["type"] == "value_error":
+        return error["msg"].removeprefix("Value error, ")
+    return f"{error['msg']} (got {error['input']!r})"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the config model found by walking `loc` from the top."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next(c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel))
+    return list(model.model_fields)
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int:
+    """Line (1-based) of the deepest YAML node found on `loc`: the bad key, or its parent."""
+    node, line = root, 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if str(k.value) == str(part)), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _check_names(experiment: Experiment, path: Path, root: yaml.Node) -> None:
+    """Cross-section checks: every weight names a corpus or group that exists."""
+    names = experiment.corpus_names()
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise DaptError(f"{path}:{_line_of(root, ('corpora',))}: corpora: name {duplicated[0]!r} is used twice; names must be unique")
+    groups = sorted({c.group for c in experiment.corpora})
+    mix = experiment.mix
+    for section, known, kind in (
+        ("weights", names, "corpus"),
+        ("max_epochs", names, "corpus"),
+        ("group_weights", groups, "group"),
+    ):
+        for key in getattr(mix, section) or {}:
+            if key not in known:
+                loc = ("mix", section, key)
+                raise DaptError(
+                    f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: unknown {kind} {key!r}; known: {', '.join(known)}"
+                )
+
+
+def _resolve_paths(experiment: Experiment, base: Path) -> Experiment:
+    """Every path in the file is relative to the file's folder."""
+
+    def absolute(value: str) -> str:
+        return str(base / Path(value).expanduser())
+
+    corpora = [c.model_copy(update={"paths": [absolute(p) for p in c.paths]}) for c in experiment.corpora]
+    tokenizer, model = experiment.tokenizer, experiment.model
+    if tokenizer.path is not None:
+        tokenizer = tokenizer.model_copy(update={"path": absolute(tokenizer.path)})
+    if model.path is not None:
+        model = model.model_copy(update={"path": absolute(model.path)})
+    return experiment.model_copy(
+        update={"corpora": corpora, "tokenizer": tokenizer, "model": model, "workdir": absolute(experiment.workdir)}
+    )

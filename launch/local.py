@@ -1,0 +1,40 @@
+"""`dapt launch local`: torchrun on this machine, one `dapt train` per process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from launch.base import DaptError
+from launch.experiment import Experiment
+
+
+def default_nproc(experiment: Experiment) -> int:
+    """The experiment's choice, else one process per GPU, else 2 on a CPU-only machine."""
+    return experiment.launch.nproc_per_node or torch.cuda.device_count() or 2
+
+
+def torchrun_command(config_path: Path, nproc: int) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "-m", "launch.cli", "train", str(config_path),
+    ]
+
+
+def training_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
+def run_local(config_path: Path, nproc: int) -> None:
+    command = torchrun_command(config_path, nproc)
+    print(f"launching {nproc} training processes: {' '.join(command[1:])}", flush=True)
+    completed = subprocess.run(command, env=training_environment())
+    if completed.returncode != 0:
+        raise DaptError(f"training failed (torchrun exit code {completed.returncode}); the messages above say why")

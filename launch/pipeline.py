@@ -1,0 +1,97 @@
+"""The stages of the flow as the CLI runs them, each printing what it did.
+
+tokenizer → token stores → mix plan → training (torchrun) → export → summary.
+`dapt run` calls them in order; each stage is also its own subcommand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from data_mix.blend import build_schedule, format_plan, plan, target_shares
+from data_mix.sources import CorpusReader
+from data_mix.store import build_store, open_stores, tokenizer_hash
+from launch.base import DaptError
+from launch.experiment import Experiment
+from tokenizer.train import draw_sample, train_sentencepiece
+
+RECIPE = "dapt-recipe.json"
+
+
+def train_tokenizer(experiment: Experiment) -> Path:
+    """Train the experiment's tokenizer, unless one trained from the same recipe exists."""
+    out_dir = experiment.tokenizer_dir
+    if experiment.tokenizer.train is None:
+        if not (out_dir / "tokenizer.json").exists():
+            raise DaptError(f"tokenizer.path: {out_dir} has no tokenizer.json; give a Hugging Face tokenizer directory")
+        print(f"tokenizer: using {out_dir}")
+        return out_dir
+    sources = [c.model_dump() for c in experiment.corpora]
+    recipe = {"train": experiment.tokenizer.train.model_dump(), "corpora": sources,
+              "mix": experiment.mix.model_dump(), "heldout": experiment.heldout.model_dump()}
+    stamp = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    if (out_dir / RECIPE).exists() and json.loads((out_dir / RECIPE).read_text()).get("stamp") == stamp:
+        print(f"tokenizer: up to date in {out_dir}")
+        return out_dir
+    sizes = {c.name: sum(len(d.encode("utf-8")) for d in CorpusReader(c).documents()) for c in experiment.corpora}
+    shares = target_shares(experiment.mix, experiment.corpora, sizes)
+    config = experiment.tokenizer.train
+    print(f"tokenizer: training sentencepiece {config.model} (vocab {config.vocab_size:,}) "
+          f"on up to {config.sample_bytes:,.0f} bytes drawn by mix share")
+    lines = draw_sample(experiment.corpora, shares, experiment.heldout, config.sample_bytes)
+    train_sentencepiece(lines, config, out_dir)
+    (out_dir / RECIPE).write_text(json.dumps({"stamp": stamp, "recipe": recipe}, indent=1))
+    from transformers import AutoTokenizer
+
+    print(f"tokenizer: {len(AutoTokenizer.from_pretrained(out_dir)):,} pieces written to {out_dir}")
+    return out_dir
+
+
+def build_stores(experiment: Experiment) -> list[dict]:
+    """One token store per corpus; prints the read/kept/rejected accounting."""
+    experiment.stores_dir.mkdir(parents=True, exist_ok=True)
+    manifests = [build_store(c, experiment.heldout, experiment.tokenizer_dir, experiment.stores_dir) for c in experiment.corpora]
+    print(f"{'corpus':<14}{'files':>6}{'read':>8}{'kept':>8}{'rejected':>10}{'train tok':>12}{'held-out tok':>14}  store")
+    for m in manifests:
+        acc, splits = m["accounting"], m["splits"]
+        print(f"{m['corpus']:<14}{acc['files']:>6}{acc['read']:>8,}{acc['kept']:>8,}{sum(acc['rejected'].values()):>10,}"
+              f"{splits['train']['tokens']:>12,}{splits['heldout']['tokens']:>14,}  {'built' if m['rebuilt'] else 'up to date'}")
+        for example in acc["examples"]:
+            print(f"    rejected: {example}")
+    return manifests
+
+
+def mix_plan(experiment: Experiment) -> str:
+    stores = open_stores(experiment.stores_dir, experiment.corpora, "train", tokenizer_hash(experiment.tokenizer_dir))
+    schedule = build_schedule(experiment.corpora, experiment.mix, experiment.seed, stores)
+    total = experiment.train.steps * experiment.train.global_batch_size
+    table = format_plan(plan(schedule, experiment.corpora, experiment.mix, total), experiment.mix.seq_len)
+    print(f"mix plan: {total:,} samples of {experiment.mix.seq_len} tokens\n{table}")
+    return table
+
+
+def summary_table(results: dict, experiment: Experiment) -> str:
+    groups = {c.name: c.group for c in experiment.corpora}
+    lines = [f"{'corpus':<14}{'group':<11}{'held-out BPB before → after':>29}{'tokens seen':>13}{'share planned / realised':>27}"]
+    for name, row in results["corpora"].items():
+        lines.append(
+            f"{name:<14}{groups[name]:<11}{row['bpb_before']:>18.3f} → {row['bpb_after']:<8.3f}{row['tokens_seen']:>13,}"
+            f"{row['planned_share']:>17.2%} / {row['realised_share']:<7.2%}"
+        )
+    lines.append(f"training loss {results['first_loss']:.3f} → {results['final_loss']:.3f}")
+    return "\n".join(lines)
+
+
+def sample_generation(model_dir: Path, prompt: str, new_tokens: int = 40) -> str:
+    """Load the export as a user would and continue a prompt: proof that it generates."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0], skip_special_tokens=True)

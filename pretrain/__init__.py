@@ -1,0 +1,1 @@
+"""Continued pretraining with DeepSpeed: model, loop, checkpoints, evaluation, tracking, export."""

@@ -1,0 +1,64 @@
+"""Crash-safe DeepSpeed checkpoints.
+
+DeepSpeed as shipped writes `latest` from rank 0 before other ranks' shards are
+on disk and never fsyncs. Here every rank saves under a unique tag without
+`latest`, fsyncs its files, and after a barrier rank 0 replaces `latest`
+atomically (write a temporary file, fsync, rename, fsync the folder). A crash at
+any point leaves `latest` naming a complete checkpoint. Old tags beyond
+`keep` are removed only after the new `latest` is in place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+LATEST = "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def save_checkpoint(engine, folder: Path, step: int, client_state: dict, keep: int) -> str:
+    tag = tag_for(step)
+    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+    _fsync_tree(folder / tag)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        temporary = folder / f"{LATEST}.tmp"
+        with open(temporary, "w") as handle:
+            handle.write(tag)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, folder / LATEST)
+        _fsync_dir(folder)
+        tags = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step"))
+        for old in tags[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return tag
+
+
+def latest_tag(folder: Path) -> str | None:
+    path = folder / LATEST
+    return path.read_text().strip() if path.exists() else None

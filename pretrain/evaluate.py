@@ -1,0 +1,82 @@
+"""Held-out bits-per-byte per corpus.
+
+BPB = Σ nats / ln 2 / Σ UTF-8 bytes over whole held-out documents. Each corpus's
+held-out stream is prefixed with EOS, so every token of every evaluated document
+(its EOS included) is predicted exactly once, with the preceding text as context
+up to `seq_len`. Windows are shared out across ranks and the sums all-reduced.
+Because it is per byte, BPB compares models with different tokenizers fairly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data_mix.store import TokenStore
+
+
+def _eval_stream(store: TokenStore, max_tokens: int) -> tuple[np.ndarray, int]:
+    """EOS + the first whole documents that fit in `max_tokens` (at least one), and their bytes."""
+    fitting = int(np.searchsorted(store.doc_ends, max_tokens, side="right"))
+    docs = max(1, fitting)
+    end = int(store.doc_ends[docs - 1])
+    eos = store.manifest["eos_token_id"]
+    stream = np.concatenate([[eos], np.asarray(store.tokens[:end], dtype=np.int64)])
+    return stream, int(store.doc_bytes[:docs].sum())
+
+
+def window_nats(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """Summed next-token nats of a batch of equal-length windows, in float64."""
+    logits = model(input_ids=windows[:, :-1]).logits
+    nats = F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten(), reduction="sum")
+    return nats.double()
+
+
+@torch.no_grad()
+def heldout_bpb(
+    model: torch.nn.Module,
+    stores: dict[str, TokenStore],
+    seq_len: int,
+    max_tokens: int,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    was_training = model.training
+    model.eval()
+    results = {}
+    for name, store in stores.items():
+        stream, num_bytes = _eval_stream(store, max_tokens)
+        starts = list(range(0, len(stream) - 1, seq_len))[rank::world]
+        full = [s for s in starts if s + seq_len + 1 <= len(stream)]
+        nats = torch.zeros((), dtype=torch.float64, device=device)
+        for first in range(0, len(full), batch_size):
+            windows = np.stack([stream[s : s + seq_len + 1] for s in full[first : first + batch_size]])
+            nats += window_nats(model, torch.from_numpy(windows).to(device))
+        for start in set(starts) - set(full):  # the stream's last, shorter window
+            nats += window_nats(model, torch.from_numpy(stream[start:][None]).to(device))
+        if world > 1:
+            dist.all_reduce(nats)
+        results[name] = nats.item() / math.log(2) / num_bytes
+    model.train(was_training)
+    return results
+
+
+def evaluate_model_dir(experiment, model_dir) -> dict[str, float]:
+    """Held-out BPB of a Hugging Face model directory on the experiment's stores, in this process."""
+    from transformers import AutoModelForCausalLM
+
+    from data_mix.store import open_stores, tokenizer_hash
+    from launch.base import DaptError
+
+    if not (model_dir / "config.json").exists():
+        raise DaptError(f"{model_dir} is not a Hugging Face model directory (no config.json); run `dapt export` first")
+    stores = open_stores(experiment.stores_dir, experiment.corpora, "heldout", tokenizer_hash(experiment.tokenizer_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    train = experiment.train
+    return heldout_bpb(model, stores, experiment.mix.seq_len, train.eval_max_tokens, train.micro_batch_size, torch.device("cpu"))

@@ -1,0 +1,60 @@
+"""Where metrics go: Weights & Biases (from rank 0) and `metrics.jsonl` in the workdir.
+
+W&B is the view; the JSONL file is the record that reports and tests read, since a
+killed process can lose what W&B still buffers. Offline is the default, so nothing
+needs a network; the run lives under `<workdir>/wandb/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pretrain.config import WandbConfig
+
+
+class Tracker:
+    def __init__(self, workdir: Path, config: WandbConfig, run_name: str, run_config: dict, is_main: bool, run_id: str | None = None):
+        self.is_main = is_main
+        self.run = None
+        self.run_id = run_id
+        if not is_main:
+            return
+        self.metrics_file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        if config.mode == "disabled":
+            return
+        # Environment, not init(mode=...): only then does offline W&B make no network call at all.
+        os.environ["WANDB_MODE"] = config.mode
+        os.environ.setdefault("WANDB_DATA_DIR", str(workdir / "wandb-data"))
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        self.run = wandb.init(
+            project=config.project, entity=config.entity, group=config.group, tags=config.tags,
+            name=run_name, id=run_id, resume="allow", config=run_config, dir=str(workdir),
+            settings=wandb.Settings(console="off"),
+        )
+        self.run_id = self.run.id
+        self.run.define_metric("eval/bpb/*", summary="last")
+
+    @property
+    def run_dir(self) -> str | None:
+        return self.run.dir if self.run is not None else None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.is_main:
+            return
+        self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.metrics_file.flush()
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def close(self, summary: dict | None = None) -> None:
+        if not self.is_main:
+            return
+        self.metrics_file.close()
+        if self.run is not None:
+            if summary:
+                self.run.summary.update(summary)
+            self.run.finish()

@@ -1,0 +1,163 @@
+"""`dapt train`: continued pretraining on every rank of a torchrun/DeepSpeed job.
+
+In: the experiment, its tokenizer and token stores (built by `dapt tokenizer
+train` and `dapt data build`). Out: checkpoints, `metrics.jsonl`, a W&B run and
+`results.json` (per corpus: held-out BPB before and after, tokens seen, planned vs
+realised share). The step loop only sequences; the math of one step, evaluation,
+checkpointing and tracking live in their own functions and modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data_mix.blend import build_schedule
+from data_mix.loader import MicroBatch, MixLoader
+from data_mix.store import open_stores, tokenizer_hash
+from launch.env import discover, export_for_torch
+from launch.experiment import Experiment, experiment_hash
+from pretrain.checkpoint import save_checkpoint
+from pretrain.ds_config import resolve_deepspeed_config
+from pretrain.evaluate import heldout_bpb
+from pretrain.model import build_model
+from pretrain.tracking import Tracker
+
+
+def train_step(engine, micro_batches: list[MicroBatch], num_corpora: int, device: torch.device) -> torch.Tensor:
+    """One optimizer step; returns per corpus [Σ per-sample token-mean loss, samples], summed over ranks."""
+    sums = torch.zeros(2, num_corpora, dtype=torch.float64, device=device)
+    for batch in micro_batches:
+        tokens, corpus_ids = batch.tokens.to(device), batch.corpus_ids.to(device)
+        logits = engine(input_ids=tokens[:, :-1]).logits
+        per_token = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
+        per_sample = per_token.mean(dim=1)
+        engine.backward(per_sample.mean())
+        engine.step()
+        sums[0].index_add_(0, corpus_ids, per_sample.detach().double())
+        sums[1].index_add_(0, corpus_ids, torch.ones_like(per_sample, dtype=torch.float64))
+    dist.all_reduce(sums)
+    return sums
+
+
+def step_metrics(sums: torch.Tensor, names: list[str], engine, seconds: float, seq_len: int) -> dict[str, float]:
+    samples = sums[1].sum().item()
+    metrics = {
+        "train/loss": sums[0].sum().item() / samples,
+        "train/lr": engine.get_lr()[0],
+        "train/samples_per_s": samples / seconds,
+        "train/tokens_per_s": samples * seq_len / seconds,
+    }
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        metrics["train/grad_norm"] = float(grad_norm)
+    for index, name in enumerate(names):
+        if sums[1, index] > 0:
+            metrics[f"train/loss/{name}"] = (sums[0, index] / sums[1, index]).item()
+    return metrics
+
+
+def run_training(experiment: Experiment, yaml_text: str) -> dict | None:
+    """Train on this rank; rank 0 returns the results it wrote."""
+    dist_env = discover()
+    export_for_torch(dist_env)
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from transformers import AutoTokenizer
+
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+    device = torch.device("cuda", dist_env.local_rank) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    train, mix, names = experiment.train, experiment.mix, experiment.corpus_names()
+
+    tokenizer = AutoTokenizer.from_pretrained(experiment.tokenizer_dir)
+    expected = tokenizer_hash(experiment.tokenizer_dir)
+    train_stores = open_stores(experiment.stores_dir, experiment.corpora, "train", expected)
+    heldout_stores = open_stores(experiment.stores_dir, experiment.corpora, "heldout", expected)
+    schedule = build_schedule(experiment.corpora, mix, experiment.seed, train_stores)
+    loader = MixLoader(schedule, [train_stores[n] for n in names], mix.seq_len, train.micro_batch_size,
+                       train.global_batch_size, dist_env.rank, dist_env.world_size)
+
+    model = build_model(experiment.model, tokenizer, experiment.seed, train.activation_checkpointing)
+    ds_config = resolve_deepspeed_config(experiment.deepspeed, train, dist_env.world_size, on_gpu)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+
+    tracker = Tracker(experiment.workpath, experiment.wandb, experiment.name,
+                      {"experiment": experiment.model_dump(), "deepspeed": ds_config}, dist_env.is_main)
+    checkpoints = experiment.checkpoints_dir
+    if dist_env.is_main:
+        _save_model_recipe(engine.module, experiment.tokenizer_dir, checkpoints)
+
+    def evaluate(step: int) -> dict[str, float]:
+        bpb = heldout_bpb(engine.module, heldout_stores, mix.seq_len, train.eval_max_tokens, train.micro_batch_size, device)
+        tracker.log({f"eval/bpb/{name}": value for name, value in bpb.items()}, step=step)
+        return bpb
+
+    def checkpoint(step: int) -> str:
+        state = {"step": step, "samples_consumed": step * train.global_batch_size,
+                 "samples_per_corpus": samples_seen.tolist(), "wandb_run_id": tracker.run_id,
+                 "experiment_hash": experiment_hash(yaml_text), "experiment_yaml": yaml_text}
+        return save_checkpoint(engine, checkpoints, step, state, train.keep_checkpoints)
+
+    bpb_before = evaluate(step=0)
+    samples_seen = torch.zeros(len(names), dtype=torch.float64)
+    losses = []
+    for step in range(train.steps):
+        started = time.perf_counter()
+        sums = train_step(engine, loader.step(step), len(names), device)
+        samples_seen += sums[1].cpu()
+        metrics = step_metrics(sums, names, engine, time.perf_counter() - started, mix.seq_len)
+        losses.append(metrics["train/loss"])
+        done = step + 1
+        tracker.log(metrics, step=done)
+        if dist_env.is_main and (done % train.log_every == 0 or done in (1, train.steps)):
+            print(f"step {done}/{train.steps}  loss {metrics['train/loss']:.4f}  lr {metrics['train/lr']:.2e}  "
+                  f"{metrics['train/tokens_per_s']:,.0f} tok/s", flush=True)
+        if train.eval_every and done % train.eval_every == 0 and done != train.steps:
+            evaluate(step=done)
+        if train.checkpoint_every and done % train.checkpoint_every == 0 and done != train.steps:
+            checkpoint(done)
+    bpb_after = evaluate(step=train.steps)
+    tag = checkpoint(train.steps)
+
+    results = None
+    if dist_env.is_main:
+        results = _results(names, schedule.shares.tolist(), samples_seen.tolist(), mix.seq_len, bpb_before, bpb_after,
+                           losses, tag, tracker)
+        experiment.results_file.write_text(json.dumps(results, indent=1))
+    tracker.close(summary={"final_loss": losses[-1]})
+    dist.barrier()
+    return results
+
+
+def _save_model_recipe(module, tokenizer_dir: Path, checkpoints: Path) -> None:
+    """What `dapt export` needs beside the weights: the model config and the tokenizer."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    module.config.save_pretrained(checkpoints / "model")
+    shutil.copytree(tokenizer_dir, checkpoints / "tokenizer", dirs_exist_ok=True)
+
+
+def _results(names, shares, samples, seq_len, before, after, losses, tag, tracker) -> dict:
+    total = sum(samples)
+    return {
+        "corpora": {
+            name: {"bpb_before": before[name], "bpb_after": after[name], "tokens_seen": int(samples[i] * seq_len),
+                   "planned_share": shares[i], "realised_share": samples[i] / total}
+            for i, name in enumerate(names)
+        },
+        "first_loss": losses[0],
+        "final_loss": losses[-1],
+        "checkpoint": tag,
+        "wandb_run_id": tracker.run_id,
+        "wandb_run_dir": tracker.run_dir,
+    }

@@ -1,0 +1,1 @@
+"""Domain tokenizers: train one on the experiment's corpora and save it for Hugging Face."""

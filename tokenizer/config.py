@@ -1,0 +1,40 @@
+"""Config section `tokenizer:`: use an existing tokenizer, or train one."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from launch.base import StrictModel
+
+SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
+
+
+class TokenizerTrainConfig(StrictModel):
+    """A sentencepiece model trained on a sample of the corpora drawn with the mix weights."""
+
+    backend: Literal["sentencepiece"] = "sentencepiece"
+    model: Literal["unigram", "bpe"] = "unigram"
+    vocab_size: int = Field(default=32000, ge=300, le=1_000_000)
+    """Number of pieces, including 256 byte pieces when `byte_fallback` is on."""
+    split_digits: bool = True
+    """Numbers become one piece per digit, as in BloombergGPT and Llama."""
+    byte_fallback: bool = True
+    """Unseen characters become UTF-8 byte pieces instead of <unk>: decoding stays lossless."""
+    sample_bytes: float = Field(default=1e8, gt=0)
+    """UTF-8 bytes of text drawn from the corpora to train on."""
+    user_symbols: list[str] = []
+    """Strings always kept whole (tickers, form names)."""
+
+
+class TokenizerConfig(StrictModel):
+    path: str | None = None
+    """A Hugging Face tokenizer directory, relative to the experiment file."""
+    train: TokenizerTrainConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenizerConfig:
+        if (self.path is None) == (self.train is None):
+            raise ValueError("give exactly one of `path` (an existing tokenizer) or `train` (train one)")
+        return self
