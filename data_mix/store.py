@@ -147,7 +147,7 @@ def build_store(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Pat
     temporary.mkdir(parents=True)
     dtype = token_dtype(len(tokenizer))
     writers = {split: _SplitWriter(temporary, split, dtype) for split in SPLITS}
-    progress = tqdm(total=len(hashes), desc=f"tokenising {corpus.name}", unit="doc", leave=False)
+    progress = tqdm(total=len(hashes), desc=f"tokenising {corpus.name}", unit="doc", leave=False, disable=None)
     batch: list[str] = []
 
     def flush() -> None:

@@ -77,6 +77,6 @@ def evaluate_model_dir(experiment, model_dir) -> dict[str, float]:
     if not (model_dir / "config.json").exists():
         raise DaptError(f"{model_dir} is not a Hugging Face model directory (no config.json); run `dapt export` first")
     stores = open_stores(experiment.stores_dir, experiment.corpora, "heldout", tokenizer_hash(experiment.tokenizer_dir))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     train = experiment.train
     return heldout_bpb(model, stores, experiment.mix.seq_len, train.eval_max_tokens, train.micro_batch_size, torch.device("cpu"))

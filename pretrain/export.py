@@ -32,7 +32,7 @@ def export_checkpoint(checkpoints: Path, out_dir: Path, tag: str | None = None) 
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
     config = AutoConfig.from_pretrained(checkpoints / "model")
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied output heads are absent from the state dict by design; anything else is a real mismatch.
     missing = [key for key in missing if not (config.tie_word_embeddings and key == "lm_head.weight")]

@@ -26,11 +26,11 @@ def build_model(config: ModelConfig, tokenizer, seed: int, activation_checkpoint
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa", torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32)
     else:
         if not (Path(config.path) / "config.json").exists():
             raise DaptError(f"model.path: {config.path} is not a Hugging Face model directory (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(config.path, attn_implementation="sdpa", torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(config.path, attn_implementation="sdpa", dtype=torch.float32)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             raise DaptError(
                 f"model.path: the model has {model.get_input_embeddings().num_embeddings} embeddings but the tokenizer "

@@ -21,7 +21,7 @@ class Tracker:
         self.run_id = run_id
         if not is_main:
             return
-        self.metrics_file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        self.metrics_file = open(workdir / "metrics.jsonl", "w", encoding="utf-8")
         if config.mode == "disabled":
             return
         # Environment, not init(mode=...): only then does offline W&B make no network call at all.
@@ -40,7 +40,8 @@ class Tracker:
 
     @property
     def run_dir(self) -> str | None:
-        return self.run.dir if self.run is not None else None
+        # run.dir is the run's files/ folder; users look for the run folder above it.
+        return str(Path(self.run.dir).parent) if self.run is not None else None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.is_main:
