@@ -37,7 +37,10 @@ def file_checksum(path: Path) -> str:
 
 
 def tokenizer_hash(tokenizer_dir: Path) -> str:
-    return file_checksum(Path(tokenizer_dir) / "tokenizer.json")
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.exists():
+        raise DaptError(f"no tokenizer at {tokenizer_dir}; run `dapt tokenizer train` first (or set `tokenizer.path`)")
+    return file_checksum(path)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -86,9 +86,11 @@ def load_experiment(path: str | Path) -> tuple[Experiment, str]:
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = first["loc"]
-        raise DaptError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: {_explain(first)}") from None
+        # An unknown key usually explains the "missing" errors beside it (a typo), so report it first.
+        errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        first, loc = errors[0], errors[0]["loc"]
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise DaptError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: {_explain(first)}{more}") from None
     _check_names(experiment, path, root)
     return _resolve_paths(experiment, path.parent.resolve()), text
 

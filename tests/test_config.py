@@ -1,0 +1,83 @@
+import pytest
+
+from launch.base import DaptError
+from launch.experiment import load_experiment
+from tests.conftest import DEMO_CONFIG, write_experiment
+
+
+def test_demo_config_validates_into_typed_sections():
+    experiment, text = load_experiment(DEMO_CONFIG)
+    assert experiment.train.steps > 0 and experiment.mix.seq_len == 128
+    assert [c.group for c in experiment.corpora] == ["financial", "financial", "public", "public"]
+    assert experiment.corpora[0].paths[0].startswith(str(DEMO_CONFIG.parent)), "paths are relative to the file"
+    assert "finance-demo" in text
+
+
+def test_misspelt_key_names_path_line_and_suggestion(tmp_path):
+    path = write_experiment(tmp_path, text="""\
+        name: x
+        corpora: [{name: a, paths: [a.txt]}]
+        tokenizer: {path: tok}
+        model: {config: {model_type: llama}}
+        train:
+          steps: 10
+          global_batch_size: 4
+          micro_batch_sise: 2
+          lr: 0.001
+        """)
+    with pytest.raises(DaptError, match=r"experiment.yaml:8: train.micro_batch_sise: unknown key; did you mean `micro_batch_size`\?"):
+        load_experiment(path)
+
+
+def test_wrong_value_names_field_and_what_is_allowed(tmp_path):
+    path = write_experiment(tmp_path, {"train": {"steps": -3, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3}})
+    with pytest.raises(DaptError, match=r"train.steps: Input should be greater than 0 \(got -3\)"):
+        load_experiment(path)
+
+
+def test_literal_lists_the_choices(tmp_path):
+    path = write_experiment(tmp_path, {"wandb": {"mode": "on"}})
+    with pytest.raises(DaptError, match=r"wandb.mode: Input should be 'offline', 'online' or 'disabled'"):
+        load_experiment(path)
+
+
+def test_weight_for_unknown_corpus_is_refused(tmp_path):
+    path = write_experiment(tmp_path, {"mix": {"seq_len": 64, "weights": {"filings": 1.0, "nws": 2.0}}})
+    with pytest.raises(DaptError, match=r"mix.weights.nws: unknown corpus 'nws'; known: filings, news"):
+        load_experiment(path)
+
+
+def test_negative_weight_is_refused(tmp_path):
+    path = write_experiment(tmp_path, {"mix": {"weights": {"filings": -1.0}}})
+    with pytest.raises(DaptError, match=r"mix: weights.filings: must be >= 0, got -1.0"):
+        load_experiment(path)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = write_experiment(tmp_path, text="name: x\ncorpora: [{name: a\ntrain: {}\n")
+    with pytest.raises(DaptError, match=r"experiment.yaml:3: YAML syntax error"):
+        load_experiment(path)
+
+
+def test_missing_section_is_named(tmp_path):
+    path = write_experiment(tmp_path, text="name: x\ncorpora: [{name: a, paths: [a]}]\ntokenizer: {path: t}\nmodel: {path: m}\n")
+    with pytest.raises(DaptError, match=r"train: required field is missing"):
+        load_experiment(path)
+
+
+def test_tokenizer_needs_exactly_one_source(tmp_path):
+    path = write_experiment(tmp_path, {"tokenizer": {"path": "tok", "train": {"vocab_size": 1000}}})
+    with pytest.raises(DaptError, match=r"tokenizer: give exactly one of `path`"):
+        load_experiment(path)
+
+
+def test_duplicate_corpus_names_are_refused(tmp_path):
+    corpora = [{"name": "a", "paths": ["x"]}, {"name": "a", "paths": ["y"]}]
+    path = write_experiment(tmp_path, {"corpora": corpora, "mix": {"seq_len": 64}})
+    with pytest.raises(DaptError, match=r"name 'a' is used twice"):
+        load_experiment(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(DaptError, match=r"nothere.yaml does not exist"):
+        load_experiment(tmp_path / "nothere.yaml")

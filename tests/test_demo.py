@@ -1,0 +1,70 @@
+"""The whole flow end to end: `dapt demo` in 2 DeepSpeed processes over gloo, as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    result = subprocess.run([sys.executable, "-m", "launch.cli", "demo", "--workdir", str(workdir)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from launch.experiment import load_experiment
+
+    experiment, _ = load_experiment(workdir / "demo.yaml")
+    return workdir, experiment, result.stdout
+
+
+def test_demo_trains_both_ranks_and_the_loss_falls(demo_run):
+    workdir, experiment, stdout = demo_run
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["final_loss"] < 0.5 * results["first_loss"]
+    for name, row in results["corpora"].items():
+        assert row["bpb_after"] < 0.5 * row["bpb_before"], name
+    assert "held-out BPB before → after" in stdout and "training loss" in stdout
+    assert "launching 2 training processes" in stdout
+
+
+def test_demo_realises_the_planned_mix(demo_run):
+    workdir, experiment, _ = demo_run
+    results = json.loads((workdir / "results.json").read_text())
+    samples = experiment.train.steps * experiment.train.global_batch_size
+    seen = sum(row["tokens_seen"] for row in results["corpora"].values())
+    assert seen == samples * experiment.mix.seq_len
+    groups = {c.name: c.group for c in experiment.corpora}
+    financial = sum(r["realised_share"] for n, r in results["corpora"].items() if groups[n] == "financial")
+    assert financial == pytest.approx(0.5, abs=1 / samples)
+    for row in results["corpora"].values():
+        assert abs(row["realised_share"] - row["planned_share"]) * samples < 1.0
+
+
+def test_demo_logs_metrics_and_an_offline_wandb_run(demo_run):
+    workdir, experiment, _ = demo_run
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and set(records[0]) == {"step"} | {f"eval/bpb/{c}" for c in experiment.corpus_names()}
+    assert any("train/loss/filings" in r and "train/grad_norm" in r for r in records)
+    assert records[-1]["step"] == experiment.train.steps and "eval/bpb/web" in records[-1]
+    assert list((workdir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_demo_export_loads_generates_and_matches_the_checkpoint(demo_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pretrain.evaluate import evaluate_model_dir
+
+    workdir, experiment, stdout = demo_run
+    model = AutoModelForCausalLM.from_pretrained(experiment.export_dir)
+    tokenizer = AutoTokenizer.from_pretrained(experiment.export_dir)
+    inputs = tokenizer("Shares of", return_tensors="pt", add_special_tokens=False)
+    output = model.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
+    results = json.loads((workdir / "results.json").read_text())
+    exported = evaluate_model_dir(experiment, experiment.export_dir)
+    for name, bpb in exported.items():
+        assert bpb == pytest.approx(results["corpora"][name]["bpb_after"], rel=1e-4), name

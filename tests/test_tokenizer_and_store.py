@@ -1,0 +1,84 @@
+import json
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from data_mix.split import content_hash, heldout_threshold
+from data_mix.config import HeldoutConfig
+from data_mix.store import TokenStore, build_store, open_stores, tokenizer_hash
+from launch.base import DaptError
+
+HOSTILE = [
+    "Seppälä Oyj (HEL: SEPP) booked €1,234.56m — up 7½% y/y.",
+    "  leading spaces,\ttabs,\r\nwindows newlines and trailing spaces  ",
+    "日本銀行 raised rates; 😀 emoji; combining é vs é; zero\u200bwidth",
+]
+
+
+def test_tokenizer_loads_with_autotokenizer_and_round_trips(built_experiment):
+    tokenizer = AutoTokenizer.from_pretrained(built_experiment.tokenizer_dir)
+    config = json.loads((built_experiment.tokenizer_dir / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast", "loadable by transformers 4.x too"
+    assert (built_experiment.tokenizer_dir / "sentencepiece.model").exists()
+    assert tokenizer.eos_token == "</s>" and tokenizer.pad_token == "<pad>"
+    heldout = TokenStore(built_experiment.stores_dir / "filings", "heldout")
+    for text in HOSTILE:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+    assert len(heldout.tokens) > 0
+
+
+def test_tokenizer_matches_sentencepiece(built_experiment):
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_file=str(built_experiment.tokenizer_dir / "sentencepiece.model"))
+    tokenizer = AutoTokenizer.from_pretrained(built_experiment.tokenizer_dir)
+    text = "Total revenue was $1,234.5 million for the quarter.\n\nShares rose 3.2%."
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == processor.encode(text)
+
+
+def test_store_layout_documents_and_manifest(built_experiment):
+    folder = built_experiment.stores_dir / "news"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["dtype"] == "uint16" and manifest["tokenizer_hash"] == tokenizer_hash(built_experiment.tokenizer_dir)
+    accounting = manifest["accounting"]
+    assert accounting["read"] == accounting["kept"] + sum(accounting["rejected"].values())
+    splits = manifest["splits"]
+    assert splits["train"]["documents"] + splits["heldout"]["documents"] == accounting["kept"]
+    store = TokenStore(folder, "train")
+    eos = manifest["eos_token_id"]
+    ends = store.doc_ends
+    assert np.all(np.asarray(store.tokens[ends - 1]) == eos), "every document ends with EOS"
+    assert np.count_nonzero(np.asarray(store.tokens) == eos) == len(ends)
+    assert store.sample(0, 64).shape == (65,)
+    assert not list(built_experiment.stores_dir.glob(".*building*")), "no temporary store left behind"
+
+
+def test_store_build_is_idempotent(built_experiment):
+    corpus = built_experiment.corpora[0]
+    manifest = build_store(corpus, built_experiment.heldout, built_experiment.tokenizer_dir, built_experiment.stores_dir)
+    assert manifest["rebuilt"] is False
+
+
+def test_store_from_another_tokenizer_is_refused(built_experiment):
+    with pytest.raises(DaptError, match=r"built with another tokenizer; rebuild it with `dapt data build`"):
+        open_stores(built_experiment.stores_dir, built_experiment.corpora, "train", expected_tokenizer="0" * 32)
+
+
+def test_heldout_split_does_not_depend_on_order():
+    docs = [f"document number {i}" for i in range(500)]
+
+    def heldout(order, config):
+        hashes = np.array([content_hash(d) for d in order])
+        threshold = heldout_threshold(hashes, config)
+        return {d for d, h in zip(order, hashes) if h < threshold}
+
+    capped = HeldoutConfig(fraction=0.1, max_documents=20)
+    assert len(heldout(docs, capped)) == 20
+    assert heldout(list(reversed(docs)), capped) == heldout(docs, capped)
+    uncapped = HeldoutConfig(fraction=0.1, max_documents=10_000)
+    before = heldout(docs, uncapped)
+    after = heldout(docs + [f"new file {i}" for i in range(100)], uncapped)
+    assert 20 < len(before) < 80
+    assert after & set(docs) == before, "adding files moves no old document across the split"
