@@ -1,12 +1,19 @@
 """Mix weights → a deterministic schedule: global sample n → (corpus, sample in corpus).
 
-The schedule is a pure function of (target shares, seed, n). Corpus choice follows
-the greedy rule "give sample n to the corpus furthest below its target w·(n+1)",
-ties to the lowest index, which keeps every corpus within one sample of its
-target on every prefix. It is computed, not stored: only the per-corpus counts at
-every `SNAPSHOT_EVERY`-th sample are remembered, so memory does not grow with the
-run and any range of samples is reproduced from the nearest snapshot. Inside a
-corpus, each epoch walks a fresh permutation seeded by (seed, corpus name, epoch).
+The schedule is a pure function of (stages of target shares, seed, n):
+
+* Which corpus: Tijdeman's deadline-first rule (`schedule.c`): slot n goes, among the
+  corpora owed at least d = 1/(2k-2) of a sample, to the one whose shortfall would
+  first reach 1 - d. On every prefix of every stage each corpus stays within
+  1 - 1/(2k-2) samples of its target: 0.93 for 8 corpora, where Megatron's
+  largest-error rule reaches 1.23 on BloombergGPT's weights. The loop runs in C.
+* No array grows with the run: per stage, only the per-corpus counts at every
+  `SNAPSHOT_EVERY`-th slot are remembered, and any range is replayed from the
+  snapshot before it. Resuming needs one integer, the samples consumed.
+* Which sample of the corpus: its k-th draw is position k mod size of epoch
+  k // size, and each epoch visits the corpus in the order of a keyed permutation
+  (`permute.py`) whose key derives from (seed, corpus name, epoch): O(1) memory, a new
+  order every epoch, and adding a corpus never reshuffles another.
 """
 
 from __future__ import annotations
@@ -16,143 +23,159 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_mix.config import CorpusConfig, MixConfig
+from data_mix.config import CorpusConfig, MixConfig, WeightsConfig
+from data_mix.kernel import MAX_CORPORA, run_schedule
+from data_mix.permute import permute
 from launch.base import DaptError
 
-SNAPSHOT_EVERY = 1 << 16
+SNAPSHOT_EVERY = 1 << 20
 
 
-def target_shares(mix: MixConfig, corpora: list[CorpusConfig], sizes: dict[str, float]) -> dict[str, float]:
-    """Token share per corpus, from per-corpus or per-group weights or natural sizes."""
+def target_shares(
+    weights: WeightsConfig,
+    corpora: list[CorpusConfig],
+    sizes: dict[str, float],
+    temperature: float = 1.0,
+    budgets: dict[str, float] | None = None,
+    total_tokens: float | None = None,
+) -> dict[str, float]:
+    """Token share per corpus, from budgets, per-corpus or per-group weights, or natural sizes."""
     names = [c.name for c in corpora]
-    tempered = {name: float(sizes[name]) ** (1.0 / mix.temperature) for name in names}
-    if mix.weights is not None:
-        raw = {name: mix.weights.get(name, 0.0) for name in names}
-    elif mix.group_weights is not None:
+    tempered = {name: float(sizes[name]) ** (1.0 / temperature) for name in names}
+    if weights.weights is not None:
+        raw = {name: weights.weights.get(name, 0.0) for name in names}
+    elif weights.group_weights is not None:
         raw = {}
         for corpus in corpora:
             group_total = sum(tempered[c.name] for c in corpora if c.group == corpus.group)
-            raw[corpus.name] = mix.group_weights.get(corpus.group, 0.0) * tempered[corpus.name] / group_total
+            share = weights.group_weights.get(corpus.group, 0.0)
+            raw[corpus.name] = share * tempered[corpus.name] / group_total if group_total else 0.0
     else:
         raw = tempered
-    total = sum(raw.values())
-    if total <= 0:
+    fixed = {name: budget / total_tokens for name, budget in (budgets or {}).items()}
+    if sum(fixed.values()) > 1:
+        raise DaptError(f"mix.budgets: {sum(budgets.values()):,.0f} tokens asked but the run trains on {total_tokens:,.0f}")
+    free = {name: value for name, value in raw.items() if name not in fixed}
+    total = sum(free.values())
+    if total <= 0 and sum(fixed.values()) < 1:
         raise DaptError("mix: every corpus has a zero share; give at least one corpus a positive weight")
-    return {name: value / total for name, value in raw.items()}
+    rest = 1.0 - sum(fixed.values())
+    return {name: fixed[name] if name in fixed else rest * free[name] / total for name in names}
 
 
-def _seed_of(*parts: object) -> int:
+def seed_of(*parts: object) -> int:
     """A seed derived from names, not positions: adding a corpus never reshuffles another."""
     text = "/".join(str(p) for p in parts).encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
 
 
+@dataclass(frozen=True)
+class Stage:
+    start: int  # first global sample of the stage
+    shares: np.ndarray  # per corpus, summing to 1
+
+
 class MixSchedule:
     """Which corpus, and which of its samples, global sample n comes from."""
 
-    def __init__(self, names: list[str], shares: list[float], samples_per_corpus: list[int], seed: int):
-        self.names = names
-        self.shares = np.asarray(shares, dtype=np.float64)
+    def __init__(self, names: list[str], stages: list[Stage], samples_per_corpus: list[int], seed: int):
+        if len(names) > MAX_CORPORA:
+            raise DaptError(f"corpora: a mix takes at most {MAX_CORPORA} corpora, got {len(names)}")
+        if not stages or stages[0].start != 0:
+            raise ValueError("the first stage must start at sample 0")
+        self.names, self.stages, self.seed = names, stages, seed
         self.samples_per_corpus = samples_per_corpus
-        self.seed = seed
-        for name, share, size in zip(names, shares, samples_per_corpus):
-            if share > 0 and size == 0:
-                raise DaptError(f"corpus '{name}' has a share of the mix but no training sample; it needs more text than one window")
-        self._snapshots = [np.zeros(len(names), dtype=np.int64)]
+        for stage in stages:
+            for name, share, size in zip(names, stage.shares, samples_per_corpus):
+                if share > 0 and size == 0:
+                    raise DaptError(f"corpus '{name}' has a share of the mix but not one training sample; "
+                                    "it needs more text than one sequence")
+        self._snapshots = [[np.zeros(len(names), dtype=np.int64)] for _ in stages]
+        self._bases: list[np.ndarray] = [np.zeros(len(names), dtype=np.int64)]
+
+    @property
+    def shares(self) -> np.ndarray:
+        """The first stage's shares (the whole run's when there are no stages)."""
+        return self.stages[0].shares
+
+    def fingerprint(self) -> dict:
+        """What the sequence depends on; a resume under another fingerprint would change it."""
+        return {
+            "corpora": list(self.names), "seed": self.seed, "samples_per_corpus": list(self.samples_per_corpus),
+            "stages": [[stage.start, [round(float(s), 12) for s in stage.shares]] for stage in self.stages],
+        }
 
     def counts_before(self, n: int) -> np.ndarray:
         """Samples each corpus has received among global samples [0, n)."""
-        counts, _ = self._walk(n, n)
-        return counts
+        index = self._stage_of(n)
+        return self._base(index) + self._stage_counts(index, n - self.stages[index].start)
 
     def assign(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """(corpus index, sample index inside that corpus's store) for samples [start, stop)."""
-        _, (corpus_ids, ranks) = self._walk(start, stop)
+        corpus_ids, ranks = self.draws(start, stop)
         sample_ids = np.empty_like(ranks)
         for corpus in np.unique(corpus_ids):
             mask = corpus_ids == corpus
             sample_ids[mask] = self._within_corpus(int(corpus), ranks[mask])
         return corpus_ids, sample_ids
 
-    def _walk(self, start: int, stop: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-        """Replay the greedy rule from the snapshot before `start`, recording [start, stop)."""
-        while len(self._snapshots) * SNAPSHOT_EVERY <= start:
-            base = (len(self._snapshots) - 1) * SNAPSHOT_EVERY
-            counts, _ = self._replay(base, self._snapshots[-1], base + SNAPSHOT_EVERY, record_from=None)
-            self._snapshots.append(counts)
-        base = (start // SNAPSHOT_EVERY) * SNAPSHOT_EVERY
-        return self._replay(base, self._snapshots[start // SNAPSHOT_EVERY], stop, record_from=start)
+    def draws(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(corpus index, how many earlier draws that corpus had) for samples [start, stop)."""
+        pieces = []
+        position = start
+        while position < stop:
+            index = self._stage_of(position)
+            stage = self.stages[index]
+            end = min(stop, self.stages[index + 1].start) if index + 1 < len(self.stages) else stop
+            counts = self._stage_counts(index, position - stage.start)
+            corpus_ids, ranks = run_schedule(stage.shares, counts, position - stage.start, end - stage.start, record=True)
+            pieces.append((corpus_ids, ranks + self._base(index)[corpus_ids]))
+            position = end
+        if not pieces:
+            return np.empty(0, dtype=np.int32), np.empty(0, dtype=np.int64)
+        return np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
 
-    def _replay(self, n: int, counts: np.ndarray, stop: int, record_from: int | None):
-        counts = counts.copy()
-        shares = self.shares.tolist()
-        current = counts.tolist()
-        size = 0 if record_from is None else stop - record_from
-        corpus_ids = np.empty(size, dtype=np.int32)
-        ranks = np.empty(size, dtype=np.int64)
-        for position in range(n, stop):
-            deficits = [share * (position + 1) - count for share, count in zip(shares, current)]
-            choice = deficits.index(max(deficits))
-            if record_from is not None and position >= record_from:
-                corpus_ids[position - record_from] = choice
-                ranks[position - record_from] = current[choice]
-            current[choice] += 1
-        return np.asarray(current, dtype=np.int64), (corpus_ids, ranks)
+    def _stage_of(self, n: int) -> int:
+        return max(i for i, stage in enumerate(self.stages) if stage.start <= n)
+
+    def _stage_counts(self, index: int, offset: int) -> np.ndarray:
+        """Per-corpus draws in the first `offset` slots of stage `index`, from the nearest snapshot."""
+        shares, snapshots = self.stages[index].shares, self._snapshots[index]
+        while len(snapshots) * SNAPSHOT_EVERY <= offset:
+            counts = snapshots[-1].copy()
+            start = (len(snapshots) - 1) * SNAPSHOT_EVERY
+            run_schedule(shares, counts, start, start + SNAPSHOT_EVERY, record=False)
+            snapshots.append(counts)
+        counts = snapshots[offset // SNAPSHOT_EVERY].copy()
+        run_schedule(shares, counts, (offset // SNAPSHOT_EVERY) * SNAPSHOT_EVERY, offset, record=False)
+        return counts
+
+    def _base(self, index: int) -> np.ndarray:
+        """Cumulative draws per corpus before stage `index` starts."""
+        while len(self._bases) <= index:
+            done = len(self._bases) - 1
+            length = self.stages[done + 1].start - self.stages[done].start
+            self._bases.append(self._bases[done] + self._stage_counts(done, length))
+        return self._bases[index]
 
     def _within_corpus(self, corpus: int, ranks: np.ndarray) -> np.ndarray:
         size = self.samples_per_corpus[corpus]
         epochs, offsets = np.divmod(ranks, size)
         out = np.empty_like(ranks)
         for epoch in np.unique(epochs):
-            order = np.random.default_rng(_seed_of(self.seed, self.names[corpus], int(epoch))).permutation(size)
             mask = epochs == epoch
-            out[mask] = order[offsets[mask]]
+            out[mask] = permute(offsets[mask], size, seed_of(self.seed, self.names[corpus], int(epoch)))
         return out
 
 
-@dataclass
-class PlanRow:
-    corpus: str
-    group: str
-    share: float
-    samples: int
-    available: int
-
-    @property
-    def epochs(self) -> float:
-        return self.samples / self.available if self.available else 0.0
-
-
-def plan(schedule: MixSchedule, corpora: list[CorpusConfig], mix: MixConfig, total_samples: int) -> list[PlanRow]:
-    """Samples and epochs per corpus for the whole run; refuses repetition past `max_epochs`."""
-    counts = schedule.counts_before(total_samples)
-    rows = [
-        PlanRow(c.name, c.group, float(schedule.shares[i]), int(counts[i]), schedule.samples_per_corpus[i])
-        for i, c in enumerate(corpora)
-    ]
-    for row in rows:
-        cap = mix.max_epochs.get(row.corpus)
-        if cap is not None and row.epochs > cap:
-            raise DaptError(
-                f"mix.max_epochs.{row.corpus}: the plan repeats '{row.corpus}' {row.epochs:.2f} times "
-                f"but at most {cap} are allowed; lower its weight, shorten the run or raise the cap"
-            )
-    return rows
-
-
-def format_plan(rows: list[PlanRow], seq_len: int) -> str:
-    lines = [f"{'corpus':<14}{'group':<12}{'share':>8}{'samples':>10}{'tokens':>12}{'epochs':>8}"]
-    for row in rows:
-        lines.append(
-            f"{row.corpus:<14}{row.group:<12}{row.share:>8.2%}{row.samples:>10,}{row.samples * seq_len:>12,}{row.epochs:>8.2f}"
-        )
-    return "\n".join(lines)
-
-
-def build_schedule(corpora: list[CorpusConfig], mix: MixConfig, seed: int, train_stores: dict) -> MixSchedule:
+def build_schedule(corpora: list[CorpusConfig], mix: MixConfig, seed: int, train_stores: dict, global_batch: int, steps: int) -> MixSchedule:
     """The run's schedule from the training stores: natural sizes are counted in tokens."""
-    sizes = {c.name: len(train_stores[c.name].tokens) for c in corpora}
-    shares = target_shares(mix, corpora, sizes)
     names = [c.name for c in corpora]
+    sizes = {name: len(train_stores[name].tokens) for name in names}
+    total_tokens = steps * global_batch * mix.seq_len
+    stages = []
+    for start_step, weights in [(0, mix), *((s.start_step, s) for s in mix.stages)]:
+        shares = target_shares(weights, corpora, sizes, mix.temperature, mix.budgets, total_tokens)
+        stages.append(Stage(start_step * global_batch, np.array([shares[n] for n in names], dtype=np.float64)))
     samples = [train_stores[name].num_samples(mix.seq_len) for name in names]
-    return MixSchedule(names, [shares[name] for name in names], samples, seed)
+    return MixSchedule(names, stages, samples, seed)

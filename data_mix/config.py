@@ -42,20 +42,16 @@ class HeldoutConfig(StrictModel):
     """Cap on held-out documents per corpus (extra ones return to training)."""
 
 
-class MixConfig(StrictModel):
-    """How corpora are blended into training samples of `seq_len` tokens."""
+class WeightsConfig(StrictModel):
+    """Target token shares: per corpus, per group, or (neither given) natural."""
 
-    seq_len: int = Field(default=2048, ge=8)
     weights: dict[str, float] | None = None
     """Token share per corpus, normalised; corpora left out get none."""
     group_weights: dict[str, float] | None = None
     """Token share per group; inside a group corpora get shares ∝ size^(1/temperature)."""
-    temperature: float = Field(default=1.0, gt=0.0)
-    max_epochs: dict[str, float] = {}
-    """Refuse a plan that repeats a corpus more often than this."""
 
     @model_validator(mode="after")
-    def _check_weights(self) -> MixConfig:
+    def _check_weights(self):
         if self.weights is not None and self.group_weights is not None:
             raise ValueError("set either `weights` (per corpus) or `group_weights` (per group), not both")
         for section in ("weights", "group_weights"):
@@ -65,7 +61,36 @@ class MixConfig(StrictModel):
                     raise ValueError(f"{section}.{key}: must be >= 0, got {value}")
             if values and sum(values.values()) <= 0:
                 raise ValueError(f"{section}: all weights are zero; give at least one a positive share")
-        for key, value in self.max_epochs.items():
-            if value <= 0:
-                raise ValueError(f"max_epochs.{key}: must be > 0, got {value}")
+        return self
+
+
+class StageConfig(WeightsConfig):
+    """From `start_step` on, the mix follows these weights (curricula, replay, annealing)."""
+
+    start_step: int = Field(gt=0)
+
+
+class MixConfig(WeightsConfig):
+    """How corpora are blended into training samples of `seq_len` tokens."""
+
+    seq_len: int = Field(default=2048, ge=8)
+    temperature: float = Field(default=1.0, gt=0.0)
+    budgets: dict[str, float] = {}
+    """Tokens to draw from a corpus over the whole run; its share becomes budget / run tokens."""
+    max_epochs: dict[str, float] = {}
+    """Refuse a plan that repeats a corpus more often than this."""
+    stages: list[StageConfig] = []
+    """Later weight sets, each from its `start_step`; the top-level weights hold before the first."""
+
+    @model_validator(mode="after")
+    def _check_mix(self) -> MixConfig:
+        for section in ("budgets", "max_epochs"):
+            for key, value in getattr(self, section).items():
+                if value <= 0:
+                    raise ValueError(f"{section}.{key}: must be > 0, got {value}")
+        starts = [stage.start_step for stage in self.stages]
+        if starts != sorted(set(starts)):
+            raise ValueError(f"stages: start_step values must increase, got {starts}")
+        if self.budgets and self.stages:
+            raise ValueError("budgets fix a corpus's share for the whole run, so they cannot be combined with stages")
         return self

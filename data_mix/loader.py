@@ -2,8 +2,12 @@
 
 Optimizer step s consumes global samples [s·B, (s+1)·B) for global batch B, the same
 samples for any world size or micro-batch split; rank r takes, in micro-step a, the
-`micro_batch` samples starting at s·B + a·micro_batch·world + r·micro_batch. So
-resuming needs only the number of samples consumed.
+`micro_batch` samples starting at s·B + a·micro_batch·world + r·micro_batch. So the
+loader's state is the number of samples consumed plus a fingerprint of the mix and
+stores, and a resume under a different fingerprint is refused, naming what changed.
+
+Batches can be prepared by a torch DataLoader's worker processes (`num_workers`):
+worker w makes steps w, w+W, ..., which the DataLoader hands back in step order.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_mix.blend import MixSchedule
 from data_mix.store import TokenStore
@@ -19,22 +24,29 @@ from launch.base import DaptError
 
 
 @dataclass
-class MicroBatch:
-    tokens: torch.Tensor  # (micro_batch, seq_len + 1): inputs are [:, :-1], targets [:, 1:]
-    corpus_ids: torch.Tensor  # (micro_batch,) index into the schedule's corpus names
+class StepBatch:
+    """One optimizer step for one rank."""
+
+    step: int
+    tokens: torch.Tensor  # (micro_steps, micro_batch, seq_len + 1): inputs [..., :-1], targets [..., 1:]
+    corpus_ids: torch.Tensor  # (micro_steps, micro_batch): index into the schedule's corpus names
+    global_corpus_ids: np.ndarray  # (global_batch,): every rank's samples, for the ledger
+
+
+class _Steps(IterableDataset):
+    def __init__(self, loader: MixLoader, first: int, stop: int):
+        self.loader, self.first, self.stop = loader, first, stop
+
+    def __iter__(self):
+        worker = get_worker_info()
+        offset, stride = (worker.id, worker.num_workers) if worker else (0, 1)
+        for step in range(self.first + offset, self.stop, stride):
+            yield self.loader.batch(step)
 
 
 class MixLoader:
-    def __init__(
-        self,
-        schedule: MixSchedule,
-        stores: list[TokenStore],
-        seq_len: int,
-        micro_batch: int,
-        global_batch: int,
-        rank: int,
-        world_size: int,
-    ):
+    def __init__(self, schedule: MixSchedule, stores: list[TokenStore], seq_len: int, micro_batch: int,
+                 global_batch: int, rank: int, world_size: int, num_workers: int = 0):
         per_pass = micro_batch * world_size
         if global_batch % per_pass:
             raise DaptError(
@@ -43,17 +55,46 @@ class MixLoader:
             )
         self.schedule, self.stores, self.seq_len = schedule, stores, seq_len
         self.micro_batch, self.global_batch = micro_batch, global_batch
-        self.rank, self.world_size = rank, world_size
-        self.grad_accum = global_batch // per_pass
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.micro_steps = global_batch // per_pass
+        self.samples_consumed = 0
 
-    def step(self, step: int) -> list[MicroBatch]:
+    def batch(self, step: int) -> StepBatch:
         """This rank's micro-batches for optimizer step `step`."""
         start = step * self.global_batch
         corpus_ids, sample_ids = self.schedule.assign(start, start + self.global_batch)
-        batches = []
-        for micro in range(self.grad_accum):
-            first = micro * self.micro_batch * self.world_size + self.rank * self.micro_batch
-            rows = range(first, first + self.micro_batch)
-            tokens = np.stack([self.stores[corpus_ids[i]].sample(int(sample_ids[i]), self.seq_len) for i in rows])
-            batches.append(MicroBatch(torch.from_numpy(tokens), torch.from_numpy(corpus_ids[first : first + self.micro_batch].astype(np.int64))))
-        return batches
+        # Row a·world + r of the (micro_steps·world, micro_batch) grid is rank r's micro-step a.
+        grid = np.arange(self.global_batch).reshape(self.micro_steps, self.world_size, self.micro_batch)[:, self.rank]
+        tokens = np.stack([
+            np.stack([self.stores[corpus_ids[i]].sample(int(sample_ids[i]), self.seq_len) for i in row]) for row in grid
+        ])
+        return StepBatch(step, torch.from_numpy(tokens), torch.from_numpy(corpus_ids[grid].astype(np.int64)), corpus_ids)
+
+    def iterate(self, steps: int):
+        """Step batches from where the loader stands up to `steps`, counting what is consumed."""
+        first = self.samples_consumed // self.global_batch
+        dataset = _Steps(self, first, steps)
+        if self.num_workers:
+            batches = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
+                                 collate_fn=lambda item: item)
+        else:
+            batches = dataset
+        for batch in batches:
+            self.samples_consumed = (batch.step + 1) * self.global_batch
+            yield batch
+
+    def fingerprint(self) -> dict:
+        return self.schedule.fingerprint() | {"seq_len": self.seq_len, "global_batch": self.global_batch}
+
+    def state_dict(self) -> dict:
+        return {"samples_consumed": self.samples_consumed, "fingerprint": self.fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        current = self.fingerprint()
+        changed = [key for key in current if state["fingerprint"].get(key) != current[key]]
+        if changed:
+            raise DaptError(
+                f"the mix changed since this checkpoint ({', '.join(changed)} differ), so resuming would not continue "
+                "the same data order; restore the experiment's mix and stores, or train in a new workdir"
+            )
+        self.samples_consumed = int(state["samples_consumed"])

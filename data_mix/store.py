@@ -53,11 +53,23 @@ class TokenStore:
 
     def __init__(self, folder: Path, split: str):
         manifest = json.loads((folder / MANIFEST).read_text())
+        self.folder, self.split = folder, split
         self.corpus = manifest["corpus"]
         self.manifest = manifest
-        self.tokens = np.memmap(folder / f"{split}.bin", dtype=manifest["dtype"], mode="r")
+        self.tokens = self._open_tokens()
         docs = np.load(folder / f"{split}.docs.npy")
         self.doc_ends, self.doc_bytes = docs[:, 0], docs[:, 1]
+
+    def _open_tokens(self) -> np.memmap:
+        return np.memmap(self.folder / f"{self.split}.bin", dtype=self.manifest["dtype"], mode="r")
+
+    def __getstate__(self) -> dict:
+        # A pickled memmap would copy the whole store into each DataLoader worker; reopen it instead.
+        return {key: value for key, value in self.__dict__.items() if key != "tokens"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.tokens = self._open_tokens()
 
     @property
     def total_bytes(self) -> int:

@@ -155,17 +155,25 @@ def _check_names(experiment: Experiment, path: Path, root: yaml.Node) -> None:
         raise DaptError(f"{path}:{_line_of(root, ('corpora',))}: corpora: name {duplicated[0]!r} is used twice; names must be unique")
     groups = sorted({c.group for c in experiment.corpora})
     mix = experiment.mix
-    for section, known, kind in (
-        ("weights", names, "corpus"),
-        ("max_epochs", names, "corpus"),
-        ("group_weights", groups, "group"),
-    ):
-        for key in getattr(mix, section) or {}:
-            if key not in known:
-                loc = ("mix", section, key)
-                raise DaptError(
-                    f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: unknown {kind} {key!r}; known: {', '.join(known)}"
-                )
+    sections = [(("mix",), mix)] + [(("mix", "stages", i), stage) for i, stage in enumerate(mix.stages)]
+    for prefix, weights in sections:
+        for section, known, kind in (("weights", names, "corpus"), ("group_weights", groups, "group")):
+            for key in getattr(weights, section) or {}:
+                if key not in known:
+                    _unknown(path, root, (*prefix, section, key), kind, known)
+    for section in ("budgets", "max_epochs"):
+        for key in getattr(mix, section):
+            if key not in names:
+                _unknown(path, root, ("mix", section, key), "corpus", names)
+    for index, stage in enumerate(mix.stages):
+        if stage.start_step >= experiment.train.steps:
+            loc = ("mix", "stages", index, "start_step")
+            raise DaptError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: {stage.start_step} is not before the "
+                            f"last step ({experiment.train.steps}); the stage would never start")
+
+
+def _unknown(path: Path, root: yaml.Node, loc: tuple, kind: str, known: list[str]) -> None:
+    raise DaptError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: unknown {kind} {loc[-1]!r}; known: {', '.join(known)}")
 
 
 def _resolve_paths(experiment: Experiment, base: Path) -> Experiment:

@@ -10,7 +10,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from data_mix.blend import build_schedule, format_plan, plan, target_shares
+from data_mix.blend import build_schedule, target_shares
+from data_mix.plan import format_plan, plan, plot_plan
 from data_mix.sources import CorpusReader
 from data_mix.store import build_store, open_stores, tokenizer_hash
 from launch.base import DaptError
@@ -36,7 +37,7 @@ def train_tokenizer(experiment: Experiment) -> Path:
         print(f"tokenizer: up to date in {out_dir}")
         return out_dir
     sizes = {c.name: sum(len(d.encode("utf-8")) for d in CorpusReader(c).documents()) for c in experiment.corpora}
-    shares = target_shares(experiment.mix, experiment.corpora, sizes)
+    shares = target_shares(experiment.mix, experiment.corpora, sizes, experiment.mix.temperature)
     config = experiment.tokenizer.train
     print(f"tokenizer: training sentencepiece {config.model} (vocab {config.vocab_size:,}) "
           f"on up to {config.sample_bytes:,.0f} bytes drawn by mix share")
@@ -65,10 +66,13 @@ def build_stores(experiment: Experiment) -> list[dict]:
 
 def mix_plan(experiment: Experiment) -> str:
     stores = open_stores(experiment.stores_dir, experiment.corpora, "train", tokenizer_hash(experiment.tokenizer_dir))
-    schedule = build_schedule(experiment.corpora, experiment.mix, experiment.seed, stores)
-    total = experiment.train.steps * experiment.train.global_batch_size
-    table = format_plan(plan(schedule, experiment.corpora, experiment.mix, total), experiment.mix.seq_len)
-    print(f"mix plan: {total:,} samples of {experiment.mix.seq_len} tokens\n{table}")
+    train = experiment.train
+    schedule = build_schedule(experiment.corpora, experiment.mix, experiment.seed, stores, train.global_batch_size, train.steps)
+    rows = plan(schedule, experiment.corpora, experiment.mix, train.global_batch_size, train.steps)
+    table = format_plan(rows, experiment.mix.seq_len)
+    figure = plot_plan(schedule, rows, train.global_batch_size, train.steps, experiment.workpath / "mix_plan.png")
+    total = train.steps * train.global_batch_size
+    print(f"mix plan: {total:,} samples of {experiment.mix.seq_len} tokens over {train.steps:,} steps\n{table}\nplot: {figure}")
     return table
 
 

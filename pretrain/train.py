@@ -20,7 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_mix.blend import build_schedule
-from data_mix.loader import MicroBatch, MixLoader
+from data_mix.ledger import MixLedger
+from data_mix.loader import MixLoader, StepBatch
 from data_mix.store import open_stores, tokenizer_hash
 from launch.env import discover, export_for_torch
 from launch.experiment import Experiment, experiment_hash
@@ -31,11 +32,10 @@ from pretrain.model import build_model
 from pretrain.tracking import Tracker
 
 
-def train_step(engine, micro_batches: list[MicroBatch], num_corpora: int, device: torch.device) -> torch.Tensor:
+def train_step(engine, batch: StepBatch, num_corpora: int, device: torch.device) -> torch.Tensor:
     """One optimizer step; returns per corpus [Σ per-sample token-mean loss, samples], summed over ranks."""
     sums = torch.zeros(2, num_corpora, dtype=torch.float64, device=device)
-    for batch in micro_batches:
-        tokens, corpus_ids = batch.tokens.to(device), batch.corpus_ids.to(device)
+    for tokens, corpus_ids in zip(batch.tokens.to(device), batch.corpus_ids.to(device)):
         logits = engine(input_ids=tokens[:, :-1]).logits
         per_token = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
         per_sample = per_token.mean(dim=1)
@@ -84,9 +84,10 @@ def run_training(experiment: Experiment, yaml_text: str) -> dict | None:
     expected = tokenizer_hash(experiment.tokenizer_dir)
     train_stores = open_stores(experiment.stores_dir, experiment.corpora, "train", expected)
     heldout_stores = open_stores(experiment.stores_dir, experiment.corpora, "heldout", expected)
-    schedule = build_schedule(experiment.corpora, mix, experiment.seed, train_stores)
+    schedule = build_schedule(experiment.corpora, mix, experiment.seed, train_stores, train.global_batch_size, train.steps)
     loader = MixLoader(schedule, [train_stores[n] for n in names], mix.seq_len, train.micro_batch_size,
-                       train.global_batch_size, dist_env.rank, dist_env.world_size)
+                       train.global_batch_size, dist_env.rank, dist_env.world_size, num_workers=train.loader_workers)
+    ledger = MixLedger(names, mix.seq_len)
 
     model = build_model(experiment.model, tokenizer, experiment.seed, train.activation_checkpointing)
     ds_config = resolve_deepspeed_config(experiment.deepspeed, train, dist_env.world_size, on_gpu)
@@ -104,21 +105,20 @@ def run_training(experiment: Experiment, yaml_text: str) -> dict | None:
         return bpb
 
     def checkpoint(step: int) -> str:
-        state = {"step": step, "samples_consumed": step * train.global_batch_size,
-                 "samples_per_corpus": samples_seen.tolist(), "wandb_run_id": tracker.run_id,
+        state = {"step": step, "loader": loader.state_dict(), "ledger": ledger.state_dict(), "wandb_run_id": tracker.run_id,
                  "experiment_hash": experiment_hash(yaml_text), "experiment_yaml": yaml_text}
         return save_checkpoint(engine, checkpoints, step, state, train.keep_checkpoints)
 
     bpb_before = evaluate(step=0)
-    samples_seen = torch.zeros(len(names), dtype=torch.float64)
     losses = []
-    for step in range(train.steps):
+    started = time.perf_counter()
+    for batch in loader.iterate(train.steps):
+        sums = train_step(engine, batch, len(names), device)
+        ledger.record(batch.global_corpus_ids)
+        metrics = step_metrics(sums, names, engine, time.perf_counter() - started, mix.seq_len) | ledger.metrics()
         started = time.perf_counter()
-        sums = train_step(engine, loader.step(step), len(names), device)
-        samples_seen += sums[1].cpu()
-        metrics = step_metrics(sums, names, engine, time.perf_counter() - started, mix.seq_len)
         losses.append(metrics["train/loss"])
-        done = step + 1
+        done = batch.step + 1
         tracker.log(metrics, step=done)
         if dist_env.is_main and (done % train.log_every == 0 or done in (1, train.steps)):
             print(f"step {done}/{train.steps}  loss {metrics['train/loss']:.4f}  lr {metrics['train/lr']:.2e}  "
@@ -132,8 +132,8 @@ def run_training(experiment: Experiment, yaml_text: str) -> dict | None:
 
     results = None
     if dist_env.is_main:
-        results = _results(names, schedule.shares.tolist(), samples_seen.tolist(), mix.seq_len, bpb_before, bpb_after,
-                           losses, tag, tracker)
+        planned = schedule.counts_before(train.steps * train.global_batch_size) / (train.steps * train.global_batch_size)
+        results = _results(names, planned.tolist(), ledger, bpb_before, bpb_after, losses, tag, tracker)
         experiment.results_file.write_text(json.dumps(results, indent=1))
     tracker.close(summary={"final_loss": losses[-1]})
     dist.barrier()
@@ -147,12 +147,12 @@ def _save_model_recipe(module, tokenizer_dir: Path, checkpoints: Path) -> None:
     shutil.copytree(tokenizer_dir, checkpoints / "tokenizer", dirs_exist_ok=True)
 
 
-def _results(names, shares, samples, seq_len, before, after, losses, tag, tracker) -> dict:
-    total = sum(samples)
+def _results(names, planned_shares, ledger: MixLedger, before, after, losses, tag, tracker) -> dict:
+    tokens, shares = ledger.tokens(), ledger.shares()
     return {
         "corpora": {
-            name: {"bpb_before": before[name], "bpb_after": after[name], "tokens_seen": int(samples[i] * seq_len),
-                   "planned_share": shares[i], "realised_share": samples[i] / total}
+            name: {"bpb_before": before[name], "bpb_after": after[name], "tokens_seen": tokens[name],
+                   "planned_share": planned_shares[i], "realised_share": shares[name]}
             for i, name in enumerate(names)
         },
         "first_loss": losses[0],
