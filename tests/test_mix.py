@@ -86,10 +86,11 @@ def reference_rule(shares: np.ndarray, length: int) -> list[int]:
     """The documented rule in plain Python: among eligible corpora, the earliest deadline."""
     counts = [0] * len(shares)
     delta = 1 / (2 * len(shares) - 2)
+    inverse = [1 / share for share in shares]
     out = []
     for n in range(length):
-        owed = [i for i in range(len(shares)) if shares[i] * (n + 1) - counts[i] >= delta]
-        choice = min(owed, key=lambda i: ((counts[i] + 1 - delta) / shares[i], i))
+        owed = [i for i in range(len(shares)) if (counts[i] + delta) * inverse[i] <= n + 1]
+        choice = min(owed, key=lambda i: ((counts[i] + 1 - delta) * inverse[i], i))
         out.append(choice)
         counts[choice] += 1
     return out
