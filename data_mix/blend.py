@@ -8,8 +8,10 @@ The schedule is a pure function of (stages of target shares, seed, n):
   1 - 1/(2k-2) samples of its target: 0.93 for 8 corpora, where Megatron's
   largest-error rule reaches 1.23 on BloombergGPT's weights. The loop runs in C.
 * No array grows with the run: per stage, only the per-corpus counts at every
-  `SNAPSHOT_EVERY`-th slot are remembered, and any range is replayed from the
-  snapshot before it. Resuming needs one integer, the samples consumed.
+  `SNAPSHOT_EVERY`-th slot (4M) are remembered, and any range is replayed from the
+  snapshot before it (at ~90M slots/s, under 50 ms); the counts where the last range
+  ended are kept too, so consecutive steps replay nothing. Resuming needs one
+  integer, the samples consumed.
 * Which sample of the corpus: its k-th draw is position k mod size of epoch
   k // size, and each epoch visits the corpus in the order of a keyed permutation
   (`permute.py`) whose key derives from (seed, corpus name, epoch): O(1) memory, a new
@@ -28,7 +30,7 @@ from data_mix.kernel import MAX_CORPORA, run_schedule
 from data_mix.permute import permute
 from launch.base import DaptError
 
-SNAPSHOT_EVERY = 1 << 20
+SNAPSHOT_EVERY = 1 << 22
 
 
 def target_shares(
@@ -92,6 +94,7 @@ class MixSchedule:
                                     "it needs more text than one sequence")
         self._snapshots = [[np.zeros(len(names), dtype=np.int64)] for _ in stages]
         self._bases: list[np.ndarray] = [np.zeros(len(names), dtype=np.int64)]
+        self._cursor: tuple[int, int, np.ndarray] | None = None  # (stage, offset, counts) where the last range ended
 
     @property
     def shares(self) -> np.ndarray:
@@ -129,8 +132,13 @@ class MixSchedule:
             end = min(stop, self.stages[index + 1].start) if index + 1 < len(self.stages) else stop
             counts = self._stage_counts(index, position - stage.start)
             corpus_ids, ranks = run_schedule(stage.shares, counts, position - stage.start, end - stage.start, record=True)
-            pieces.append((corpus_ids, ranks + self._base(index)[corpus_ids]))
+            self._cursor = (index, end - stage.start, counts)
+            if index > 0:  # ranks count from the stage's start; earlier stages' draws come first
+                ranks += self._base(index)[corpus_ids]
+            pieces.append((corpus_ids, ranks))
             position = end
+        if len(pieces) == 1:
+            return pieces[0]
         if not pieces:
             return np.empty(0, dtype=np.int32), np.empty(0, dtype=np.int64)
         return np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
@@ -140,6 +148,8 @@ class MixSchedule:
 
     def _stage_counts(self, index: int, offset: int) -> np.ndarray:
         """Per-corpus draws in the first `offset` slots of stage `index`, from the nearest snapshot."""
+        if self._cursor is not None and self._cursor[:2] == (index, offset):
+            return self._cursor[2].copy()
         shares, snapshots = self.stages[index].shares, self._snapshots[index]
         while len(snapshots) * SNAPSHOT_EVERY <= offset:
             counts = snapshots[-1].copy()

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from data_mix.blend import MixSchedule
 from data_mix.config import CorpusConfig, MixConfig
 from launch.base import DaptError
@@ -64,6 +66,20 @@ def _first_sample_past(schedule: MixSchedule, corpus: int, available: int, total
         else:
             low = middle
     return low
+
+
+def worst_prefix_deviation(corpus_ids: np.ndarray, shares: np.ndarray, chunk: int = 100_000) -> float:
+    """max over prefixes n and corpora i of |count_i(n) − share_i·n|, in bounded memory."""
+    shares = np.asarray(shares, dtype=np.float64)
+    counts = np.zeros(len(shares))
+    worst = 0.0
+    for start in range(0, len(corpus_ids), chunk):
+        ids = np.asarray(corpus_ids[start : start + chunk], dtype=np.int64)
+        cumulative = counts + np.cumsum(np.eye(len(shares))[ids], axis=0)
+        targets = np.outer(np.arange(start + 1, start + len(ids) + 1), shares)
+        worst = max(worst, float(np.abs(cumulative - targets).max()))
+        counts = cumulative[-1]
+    return worst
 
 
 def format_plan(rows: list[PlanRow], seq_len: int) -> str:

@@ -81,3 +81,24 @@ def test_duplicate_corpus_names_are_refused(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(DaptError, match=r"nothere.yaml does not exist"):
         load_experiment(tmp_path / "nothere.yaml")
+
+
+def test_stage_errors_name_the_stage(tmp_path):
+    train = {"steps": 100, "global_batch_size": 16, "micro_batch_size": 4, "lr": 1e-3}
+    path = write_experiment(tmp_path, {"train": train, "mix": {"stages": [{"start_step": 50, "weights": {"filngs": 1}}]}})
+    with pytest.raises(DaptError, match=r"mix.stages\[0\].weights.filngs: unknown corpus 'filngs'"):
+        load_experiment(path)
+    path = write_experiment(tmp_path, {"train": train, "mix": {"stages": [{"start_step": 100, "weights": {"web": 1}}]}})
+    with pytest.raises(DaptError, match=r"mix.stages\[0\].start_step: 100 is not before the last step \(100\)"):
+        load_experiment(path)
+    path = write_experiment(tmp_path, {"train": train, "mix": {"stages": [{"start_step": 9, "weights": {"web": 0}}]}})
+    with pytest.raises(DaptError, match=r"weights: all weights are zero"):
+        load_experiment(path)
+
+
+def test_readme_experiment_file_is_valid(tmp_path):
+    readme = (DEMO_CONFIG.parents[1] / "README.md").read_text()
+    block = readme.split("## An experiment file", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "readme.yaml").write_text(block)
+    experiment, _ = load_experiment(tmp_path / "readme.yaml")
+    assert experiment.mix.stages[0].start_step == 18000

@@ -51,6 +51,21 @@ def test_demo_logs_metrics_and_an_offline_wandb_run(demo_run):
     assert any("train/loss/filings" in r and "train/grad_norm" in r for r in records)
     assert records[-1]["step"] == experiment.train.steps and "eval/bpb/web" in records[-1]
     assert list((workdir / "wandb").glob("offline-run-*/run-*.wandb"))
+    results = json.loads((workdir / "results.json").read_text())
+    last_train = [r for r in records if "train/loss" in r][-1]
+    assert {name: last_train[f"mix/tokens/{name}"] for name in results["corpora"]} == {
+        name: row["tokens_seen"] for name, row in results["corpora"].items()}
+
+
+def test_demo_checkpoint_carries_loader_state_and_ledger(demo_run):
+    import torch
+
+    workdir, experiment, _ = demo_run
+    tag = (experiment.checkpoints_dir / "latest").read_text()
+    state = torch.load(experiment.checkpoints_dir / tag / "mp_rank_00_model_states.pt", weights_only=False)
+    samples = experiment.train.steps * experiment.train.global_batch_size
+    assert state["loader"]["samples_consumed"] == samples
+    assert sum(state["ledger"]["samples"]) == samples and state["ledger"]["corpora"] == experiment.corpus_names()
 
 
 def test_demo_export_loads_generates_and_matches_the_checkpoint(demo_run):
