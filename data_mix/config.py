@@ -11,27 +11,60 @@ from launch.base import StrictModel
 CORPUS_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
+class HFDatasetConfig(StrictModel):
+    """A Hugging Face dataset: a `save_to_disk` folder, or a hub name read by streaming."""
+
+    path: str
+    """A local `save_to_disk` folder (relative to the experiment file) or a hub name like `allenai/c4`."""
+    name: str | None = None
+    """The dataset's configuration (e.g. `en`)."""
+    split: str = "train"
+
+
 class CorpusConfig(StrictModel):
-    """One corpus: files of one kind of text, read into documents."""
+    """One corpus: files (or a Hugging Face dataset) of one kind of text, read into documents."""
 
     name: str = Field(pattern=CORPUS_NAME)
     """Short name used in metrics and store folders (letters, digits, `_ . -`)."""
     group: str = "default"
     """Free-text group (e.g. `financial`, `public`) that `mix.group_weights` refers to."""
-    paths: list[str] = Field(min_length=1)
+    paths: list[str] = []
     """Files, globs or folders, relative to the experiment file."""
-    format: Literal["auto", "jsonl", "csv", "parquet", "txt"] = "auto"
-    """File format; `auto` decides by file extension."""
+    hf_dataset: HFDatasetConfig | None = None
+    """Read a Hugging Face dataset instead of `paths`."""
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "xlsx", "parquet", "txt"] = "auto"
+    """File format; `auto` decides by extension (`.gz` allowed for jsonl, csv, tsv and txt)."""
     text_field: str = "text"
-    """Field holding the text in jsonl, csv and parquet records."""
+    """Field holding the text in records (jsonl, json, csv, tsv, xlsx, parquet, datasets)."""
     text_template: str | None = None
-    """Join several fields, e.g. `"{headline}\\n\\n{body}"`; replaces `text_field`."""
-    txt_split: Literal["file", "line"] = "file"
-    """For txt files: one document per file, or one per non-empty line."""
+    """Join several fields, e.g. `"{headline}\n\n{body}"`; replaces `text_field`."""
+    record_format: Literal["text", "prompt_completion"] = "text"
+    """`prompt_completion`: records with `prompt` and `completion` fields become prompt + completion."""
+    txt_split: Literal["file", "line", "separator"] = "file"
+    """For txt files: one document per file, per non-empty line, or per `separator`."""
+    separator: str | None = None
+    """With `txt_split: separator`: the string between documents (e.g. `"\n\n\n"`)."""
     encoding: str = "utf-8"
     """Text encoding of the files (e.g. `latin-1`)."""
+    encoding_errors: Literal["strict", "replace"] = "strict"
+    """`strict`: undecodable bytes make the record bad; `replace`: they become U+FFFD and it is kept."""
+    on_error: Literal["fail", "skip"] = "skip"
+    """A bad record (malformed, undecodable, missing or non-text field): `fail` stops at the first
+    one with its location; `skip` counts it by reason and goes on."""
     min_chars: int = Field(default=1, ge=1)
     """Documents shorter than this are rejected (and counted)."""
+    max_chars: int | None = Field(default=None, gt=0)
+    """Documents longer than this are rejected (and counted)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CorpusConfig:
+        if bool(self.paths) == (self.hf_dataset is not None):
+            raise ValueError("give either `paths` (files) or `hf_dataset`, exactly one of them")
+        if (self.txt_split == "separator") != (self.separator is not None):
+            raise ValueError("`separator` goes with `txt_split: separator`, and that needs a `separator`")
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
+        return self
 
 
 class HeldoutConfig(StrictModel):

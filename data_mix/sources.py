@@ -1,27 +1,74 @@
-"""Read a corpus's files into documents, counting every record that is not kept.
+"""Read a corpus into documents, accounting for every record that is not kept.
 
 In: a `CorpusConfig` (paths already resolved against the experiment file).
-Out: an iterator of document strings and a `SourceReport` whose counts obey
-read = kept + sum(rejected), so nothing the user gave disappears unreported.
+Out: an iterator of document strings and a `SourceReport` that obeys
+read = kept + Σ rejected, per corpus and per file, so nothing the user gave
+disappears unreported.
+
+Formats: jsonl, json (an array of records, or an object holding one), csv, tsv,
+xlsx, parquet, txt (a document per file, per line or per separator), the line
+formats gzip-compressed (`.gz`), and Hugging Face datasets (a `save_to_disk`
+folder, or a hub name read by streaming). Line formats are decoded line by line,
+so an undecodable line is rejected with its file, line and byte offset instead of
+failing the file. Everything streams except json, which is parsed whole.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
+import gzip
 import hashlib
 import json
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 from data_mix.config import CorpusConfig
 from launch.base import DaptError
 
-EXTENSION_FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet", ".txt": "txt"}
-MAX_EXAMPLES = 3
+EXTENSION_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".xlsx": "xlsx",
+                     ".parquet": "parquet", ".txt": "txt"}
+COMPRESSIBLE = {"jsonl", "csv", "tsv", "txt"}
+# Problems of the record itself: `on_error: fail` stops on them. Filters (empty, length, duplicate) never do.
+BAD_RECORD = {"malformed_record", "invalid_encoding", "missing_field", "not_a_string"}
+EXAMPLES_PER_REASON = 3
+
+
+@dataclass
+class Rejected:
+    """A record that cannot be read, with why and where; `text` is what could be decoded."""
+
+    reason: str
+    where: str
+    text: str = ""
+
+
+HINTS = {
+    "invalid_encoding": "set the corpus `encoding` (e.g. latin-1) or `encoding_errors: replace`",
+    "missing_field": "check `text_field` or `text_template` against the records' fields",
+    "malformed_record": "check `format` (and that the files are what their extension says)",
+    "not_a_string": "point `text_field` at a field that holds text",
+    "shorter_than_min_chars": "lower `min_chars`",
+    "longer_than_max_chars": "raise `max_chars`",
+}
+
+
+@dataclass
+class Counts:
+    read: int = 0
+    kept: int = 0
+    kept_chars: int = 0
+    rejected: Counter = field(default_factory=Counter)
+
+    def balanced(self) -> bool:
+        return self.read == self.kept + sum(self.rejected.values())
+
+    def to_json(self) -> dict:
+        return {"read": self.read, "kept": self.kept, "kept_chars": self.kept_chars, "rejected": dict(self.rejected)}
 
 
 @dataclass
@@ -29,26 +76,30 @@ class SourceReport:
     """Accounting of one corpus read: what came in, what was kept, why the rest was not."""
 
     corpus: str
-    files: int = 0
-    read: int = 0
-    kept: int = 0
-    kept_chars: int = 0
-    rejected: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
+    total: Counts = field(default_factory=Counts)
+    per_file: dict[str, Counts] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    """The first few locations per rejection reason."""
 
-    def reject(self, reason: str, where: str) -> None:
-        self.rejected[reason] += 1
-        if len(self.examples) < MAX_EXAMPLES:
-            self.examples.append(f"{reason} at {where}")
+    @property
+    def read(self) -> int:
+        return self.total.read
+
+    @property
+    def kept(self) -> int:
+        return self.total.kept
+
+    @property
+    def rejected(self) -> Counter:
+        return self.total.rejected
 
     def balanced(self) -> bool:
-        return self.read == self.kept + sum(self.rejected.values())
+        return self.total.balanced() and all(c.balanced() for c in self.per_file.values())
 
     def to_json(self) -> dict:
-        return {
-            "corpus": self.corpus, "files": self.files, "read": self.read, "kept": self.kept,
-            "kept_chars": self.kept_chars, "rejected": dict(self.rejected), "examples": self.examples,
-        }
+        return {"corpus": self.corpus, "files": len(self.per_file), **self.total.to_json(),
+                "invariant_holds": self.balanced(), "examples": self.examples,
+                "per_file": {name: counts.to_json() for name, counts in self.per_file.items()}}
 
 
 def resolve_files(corpus: CorpusConfig) -> list[Path]:
@@ -66,11 +117,16 @@ def resolve_files(corpus: CorpusConfig) -> list[Path]:
 def file_format(corpus: CorpusConfig, path: Path) -> str:
     if corpus.format != "auto":
         return corpus.format
-    fmt = EXTENSION_FORMATS.get(path.suffix.lower())
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    if suffixes and suffixes[-1] == ".gz":
+        fmt = EXTENSION_FORMATS.get(suffixes[0]) if len(suffixes) == 2 else None
+        fmt = fmt if fmt in COMPRESSIBLE else None
+    else:
+        fmt = EXTENSION_FORMATS.get(suffixes[-1]) if suffixes else None
     if fmt is None:
         raise DaptError(
-            f"corpus '{corpus.name}': cannot tell the format of {path} from its extension; "
-            f"set `format` to one of {sorted(set(EXTENSION_FORMATS.values()))}"
+            f"corpus '{corpus.name}': cannot tell the format of {path} from its extension; set `format` "
+            f"to one of {sorted(set(EXTENSION_FORMATS.values()))} (gzip is read for {sorted(COMPRESSIBLE)})"
         )
     return fmt
 
@@ -85,61 +141,81 @@ class CorpusReader:
     def documents(self) -> Iterator[str]:
         self.report = SourceReport(self.corpus.name)
         seen: set[bytes] = set()
-        for path in resolve_files(self.corpus):
-            self.report.files += 1
-            for where, value in self._records(path):
-                self.report.read += 1
-                text = self._keep(value, where, seen)
+        for source, records in self._sources():
+            counts = self.report.per_file.setdefault(source, Counts())
+            for where, value in records:
+                text = self._keep(value, where, seen, counts)
                 if text is not None:
-                    self.report.kept += 1
-                    self.report.kept_chars += len(text)
+                    for tally in (counts, self.report.total):
+                        tally.kept += 1
+                        tally.kept_chars += len(text)
                     yield text
         if self.report.kept == 0:
+            common = self.report.rejected.most_common(1)
+            hint = HINTS.get(common[0][0], "check `paths`") if common else "check `paths`"
             raise DaptError(
-                f"corpus '{self.corpus.name}': no documents kept from {self.report.files} file(s) "
-                f"({self.report.read} read, rejected {dict(self.report.rejected) or 'none'}); "
-                "check `paths`, `text_field` and `min_chars`"
+                f"corpus '{self.corpus.name}': no documents kept from {len(self.report.per_file)} file(s) "
+                f"({self.report.read} read, rejected {dict(self.report.rejected) or 'none'}); {hint}"
             )
 
-    def _keep(self, value: object, where: str, seen: set[bytes]) -> str | None:
-        if value is None:
-            self.report.reject("missing_field", where)
-            return None
-        if not isinstance(value, str):
-            self.report.reject("not_a_string", where)
-            return None
-        if not value.strip():
-            self.report.reject("empty", where)
-            return None
-        if len(value) < self.corpus.min_chars:
-            self.report.reject("shorter_than_min_chars", where)
-            return None
-        digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-        if digest in seen:
-            self.report.reject("duplicate", where)
-            return None
-        seen.add(digest)
-        return value
+    def _reject(self, reason: str, where: str, counts: Counts) -> None:
+        if reason in BAD_RECORD and self.corpus.on_error == "fail":
+            raise DaptError(f"corpus '{self.corpus.name}': {reason.replace('_', ' ')} at {where} "
+                            "(set `on_error: skip` to count and skip such records)")
+        counts.rejected[reason] += 1
+        self.report.total.rejected[reason] += 1
+        shown = self.report.examples.setdefault(reason, [])
+        if len(shown) < EXAMPLES_PER_REASON:
+            shown.append(where)
 
-    def _records(self, path: Path) -> Iterator[tuple[str, object]]:
-        """(location, text or None) per record; None means the text field is missing."""
-        fmt = file_format(self.corpus, path)
-        try:
-            if fmt == "txt":
-                yield from self._txt(path)
-            elif fmt == "jsonl":
-                yield from self._jsonl(path)
-            elif fmt == "csv":
-                yield from self._csv(path)
+    def _keep(self, value: object, where: str, seen: set[bytes], counts: Counts) -> str | None:
+        counts.read += 1
+        self.report.total.read += 1
+        reason = None
+        if isinstance(value, Rejected):
+            reason = value.reason
+        elif value is None:
+            reason = "missing_field"
+        elif not isinstance(value, str):
+            reason = "not_a_string"
+        elif not value.strip():
+            reason = "empty"
+        elif len(value) < self.corpus.min_chars:
+            reason = "shorter_than_min_chars"
+        elif self.corpus.max_chars is not None and len(value) > self.corpus.max_chars:
+            reason = "longer_than_max_chars"
+        else:
+            digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            if digest in seen:
+                reason = "duplicate"
             else:
-                yield from self._parquet(path)
-        except UnicodeDecodeError as err:
-            raise DaptError(
-                f"corpus '{self.corpus.name}': {path} is not valid {self.corpus.encoding} at byte {err.start}; "
-                "set the corpus `encoding` (e.g. latin-1)"
-            ) from None
+                seen.add(digest)
+                return value
+        self._reject(reason, value.where if isinstance(value, Rejected) else where, counts)
+        return None
 
-    def _text_of(self, record: dict) -> object:
+    # Each source yields (location, text | None | Rejected) per record; None: the field is missing.
+
+    def _sources(self) -> Iterator[tuple[str, Iterator[tuple[str, object]]]]:
+        if self.corpus.hf_dataset is not None:
+            yield self.corpus.hf_dataset.path, self._hf_dataset()
+            return
+        readers = {"txt": self._txt, "jsonl": self._jsonl, "json": self._json, "csv": self._delimited,
+                   "tsv": self._delimited, "xlsx": self._xlsx, "parquet": self._parquet}
+        for path in resolve_files(self.corpus):
+            fmt = file_format(self.corpus, path)
+            yield str(path), readers[fmt](path, fmt)
+
+    def _text_of(self, record: object) -> object:
+        if not isinstance(record, dict):
+            return Rejected("malformed_record", "")
+        if self.corpus.record_format == "prompt_completion":
+            prompt, completion = record.get("prompt"), record.get("completion")
+            if prompt is None or completion is None:
+                return None
+            if not (isinstance(prompt, str) and isinstance(completion, str)):
+                return Rejected("not_a_string", "")
+            return prompt + completion
         if self.corpus.text_template is None:
             return record.get(self.corpus.text_field)
         try:
@@ -147,40 +223,170 @@ class CorpusReader:
         except KeyError:
             return None
 
-    def _txt(self, path: Path) -> Iterator[tuple[str, object]]:
-        text = path.read_text(encoding=self.corpus.encoding)
-        if self.corpus.txt_split == "file":
-            yield str(path), text
-        else:
-            for number, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    yield f"{path}:{number}", line
+    def _record(self, where: str, record: object) -> tuple[str, object]:
+        value = self._text_of(record)
+        if isinstance(value, Rejected):
+            value = Rejected(value.reason, where)
+        return where, value
 
-    def _jsonl(self, path: Path) -> Iterator[tuple[str, object]]:
-        with open(path, encoding=self.corpus.encoding) as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
+    def _open_binary(self, path: Path) -> IO[bytes]:
+        return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+
+    def _decoded_lines(self, path: Path) -> Iterator[tuple[int, str | Rejected]]:
+        """(line number, text or Rejected) per line, decoded on its own with the corpus encoding."""
+        offset = 0
+        with self._open_binary(path) as handle:
+            for number, raw in enumerate(handle, 1):
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    self.report.read += 1
-                    self.report.reject("malformed_record", f"{path}:{number}")
-                    continue
-                yield f"{path}:{number}", self._text_of(record) if isinstance(record, dict) else None
+                    yield number, raw.decode(self.corpus.encoding, self.corpus.encoding_errors)
+                except UnicodeDecodeError as err:
+                    where = f"{path}:{number} (byte {offset + err.start})"
+                    yield number, Rejected("invalid_encoding", where, raw.decode(self.corpus.encoding, "replace"))
+                offset += len(raw)
 
-    def _csv(self, path: Path) -> Iterator[tuple[str, object]]:
+    def _decode_whole(self, path: Path) -> str | Rejected:
+        raw = self._open_binary(path).read() if path.suffix.lower() == ".gz" else path.read_bytes()
+        try:
+            return raw.decode(self.corpus.encoding, self.corpus.encoding_errors)
+        except UnicodeDecodeError as err:
+            return Rejected("invalid_encoding", f"{path} (byte {err.start})")
+        except LookupError:
+            raise DaptError(f"corpus '{self.corpus.name}': unknown encoding {self.corpus.encoding!r}") from None
+
+    def _txt(self, path: Path, _fmt: str) -> Iterator[tuple[str, object]]:
+        if self.corpus.txt_split == "line":
+            for number, line in self._decoded_lines(path):
+                if isinstance(line, Rejected) or line.strip():
+                    yield f"{path}:{number}", line if isinstance(line, Rejected) else line.rstrip("\r\n")
+            return
+        text = self._decode_whole(path)
+        if isinstance(text, Rejected) or self.corpus.txt_split == "file":
+            yield str(path), text
+            return
+        for number, part in enumerate(text.split(self.corpus.separator), 1):
+            yield f"{path}:document {number}", part
+
+    def _jsonl(self, path: Path, _fmt: str) -> Iterator[tuple[str, object]]:
+        for number, line in self._decoded_lines(path):
+            where = f"{path}:{number}"
+            if isinstance(line, Rejected):
+                yield where, line
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                yield where, Rejected("malformed_record", where)
+                continue
+            yield self._record(where, record)
+
+    def _json(self, path: Path, _fmt: str) -> Iterator[tuple[str, object]]:
+        text = self._decode_whole(path)
+        if isinstance(text, Rejected):
+            yield str(path), text
+            return
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            yield str(path), Rejected("malformed_record", f"{path}:{err.lineno}")
+            return
+        if isinstance(data, dict):  # {"data": [...]}: the one list of records inside
+            lists = [value for value in data.values() if isinstance(value, list)]
+            if len(lists) != 1:
+                raise DaptError(f"corpus '{self.corpus.name}': {path} is a JSON object without exactly one list of "
+                                "records; give an array of records")
+            data = lists[0]
+        if not isinstance(data, list):
+            raise DaptError(f"corpus '{self.corpus.name}': {path} holds neither an array of records nor an object with one")
+        for number, record in enumerate(data):
+            yield self._record(f"{path}:record {number}", record)
+
+    def _delimited(self, path: Path, fmt: str) -> Iterator[tuple[str, object]]:
+        bad_lines: set[int] = set()
+
+        def lines() -> Iterator[str]:
+            for number, line in self._decoded_lines(path):
+                if isinstance(line, Rejected):
+                    bad_lines.add(number)
+                    yield line.text
+                else:
+                    yield line
+
         csv.field_size_limit(sys.maxsize)
-        with open(path, encoding=self.corpus.encoding, newline="") as handle:
-            reader = csv.DictReader(handle)
-            for record in reader:
-                yield f"{path}:{reader.line_num}", self._text_of(record)
+        reader = csv.reader(lines(), delimiter="\t" if fmt == "tsv" else ",")
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            raise DaptError(f"corpus '{self.corpus.name}': {path} has no readable header row") from None
+        previous = reader.line_num
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error:
+                yield f"{path}:{reader.line_num}", Rejected("malformed_record", f"{path}:{reader.line_num}")
+                previous = reader.line_num
+                continue
+            where = f"{path}:{previous + 1}"
+            spanned = range(previous + 1, reader.line_num + 1)
+            previous = reader.line_num
+            if not row:
+                continue
+            if any(number in bad_lines for number in spanned):
+                yield where, Rejected("invalid_encoding", where)
+            elif len(row) != len(header):
+                yield where, Rejected("malformed_record", where)
+            else:
+                yield self._record(where, dict(zip(header, row)))
 
-    def _parquet(self, path: Path) -> Iterator[tuple[str, object]]:
+    def _xlsx(self, path: Path, _fmt: str) -> Iterator[tuple[str, object]]:
+        from openpyxl import load_workbook
+
+        workbook = load_workbook(path, read_only=True, data_only=True)
+        try:
+            for sheet in workbook.worksheets:
+                rows = sheet.iter_rows(values_only=True)
+                header = [str(cell) if cell is not None else "" for cell in next(rows, ())]
+                for number, row in enumerate(rows, 2):
+                    if all(cell is None for cell in row):
+                        continue
+                    yield self._record(f"{path}:{sheet.title}!{number}", dict(zip(header, row)))
+        finally:
+            workbook.close()
+
+    def _parquet(self, path: Path, _fmt: str) -> Iterator[tuple[str, object]]:
         import pyarrow.parquet as pq
 
         row = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
             for record in batch.to_pylist():
                 row += 1
-                yield f"{path}:row {row}", self._text_of(record)
+                yield self._record(f"{path}:row {row}", record)
+
+    def _hf_dataset(self) -> Iterator[tuple[str, object]]:
+        import datasets
+
+        config = self.corpus.hf_dataset
+        if Path(config.path).is_dir():
+            dataset = datasets.load_from_disk(config.path)
+            if isinstance(dataset, datasets.DatasetDict):
+                if config.split not in dataset:
+                    raise DaptError(f"corpus '{self.corpus.name}': {config.path} has no split {config.split!r}; "
+                                    f"it has {', '.join(dataset)}")
+                dataset = dataset[config.split]
+        else:
+            try:
+                dataset = datasets.load_dataset(config.path, config.name, split=config.split, streaming=True)
+            except Exception as err:  # the hub raises many kinds: offline, missing, gated
+                raise DaptError(
+                    f"corpus '{self.corpus.name}': cannot open Hugging Face dataset {config.path!r} "
+                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}); without a "
+                    "network, `save_to_disk` it elsewhere and give that folder as `hf_dataset.path`"
+                ) from None
+        for row, record in enumerate(dataset):
+            yield self._record(f"{config.path}:row {row}", record)
+

@@ -182,7 +182,14 @@ def _resolve_paths(experiment: Experiment, base: Path) -> Experiment:
     def absolute(value: str) -> str:
         return str(base / Path(value).expanduser())
 
-    corpora = [c.model_copy(update={"paths": [absolute(p) for p in c.paths]}) for c in experiment.corpora]
+    def resolve_corpus(corpus: CorpusConfig) -> CorpusConfig:
+        update: dict = {"paths": [absolute(p) for p in corpus.paths]}
+        dataset = corpus.hf_dataset
+        if dataset is not None and (base / dataset.path).is_dir():  # a save_to_disk folder; else a hub name
+            update["hf_dataset"] = dataset.model_copy(update={"path": absolute(dataset.path)})
+        return corpus.model_copy(update=update)
+
+    corpora = [resolve_corpus(c) for c in experiment.corpora]
     tokenizer, model = experiment.tokenizer, experiment.model
     if tokenizer.path is not None:
         tokenizer = tokenizer.model_copy(update={"path": absolute(tokenizer.path)})

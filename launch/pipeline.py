@@ -59,8 +59,8 @@ def build_stores(experiment: Experiment) -> list[dict]:
         acc, splits = m["accounting"], m["splits"]
         print(f"{m['corpus']:<14}{acc['files']:>6}{acc['read']:>8,}{acc['kept']:>8,}{sum(acc['rejected'].values()):>10,}"
               f"{splits['train']['tokens']:>12,}{splits['heldout']['tokens']:>14,}  {'built' if m['rebuilt'] else 'up to date'}")
-        for example in acc["examples"]:
-            print(f"    rejected: {example}")
+        for reason, places in acc["examples"].items():
+            print(f"    {reason}: {acc['rejected'][reason]:,}, first at {'; '.join(places)}")
     return manifests
 
 
