@@ -13,7 +13,8 @@ from pathlib import Path
 from data_mix.blend import build_schedule, target_shares
 from data_mix.plan import format_plan, plan, plot_plan
 from data_mix.sources import CorpusReader
-from data_mix.store import build_store, open_stores, tokenizer_hash
+from data_mix.build import build_store
+from data_mix.store import open_stores, tokenizer_hash
 from launch.base import DaptError
 from launch.experiment import Experiment
 from tokenizer.train import draw_sample, train_sentencepiece

@@ -6,7 +6,8 @@ from transformers import AutoTokenizer
 
 from data_mix.split import content_hash, heldout_threshold
 from data_mix.config import HeldoutConfig
-from data_mix.store import TokenStore, build_store, open_stores, tokenizer_hash
+from data_mix.build import build_store
+from data_mix.store import TokenStore, open_stores, tokenizer_hash
 from launch.base import DaptError
 
 HOSTILE = [
