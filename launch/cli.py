@@ -26,6 +26,18 @@ def cmd_tokenizer_train(args) -> None:
     train_tokenizer(_experiment(args))
 
 
+def cmd_data_prepare(args) -> None:
+    from launch.pipeline import prepare_data
+
+    prepare_data(_experiment(args), as_json=args.json)
+
+
+def cmd_data_inspect(args) -> None:
+    from launch.pipeline import inspect_stores
+
+    inspect_stores(_experiment(args), args.sample)
+
+
 def cmd_data_build(args) -> None:
     from launch.pipeline import build_stores
 
@@ -128,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer = commands.add_parser("tokenizer", help="tokenizer stages").add_subparsers(dest="sub", required=True, metavar="STAGE")
     command(tokenizer, "train", cmd_tokenizer_train, "train the experiment's tokenizer")
     data = commands.add_parser("data", help="corpus stages").add_subparsers(dest="sub", required=True, metavar="STAGE")
+    prepare = command(data, "prepare", cmd_data_prepare, "read and validate the corpora: documents read, kept, rejected by reason")
+    prepare.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     command(data, "build", cmd_data_build, "read, validate and tokenise the corpora into token stores")
+    inspect = command(data, "inspect", cmd_data_inspect, "statistics of the built stores, and decoded samples")
+    inspect.add_argument("--sample", type=int, default=0, metavar="N", help="print N decoded documents per corpus")
     mix = commands.add_parser("mix", help="mix stages").add_subparsers(dest="sub", required=True, metavar="STAGE")
     command(mix, "plan", cmd_mix_plan, "print samples, tokens and epochs per corpus for the run")
 
@@ -156,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dapt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     return 0
 
 

@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 
 from data_mix.blend import build_schedule, target_shares
-from data_mix.plan import format_plan, plan, plot_plan
-from data_mix.sources import CorpusReader
 from data_mix.build import build_store
+from data_mix.plan import format_plan, plan, plot_plan
+from data_mix.report import format_accounting, format_statistics, prepare, sample_documents, store_statistics
+from data_mix.sources import CorpusReader
 from data_mix.store import open_stores, tokenizer_hash
 from launch.base import DaptError
 from launch.experiment import Experiment
@@ -51,18 +52,43 @@ def train_tokenizer(experiment: Experiment) -> Path:
     return out_dir
 
 
+def prepare_data(experiment: Experiment, as_json: bool = False) -> list[dict]:
+    """Read and validate every corpus; a table (or JSON) and `data_report.json` in the workdir."""
+    reports = [r.to_json() for r in prepare(experiment.corpora)]
+    path = experiment.workpath / "data_report.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(reports, indent=1))
+    print(json.dumps(reports, indent=1) if as_json else f"{format_accounting(reports)}\nreport: {path}")
+    return reports
+
+
 def build_stores(experiment: Experiment) -> list[dict]:
-    """One token store per corpus; prints the read/kept/rejected accounting."""
+    """One token store per corpus; prints the read/kept/rejected accounting and the split."""
     experiment.stores_dir.mkdir(parents=True, exist_ok=True)
-    manifests = [build_store(c, experiment.heldout, experiment.tokenizer_dir, experiment.stores_dir) for c in experiment.corpora]
-    print(f"{'corpus':<14}{'files':>6}{'read':>8}{'kept':>8}{'rejected':>10}{'train tok':>12}{'held-out tok':>14}  store")
-    for m in manifests:
-        acc, splits = m["accounting"], m["splits"]
-        print(f"{m['corpus']:<14}{acc['files']:>6}{acc['read']:>8,}{acc['kept']:>8,}{sum(acc['rejected'].values()):>10,}"
-              f"{splits['train']['tokens']:>12,}{splits['heldout']['tokens']:>14,}  {'built' if m['rebuilt'] else 'up to date'}")
-        for reason, places in acc["examples"].items():
-            print(f"    {reason}: {acc['rejected'][reason]:,}, first at {'; '.join(places)}")
+    manifests = []
+    for corpus in experiment.corpora:
+        manifest = build_store(corpus, experiment.heldout, experiment.tokenizer_dir, experiment.stores_dir)
+        splits = manifest["splits"]
+        print(f"store {corpus.name}: {'built' if manifest['rebuilt'] else 'up to date'}, {splits['train']['tokens']:,} "
+              f"training tokens, {splits['heldout']['documents']:,} held-out documents", flush=True)
+        manifests.append(manifest)
+    print(format_accounting([m["accounting"] for m in manifests]))
     return manifests
+
+
+def inspect_stores(experiment: Experiment, samples: int) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    open_stores(experiment.stores_dir, experiment.corpora, "train", tokenizer_hash(experiment.tokenizer_dir))
+    rows = [store_statistics(experiment.stores_dir / c.name) for c in experiment.corpora]
+    print(format_statistics(rows))
+    if samples:
+        tokenizer = AutoTokenizer.from_pretrained(experiment.tokenizer_dir)
+        for corpus in experiment.corpora:
+            for number, text in enumerate(sample_documents(experiment.stores_dir / corpus.name, tokenizer, samples,
+                                                            experiment.seed), 1):
+                print(f"\n--- {corpus.name}, sample {number} ---\n{text}")
+    return rows
 
 
 def mix_plan(experiment: Experiment) -> str:

@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from data_mix.split import content_hash, heldout_threshold
-from data_mix.config import HeldoutConfig
+from data_mix.config import CorpusConfig, HeldoutConfig
 from data_mix.build import build_store
 from data_mix.store import TokenStore, open_stores, tokenizer_hash
 from launch.base import DaptError
@@ -83,3 +83,57 @@ def test_heldout_split_does_not_depend_on_order():
     after = heldout(docs + [f"new file {i}" for i in range(100)], uncapped)
     assert 20 < len(before) < 80
     assert after & set(docs) == before, "adding files moves no old document across the split"
+
+
+def test_heldout_takes_the_lowest_hashes_up_to_the_cap(built_experiment):
+    manifest = json.loads((built_experiment.stores_dir / "filings" / "manifest.json").read_text())
+    kept = manifest["accounting"]["kept"]
+    heldout_docs = manifest["splits"]["heldout"]["documents"]
+    config = built_experiment.heldout
+    assert 0 < heldout_docs <= config.max_documents
+    assert abs(heldout_docs - kept * config.fraction) < 4 * (kept * config.fraction) ** 0.5 + 1
+
+
+def test_killed_build_never_leaves_a_complete_looking_store(tmp_path, built_experiment):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    big = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "Net revenue rose 4.5% to $1,234.5 million in the quarter. " * 40})
+    big.write_text("\n".join(line[:-2] + f' {i}"}}' for i in range(12000)))
+    script = f"""
+from pathlib import Path
+from data_mix.build import build_store
+from data_mix.config import CorpusConfig, HeldoutConfig
+build_store(CorpusConfig(name="big", paths=[{str(big)!r}]), HeldoutConfig(), Path({str(built_experiment.tokenizer_dir)!r}), Path({str(tmp_path / 'stores')!r}))
+"""
+    process = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while not list((tmp_path / "stores").glob(".big.building-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "stores" / "big").exists(), "a killed build leaves no store under the final name"
+    assert list((tmp_path / "stores").glob(".big.building-*")), "only the temporary folder remains"
+    manifest = build_store(CorpusConfig(name="big", paths=[str(big)]), HeldoutConfig(), built_experiment.tokenizer_dir,
+                           tmp_path / "stores")
+    assert manifest["rebuilt"] and manifest["accounting"]["kept"] == 12000
+    assert not list((tmp_path / "stores").glob(".big.building-*")), "the rerun clears what the killed build left"
+
+
+def test_prepare_and_inspect_commands(built_experiment, small_corpora):
+    import subprocess
+    import sys
+
+    config = str(small_corpora / "experiment.yaml")
+    prepared = subprocess.run([sys.executable, "-m", "launch.cli", "data", "prepare", config, "--json"],
+                              capture_output=True, text=True, check=True)
+    reports = json.loads(prepared.stdout)
+    assert [r["corpus"] for r in reports] == built_experiment.corpus_names()
+    assert all(r["invariant_holds"] and r["read"] == r["kept"] + sum(r["rejected"].values()) for r in reports)
+    inspected = subprocess.run([sys.executable, "-m", "launch.cli", "data", "inspect", config, "--sample", "1"],
+                               capture_output=True, text=True, check=True).stdout
+    assert "bytes/tok" in inspected and "--- news, sample 1 ---" in inspected
