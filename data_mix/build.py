@@ -1,9 +1,10 @@
 """`dapt data build`: tokenise a corpus into its token store, in one streaming pass.
 
-A reader thread parses and validates documents (sources.py) while the main thread
-tokenises batches with the fast tokenizer's Rust thread pool on every core (the GIL
-is released while it encodes) and appends ids + EOS to the store's files, so memory
-is bounded by a few batches whatever the corpus size. Documents whose content hash
+Three stages run at once, joined by small queues: a reader thread parses and
+validates documents (sources.py), an encoder thread tokenises batches with the fast
+tokenizer's Rust thread pool on every core (without the GIL), and the main thread
+appends ids + EOS to the store's files. Memory is bounded by a few batches whatever
+the corpus size. Documents whose content hash
 falls below `heldout.fraction` go to a small candidates file; at the end the
 `max_documents` lowest hashes become the held-out split and the rest join training,
 so the split needs no second pass. The store is written under a temporary name and
@@ -27,12 +28,15 @@ from tqdm import tqdm
 
 from data_mix.config import CorpusConfig, HeldoutConfig
 from data_mix.sources import CorpusReader, resolve_files
-from data_mix.split import content_hash
+from data_mix.split import split_position
 from data_mix.store import MANIFEST, file_checksum, token_dtype, tokenizer_hash
 from launch.base import DaptError
 
 STORE_VERSION = 2
-ENCODE_BATCH = 1024
+# A batch is sent to the tokenizer at this many documents or bytes, whichever comes first;
+# at most QUEUED_BATCHES wait, so memory stays at a few batches whatever the corpus size.
+BATCH_DOCUMENTS = 1024
+BATCH_BYTES = 2 << 20
 QUEUED_BATCHES = 4
 
 
@@ -47,11 +51,14 @@ class _SplitWriter:
         self.count = 0
 
     def add_batch(self, ids: list[list[int]], num_bytes: list[int], hashes: list[float], eos: int) -> None:
-        lengths = [len(d) + 1 for d in ids]
-        flat = np.fromiter(itertools.chain.from_iterable(d + [eos] for d in ids), dtype=self.dtype, count=sum(lengths))
+        if not ids:
+            return
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))
+        flat = np.insert(flat, np.cumsum(lengths), eos)  # EOS after every document
         self.handle.write(flat.tobytes())
-        self.ends.extend((self.count + np.cumsum(lengths)).tolist())
-        self.count += sum(lengths)
+        self.ends.extend((self.count + np.cumsum(lengths + 1)).tolist())
+        self.count += len(flat)
         self.bytes.extend(num_bytes)
         self.hashes.extend(hashes)
 
@@ -79,15 +86,34 @@ def source_fingerprint(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_d
             "tokenizer_hash": tokenizer, "sources": sources}
 
 
+def load_encoder(tokenizer_dir: Path):
+    """The Rust tokenizer behind the Hugging Face folder, and its EOS id.
+
+    `tokenizers` alone, not transformers: the same encoding, without seconds of imports.
+    """
+    from tokenizers import Tokenizer
+
+    encoder = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    config = json.loads((Path(tokenizer_dir) / "tokenizer_config.json").read_text())
+    eos = config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    eos_id = encoder.token_to_id(eos) if eos else None
+    if eos_id is None:
+        raise DaptError(f"tokenizer {tokenizer_dir} has no end-of-sequence token; documents need one between them")
+    return encoder, eos_id
+
+
 def _read_batches(reader: CorpusReader, out: queue.Queue) -> None:
     """Reader thread: batches of documents, then None; an exception is passed on to be raised."""
     try:
-        batch: list[str] = []
-        for document in reader.documents():
+        batch: list[tuple[str, bytes, int]] = []
+        size = 0
+        for document in reader.documents_with_digests():
             batch.append(document)
-            if len(batch) == ENCODE_BATCH:
+            size += document[2]
+            if len(batch) == BATCH_DOCUMENTS or size >= BATCH_BYTES:
                 out.put(batch)
-                batch = []
+                batch, size = [], 0
         if batch:
             out.put(batch)
         out.put(None)
@@ -95,10 +121,23 @@ def _read_batches(reader: CorpusReader, out: queue.Queue) -> None:
         out.put(err)
 
 
+def _encode_batches(encoder, batches: queue.Queue, out: queue.Queue) -> None:
+    """Encoder thread: the Rust tokenizer runs without the GIL, so it overlaps the main
+    thread's Python work of turning the previous batch's ids into the store's bytes."""
+    while (batch := batches.get()) is not None:
+        if isinstance(batch, BaseException):
+            out.put(batch)
+            return
+        try:
+            out.put((batch, encoder.encode_batch_fast([text for text, _, _ in batch], add_special_tokens=False)))
+        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+            out.put(err)
+            return
+    out.put(None)
+
+
 def build_store(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Path, stores_dir: Path) -> dict:
     """Build (or keep, when up to date) one corpus's store; returns its manifest."""
-    from transformers import AutoTokenizer
-
     final = stores_dir / corpus.name
     fingerprint = source_fingerprint(corpus, heldout, tokenizer_dir)
     if (final / MANIFEST).exists():
@@ -106,31 +145,33 @@ def build_store(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Pat
         if manifest.get("fingerprint") == fingerprint:
             return manifest | {"rebuilt": False}
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    encoder, eos = tokenizer.backend_tokenizer, tokenizer.eos_token_id
+    encoder, eos = load_encoder(tokenizer_dir)
     for leftover in stores_dir.glob(f".{corpus.name}.building-*"):  # from a build that was killed
         shutil.rmtree(leftover, ignore_errors=True)
     temporary = stores_dir / f".{corpus.name}.building-{os.getpid()}"
     temporary.mkdir(parents=True)
-    dtype = token_dtype(len(tokenizer))
+    vocab_size = encoder.get_vocab_size(with_added_tokens=True)
+    dtype = token_dtype(vocab_size)
     train, candidates = _SplitWriter(temporary, "train", dtype), _SplitWriter(temporary, "candidates", dtype)
 
     reader = CorpusReader(corpus)
     batches: queue.Queue = queue.Queue(maxsize=QUEUED_BATCHES)
+    encoded_batches: queue.Queue = queue.Queue(maxsize=QUEUED_BATCHES)
     threading.Thread(target=_read_batches, args=(reader, batches), daemon=True).start()
+    threading.Thread(target=_encode_batches, args=(encoder, batches, encoded_batches), daemon=True).start()
     progress = tqdm(desc=f"tokenising {corpus.name}", unit="doc", leave=False, disable=None)
-    while (batch := batches.get()) is not None:
-        if isinstance(batch, BaseException):
+    while (item := encoded_batches.get()) is not None:
+        if isinstance(item, BaseException):
             shutil.rmtree(temporary, ignore_errors=True)
-            raise batch
-        encoded = encoder.encode_batch_fast(batch, add_special_tokens=False)
-        hashes = [content_hash(text) for text in batch]
+            raise item
+        batch, encoded = item
         sides: dict[bool, tuple[list, list, list]] = {True: ([], [], []), False: ([], [], [])}
-        for text, encoding, doc_hash in zip(batch, encoded, hashes):
-            ids, sizes, kept_hashes = sides[doc_hash < heldout.fraction]
+        for (_, digest, num_bytes), encoding in zip(batch, encoded):
+            position = split_position(digest)
+            ids, sizes, positions = sides[position < heldout.fraction]
             ids.append(encoding.ids)
-            sizes.append(len(text.encode("utf-8")))
-            kept_hashes.append(doc_hash)
+            sizes.append(num_bytes)
+            positions.append(position)
         train.add_batch(*sides[False], eos=eos)
         candidates.add_batch(*sides[True], eos=eos)
         progress.update(len(batch))
@@ -138,7 +179,7 @@ def build_store(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Pat
 
     splits = _split_heldout(train, candidates, heldout, temporary, dtype)
     manifest = {
-        "corpus": corpus.name, "group": corpus.group, "dtype": dtype.name, "vocab_size": len(tokenizer),
+        "corpus": corpus.name, "group": corpus.group, "dtype": dtype.name, "vocab_size": vocab_size,
         "eos_token_id": eos, "tokenizer_hash": fingerprint["tokenizer_hash"], "splits": splits,
         "accounting": reader.report.to_json(), "fingerprint": fingerprint,
     }

@@ -19,7 +19,6 @@ import codecs
 import csv
 import glob
 import gzip
-import hashlib
 import json
 import sys
 from collections import Counter
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from data_mix.config import CorpusConfig
+from data_mix.split import content_digest
 from launch.base import DaptError
 
 EXTENSION_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".xlsx": "xlsx",
@@ -139,17 +139,22 @@ class CorpusReader:
         self.report = SourceReport(corpus.name)
 
     def documents(self) -> Iterator[str]:
+        for text, _, _ in self.documents_with_digests():
+            yield text
+
+    def documents_with_digests(self) -> Iterator[tuple[str, bytes, int]]:
+        """(text, content digest, UTF-8 bytes) per kept document: what the store build needs, computed once."""
         self.report = SourceReport(self.corpus.name)
         seen: set[bytes] = set()
         for source, records in self._sources():
             counts = self.report.per_file.setdefault(source, Counts())
             for where, value in records:
-                text = self._keep(value, where, seen, counts)
-                if text is not None:
+                kept = self._keep(value, where, seen, counts)
+                if kept is not None:
                     for tally in (counts, self.report.total):
                         tally.kept += 1
-                        tally.kept_chars += len(text)
-                    yield text
+                        tally.kept_chars += len(value)
+                    yield value, *kept
         if self.report.kept == 0:
             common = self.report.rejected.most_common(1)
             hint = HINTS.get(common[0][0], "check `paths`") if common else "check `paths`"
@@ -168,7 +173,8 @@ class CorpusReader:
         if len(shown) < EXAMPLES_PER_REASON:
             shown.append(where)
 
-    def _keep(self, value: object, where: str, seen: set[bytes], counts: Counts) -> str | None:
+    def _keep(self, value: object, where: str, seen: set[bytes], counts: Counts) -> tuple[bytes, int] | None:
+        """(digest, UTF-8 bytes) of a document that is kept; None (and counted) otherwise."""
         counts.read += 1
         self.report.total.read += 1
         reason = None
@@ -185,12 +191,13 @@ class CorpusReader:
         elif self.corpus.max_chars is not None and len(value) > self.corpus.max_chars:
             reason = "longer_than_max_chars"
         else:
-            digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            data = value.encode("utf-8", "surrogatepass")
+            digest = content_digest(data)
             if digest in seen:
                 reason = "duplicate"
             else:
                 seen.add(digest)
-                return value
+                return digest, len(data)
         self._reject(reason, value.where if isinstance(value, Rejected) else where, counts)
         return None
 

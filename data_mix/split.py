@@ -14,10 +14,18 @@ import numpy as np
 from data_mix.config import HeldoutConfig
 
 
+def content_digest(data: bytes) -> bytes:
+    """16 bytes fixed by a document's UTF-8 text: its identity for deduplication and the split."""
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def split_position(digest: bytes) -> float:
+    """A uniform number in [0, 1) from a content digest; below `heldout.fraction` means held out."""
+    return int.from_bytes(digest[:8], "little") / 2**64
+
+
 def content_hash(text: str) -> float:
-    """A uniform number in [0, 1) fixed by the document's text."""
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, person=b"dapt-heldout").digest()
-    return int.from_bytes(digest, "little") / 2**64
+    return split_position(content_digest(text.encode("utf-8", "surrogatepass")))
 
 
 def heldout_threshold(hashes: np.ndarray, heldout: HeldoutConfig) -> float:
