@@ -1,10 +1,12 @@
 """`dapt data build`: tokenise a corpus into its token store, in one streaming pass.
 
-Three stages run at once, joined by small queues: a reader thread parses and
-validates documents (sources.py), an encoder thread tokenises batches with the fast
-tokenizer's Rust thread pool on every core (without the GIL), and the main thread
-appends ids + EOS to the store's files. Memory is bounded by a few batches whatever
-the corpus size. Documents whose content hash
+The main process reads and validates documents (sources.py) and sends batches to
+one worker process per core, each running the fast tokenizer on one thread and
+returning the batch as a flat array of ids with EOS after every document; the main
+process appends the arrays to the store's files in order. Processes rather than the
+tokenizer's own thread pool, because turning ids into arrays is Python work that
+would otherwise serialise on one core. At most two batches per worker are in
+flight, so memory is bounded whatever the corpus size. Documents whose content hash
 falls below `heldout.fraction` go to a small candidates file; at the end the
 `max_documents` lowest hashes become the held-out split and the rest join training,
 so the split needs no second pass. The store is written under a temporary name and
@@ -16,11 +18,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
 import os
-import queue
 import shutil
-import threading
 from array import array
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +36,10 @@ from data_mix.store import MANIFEST, file_checksum, token_dtype, tokenizer_hash
 from launch.base import DaptError
 
 STORE_VERSION = 2
-# A batch is sent to the tokenizer at this many documents or bytes, whichever comes first;
-# at most QUEUED_BATCHES wait, so memory stays at a few batches whatever the corpus size.
-BATCH_DOCUMENTS = 1024
-BATCH_BYTES = 2 << 20
-QUEUED_BATCHES = 4
+# A batch goes to a worker at this many documents or bytes, whichever comes first.
+BATCH_DOCUMENTS = 512
+BATCH_BYTES = 1 << 20
+IN_FLIGHT_PER_WORKER = 2
 
 
 class _SplitWriter:
@@ -50,17 +52,13 @@ class _SplitWriter:
         self.hashes = array("d")
         self.count = 0
 
-    def add_batch(self, ids: list[list[int]], num_bytes: list[int], hashes: list[float], eos: int) -> None:
-        if not ids:
-            return
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))
-        flat = np.insert(flat, np.cumsum(lengths), eos)  # EOS after every document
-        self.handle.write(flat.tobytes())
-        self.ends.extend((self.count + np.cumsum(lengths + 1)).tolist())
+    def add_arrays(self, flat: np.ndarray, lengths: np.ndarray, num_bytes: np.ndarray, positions: np.ndarray) -> None:
+        """Documents given as one array of ids (EOS included) and each one's length in tokens."""
+        self.handle.write(flat.astype(self.dtype, copy=False).tobytes())
+        self.ends.extend((self.count + np.cumsum(lengths)).tolist())
         self.count += len(flat)
-        self.bytes.extend(num_bytes)
-        self.hashes.extend(hashes)
+        self.bytes.extend(num_bytes.tolist())
+        self.hashes.extend(positions.tolist())
 
     def add_slice(self, tokens: np.ndarray, num_bytes: int) -> None:
         self.handle.write(tokens.tobytes())
@@ -103,37 +101,37 @@ def load_encoder(tokenizer_dir: Path):
     return encoder, eos_id
 
 
-def _read_batches(reader: CorpusReader, out: queue.Queue) -> None:
-    """Reader thread: batches of documents, then None; an exception is passed on to be raised."""
-    try:
-        batch: list[tuple[str, bytes, int]] = []
-        size = 0
-        for document in reader.documents_with_digests():
-            batch.append(document)
-            size += document[2]
-            if len(batch) == BATCH_DOCUMENTS or size >= BATCH_BYTES:
-                out.put(batch)
-                batch, size = [], 0
-        if batch:
-            out.put(batch)
-        out.put(None)
-    except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
-        out.put(err)
+_worker: tuple | None = None
 
 
-def _encode_batches(encoder, batches: queue.Queue, out: queue.Queue) -> None:
-    """Encoder thread: the Rust tokenizer runs without the GIL, so it overlaps the main
-    thread's Python work of turning the previous batch's ids into the store's bytes."""
-    while (batch := batches.get()) is not None:
-        if isinstance(batch, BaseException):
-            out.put(batch)
-            return
-        try:
-            out.put((batch, encoder.encode_batch_fast([text for text, _, _ in batch], add_special_tokens=False)))
-        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
-            out.put(err)
-            return
-    out.put(None)
+def _start_worker(tokenizer_dir: str, dtype: str) -> None:
+    # One tokenizer thread per process: the processes are the parallelism.
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    global _worker
+    _worker = (*load_encoder(Path(tokenizer_dir)), np.dtype(dtype))
+
+
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Worker: (ids of every document with EOS after each, each document's length with its EOS)."""
+    encoder, eos, dtype = _worker
+    ids = [encoding.ids for encoding in encoder.encode_batch_fast(texts, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    return np.insert(flat, np.cumsum(lengths), eos), lengths + 1
+
+
+def _batches(reader: CorpusReader):
+    """(texts, split positions, UTF-8 bytes) of consecutive documents, bounded in count and size."""
+    texts, positions, sizes = [], [], []
+    for text, digest, num_bytes in reader.documents_with_digests():
+        texts.append(text)
+        positions.append(split_position(digest))
+        sizes.append(num_bytes)
+        if len(texts) == BATCH_DOCUMENTS or sum(sizes) >= BATCH_BYTES:
+            yield texts, np.array(positions), np.array(sizes, dtype=np.int64)
+            texts, positions, sizes = [], [], []
+    if texts:
+        yield texts, np.array(positions), np.array(sizes, dtype=np.int64)
 
 
 def build_store(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Path, stores_dir: Path) -> dict:
@@ -145,7 +143,7 @@ def build_store(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Pat
         if manifest.get("fingerprint") == fingerprint:
             return manifest | {"rebuilt": False}
 
-    encoder, eos = load_encoder(tokenizer_dir)
+    encoder, eos = load_encoder(tokenizer_dir)  # here for the vocabulary and EOS; workers load their own
     for leftover in stores_dir.glob(f".{corpus.name}.building-*"):  # from a build that was killed
         shutil.rmtree(leftover, ignore_errors=True)
     temporary = stores_dir / f".{corpus.name}.building-{os.getpid()}"
@@ -155,27 +153,33 @@ def build_store(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Pat
     train, candidates = _SplitWriter(temporary, "train", dtype), _SplitWriter(temporary, "candidates", dtype)
 
     reader = CorpusReader(corpus)
-    batches: queue.Queue = queue.Queue(maxsize=QUEUED_BATCHES)
-    encoded_batches: queue.Queue = queue.Queue(maxsize=QUEUED_BATCHES)
-    threading.Thread(target=_read_batches, args=(reader, batches), daemon=True).start()
-    threading.Thread(target=_encode_batches, args=(encoder, batches, encoded_batches), daemon=True).start()
+    workers = len(os.sched_getaffinity(0))
     progress = tqdm(desc=f"tokenising {corpus.name}", unit="doc", leave=False, disable=None)
-    while (item := encoded_batches.get()) is not None:
-        if isinstance(item, BaseException):
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise item
-        batch, encoded = item
-        sides: dict[bool, tuple[list, list, list]] = {True: ([], [], []), False: ([], [], [])}
-        for (_, digest, num_bytes), encoding in zip(batch, encoded):
-            position = split_position(digest)
-            ids, sizes, positions = sides[position < heldout.fraction]
-            ids.append(encoding.ids)
-            sizes.append(num_bytes)
-            positions.append(position)
-        train.add_batch(*sides[False], eos=eos)
-        candidates.add_batch(*sides[True], eos=eos)
-        progress.update(len(batch))
-    progress.close()
+
+    def write(positions: np.ndarray, sizes: np.ndarray, encoded) -> None:
+        flat, lengths = encoded.result()
+        held = positions < heldout.fraction
+        tokens_held = np.repeat(held, lengths)
+        train.add_arrays(flat[~tokens_held], lengths[~held], sizes[~held], positions[~held])
+        candidates.add_arrays(flat[tokens_held], lengths[held], sizes[held], positions[held])
+        progress.update(len(lengths))
+
+    try:
+        # spawn, not fork: forking a process that may hold threads (tokenizers, torch) is unsafe.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                                 initargs=(str(tokenizer_dir), dtype.str)) as pool:
+            in_flight: deque = deque()
+            for texts, positions, sizes in _batches(reader):
+                in_flight.append((positions, sizes, pool.submit(_encode, texts)))
+                if len(in_flight) >= IN_FLIGHT_PER_WORKER * workers:
+                    write(*in_flight.popleft())
+            while in_flight:
+                write(*in_flight.popleft())
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    finally:
+        progress.close()
 
     splits = _split_heldout(train, candidates, heldout, temporary, dtype)
     manifest = {
