@@ -126,8 +126,12 @@ def test_hugging_face_dataset_saved_to_disk(tmp_path):
 
 
 def test_hub_dataset_without_network_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    import huggingface_hub
+
+    # Offline mode is read when these libraries are imported, so set it where they keep it.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DaptError, match=r"cannot open Hugging Face dataset 'someone/not-here'.*save_to_disk"):
         read(hf_dataset={"path": "someone/not-here"})
 
