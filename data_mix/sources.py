@@ -15,7 +15,6 @@ failing the file. Everything streams except json, which is parsed whole.
 
 from __future__ import annotations
 
-import codecs
 import csv
 import glob
 import gzip
