@@ -55,13 +55,13 @@ def cmd_train(args) -> None:
     from pretrain.train import run_training
 
     experiment, text = load_experiment(args.config)
-    run_training(experiment, text)
+    run_training(experiment, text, resume=not args.no_resume)
 
 
 def cmd_launch_local(args) -> None:
     from launch.local import default_nproc, run_local
 
-    run_local(Path(args.config), args.nproc or default_nproc(_experiment(args)))
+    run_local(Path(args.config), args.nproc or default_nproc(_experiment(args)), resume=not args.no_resume)
 
 
 def cmd_export(args) -> None:
@@ -81,7 +81,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_run(args) -> None:
-    run_flow(Path(args.config), args.nproc)
+    run_flow(Path(args.config), args.nproc, resume=not args.no_resume)
 
 
 def cmd_demo(args) -> None:
@@ -89,17 +89,17 @@ def cmd_demo(args) -> None:
 
     config = prepare_demo(Path(args.workdir))
     print(f"running: dapt run {config}", flush=True)
-    run_flow(config, args.nproc)
+    run_flow(config, args.nproc, resume=not args.no_resume)
 
 
-def run_flow(config: Path, nproc: int | None) -> None:
+def run_flow(config: Path, nproc: int | None, resume: bool = True) -> None:
     import json
 
     from launch.local import default_nproc, run_local
     from launch.pipeline import build_stores, mix_plan, sample_generation, summary_table, train_tokenizer
-    from pretrain.export import export_checkpoint
-
     from launch.experiment import load_experiment
+    from pretrain.checkpoint import latest_tag, tag_for
+    from pretrain.export import export_checkpoint
 
     experiment, _ = load_experiment(config)
     print(f"== {experiment.name}: everything goes to {experiment.workdir}")
@@ -110,7 +110,9 @@ def run_flow(config: Path, nproc: int | None) -> None:
     print("== 3/5 mix", flush=True)
     mix_plan(experiment)
     print("== 4/5 training", flush=True)
-    run_local(config, nproc or default_nproc(experiment))
+    run_local(config, nproc or default_nproc(experiment), resume)
+    if not experiment.results_file.exists() or latest_tag(experiment.checkpoints_dir) != tag_for(experiment.train.steps):
+        raise DaptError("training stopped before its last step (by a signal); rerun the same command to resume it")
     print("== 5/5 export", flush=True)
     export_checkpoint(experiment.checkpoints_dir, experiment.export_dir)
     prompt = "Total revenue was"
@@ -148,10 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     mix = commands.add_parser("mix", help="mix stages").add_subparsers(dest="sub", required=True, metavar="STAGE")
     command(mix, "plan", cmd_mix_plan, "print samples, tokens and epochs per corpus for the run")
 
-    command(commands, "train", cmd_train, "train on this rank (what launchers start on every process)")
+    train = command(commands, "train", cmd_train, "train on this rank (what launchers start on every process)")
     launch = commands.add_parser("launch", help="start training processes").add_subparsers(dest="sub", required=True, metavar="HOW")
     local = command(launch, "local", cmd_launch_local, "torchrun on this machine")
     local.add_argument("--nproc", type=int, help="processes (default: launch.nproc_per_node, GPUs, or 2)")
+    for starts_training in (demo, run, train, local):
+        starts_training.add_argument("--no-resume", action="store_true",
+                                     help="start training afresh even when the workdir holds a checkpoint")
 
     evaluate = command(commands, "eval", cmd_eval, "held-out bits-per-byte per corpus of a Hugging Face model directory")
     evaluate.add_argument("--model", help="model directory (default: the experiment's export)")

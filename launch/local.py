@@ -18,10 +18,16 @@ def default_nproc(experiment: Experiment) -> int:
     return experiment.launch.nproc_per_node or torch.cuda.device_count() or 2
 
 
-def torchrun_command(config_path: Path, nproc: int) -> list[str]:
+# torchrun passes only SIGTERM/SIGINT/SIGHUP/SIGQUIT to the workers unless told otherwise;
+# SIGUSR1 is what Slurm sends before a time limit, and training checkpoints on it.
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+def torchrun_command(config_path: Path, nproc: int, resume: bool = True) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "launch.cli", "train", str(config_path),
+        f"--signals-to-handle={FORWARDED_SIGNALS}", "-m", "launch.cli", "train", str(config_path),
+        *([] if resume else ["--no-resume"]),
     ]
 
 
@@ -32,8 +38,8 @@ def training_environment() -> dict[str, str]:
     return env
 
 
-def run_local(config_path: Path, nproc: int) -> None:
-    command = torchrun_command(config_path, nproc)
+def run_local(config_path: Path, nproc: int, resume: bool = True) -> None:
+    command = torchrun_command(config_path, nproc, resume)
     print(f"launching {nproc} training processes: {' '.join(command[1:])}", flush=True)
     completed = subprocess.run(command, env=training_environment())
     if completed.returncode != 0:

@@ -14,14 +14,26 @@ from pathlib import Path
 from pretrain.config import WandbConfig
 
 
+def _metrics_file(path: Path, resume_step: int | None):
+    if resume_step is not None and path.exists():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        return open(path, "a", encoding="utf-8")
+    return open(path, "w", encoding="utf-8")
+
+
 class Tracker:
-    def __init__(self, workdir: Path, config: WandbConfig, run_name: str, run_config: dict, is_main: bool, run_id: str | None = None):
+    def __init__(self, workdir: Path, config: WandbConfig, run_name: str, run_config: dict, is_main: bool,
+                 run_id: str | None = None, resume_step: int | None = None):
+        """`run_id` and `resume_step` continue a run: the same W&B run, and metrics.jsonl cut
+        back to the checkpoint's step so that the steps after it are not recorded twice."""
         self.is_main = is_main
         self.run = None
         self.run_id = run_id
         if not is_main:
             return
-        self.metrics_file = open(workdir / "metrics.jsonl", "w", encoding="utf-8")
+        self.metrics_file = _metrics_file(workdir / "metrics.jsonl", resume_step)
         if config.mode == "disabled":
             return
         # Environment, not init(mode=...): only then does offline W&B make no network call at all.

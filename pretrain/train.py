@@ -25,10 +25,12 @@ from data_mix.loader import MixLoader, StepBatch
 from data_mix.store import open_stores, tokenizer_hash
 from launch.env import discover, export_for_torch
 from launch.experiment import Experiment, experiment_hash
-from pretrain.checkpoint import save_checkpoint
+from pretrain.checkpoint import latest_tag, save_checkpoint
 from pretrain.ds_config import resolve_deepspeed_config
 from pretrain.evaluate import heldout_bpb
 from pretrain.model import build_model
+from pretrain.resume import gather_rng_states, load_latest, restore_rng_states
+from pretrain.stop import StopRequest
 from pretrain.tracking import Tracker
 
 
@@ -64,8 +66,9 @@ def step_metrics(sums: torch.Tensor, names: list[str], engine, seconds: float, s
     return metrics
 
 
-def run_training(experiment: Experiment, yaml_text: str) -> dict | None:
-    """Train on this rank; rank 0 returns the results it wrote."""
+def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) -> dict | None:
+    """Train on this rank, resuming from the workdir's latest checkpoint unless `resume` is off;
+    rank 0 returns the results it wrote (None on a stop by signal)."""
     dist_env = discover()
     export_for_torch(dist_env)
     on_gpu = torch.cuda.is_available()
@@ -92,12 +95,19 @@ def run_training(experiment: Experiment, yaml_text: str) -> dict | None:
     model = build_model(experiment.model, tokenizer, experiment.seed, train.activation_checkpointing)
     ds_config = resolve_deepspeed_config(experiment.deepspeed, train, dist_env.world_size, on_gpu)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
-
-    tracker = Tracker(experiment.workpath, experiment.wandb, experiment.name,
-                      {"experiment": experiment.model_dump(), "deepspeed": ds_config}, dist_env.is_main)
     checkpoints = experiment.checkpoints_dir
+    state = load_latest(engine, checkpoints) if resume else None
+    if state is not None:
+        loader.load_state_dict(state["loader"])
+        ledger.load_state_dict(state["ledger"])
+        restore_rng_states(state["rng"])
+    tracker = Tracker(experiment.workpath, experiment.wandb, experiment.name,
+                      {"experiment": experiment.model_dump(), "deepspeed": ds_config}, dist_env.is_main,
+                      run_id=state and state["wandb_run_id"], resume_step=state and state["step"])
     if dist_env.is_main:
         _save_model_recipe(engine.module, experiment.tokenizer_dir, checkpoints)
+        if state is not None:
+            print(f"resuming from {checkpoints / latest_tag(checkpoints)} at step {state['step']}", flush=True)
 
     def evaluate(step: int) -> dict[str, float]:
         bpb = heldout_bpb(engine.module, heldout_stores, mix.seq_len, train.eval_max_tokens, train.micro_batch_size, device)
@@ -105,24 +115,33 @@ def run_training(experiment: Experiment, yaml_text: str) -> dict | None:
         return bpb
 
     def checkpoint(step: int) -> str:
-        state = {"step": step, "loader": loader.state_dict(), "ledger": ledger.state_dict(), "wandb_run_id": tracker.run_id,
-                 "experiment_hash": experiment_hash(yaml_text), "experiment_yaml": yaml_text}
-        return save_checkpoint(engine, checkpoints, step, state, train.keep_checkpoints)
+        client = {"step": step, "loader": loader.state_dict(), "ledger": ledger.state_dict(), "rng": gather_rng_states(),
+                  "wandb_run_id": tracker.run_id, "bpb_before": bpb_before, "first_loss": first_loss, "last_loss": loss,
+                  "experiment_hash": experiment_hash(yaml_text), "experiment_yaml": yaml_text}
+        return save_checkpoint(engine, checkpoints, step, client, train.keep_checkpoints)
 
-    bpb_before = evaluate(step=0)
-    losses = []
+    bpb_before = state["bpb_before"] if state else evaluate(step=0)
+    first_loss, loss = (state["first_loss"], state["last_loss"]) if state else (None, None)
+    stop = StopRequest(device)
     started = time.perf_counter()
     for batch in loader.iterate(train.steps):
         sums = train_step(engine, batch, len(names), device)
         ledger.record(batch.global_corpus_ids)
         metrics = step_metrics(sums, names, engine, time.perf_counter() - started, mix.seq_len) | ledger.metrics()
         started = time.perf_counter()
-        losses.append(metrics["train/loss"])
+        loss = metrics["train/loss"]
+        first_loss = loss if first_loss is None else first_loss
         done = batch.step + 1
         tracker.log(metrics, step=done)
         if dist_env.is_main and (done % train.log_every == 0 or done in (1, train.steps)):
-            print(f"step {done}/{train.steps}  loss {metrics['train/loss']:.4f}  lr {metrics['train/lr']:.2e}  "
+            print(f"step {done}/{train.steps}  loss {loss:.4f}  lr {metrics['train/lr']:.2e}  "
                   f"{metrics['train/tokens_per_s']:,.0f} tok/s", flush=True)
+        if stop.agreed():
+            tag = checkpoint(done)
+            if dist_env.is_main:
+                print(f"stopped by a signal after step {done}; checkpoint {tag} saved, rerun to resume", flush=True)
+            tracker.close()
+            return None
         if train.eval_every and done % train.eval_every == 0 and done != train.steps:
             evaluate(step=done)
         if train.checkpoint_every and done % train.checkpoint_every == 0 and done != train.steps:
@@ -133,9 +152,9 @@ def run_training(experiment: Experiment, yaml_text: str) -> dict | None:
     results = None
     if dist_env.is_main:
         planned = schedule.counts_before(train.steps * train.global_batch_size) / (train.steps * train.global_batch_size)
-        results = _results(names, planned.tolist(), ledger, bpb_before, bpb_after, losses, tag, tracker)
+        results = _results(names, planned.tolist(), ledger, bpb_before, bpb_after, first_loss, loss, tag, tracker)
         experiment.results_file.write_text(json.dumps(results, indent=1))
-    tracker.close(summary={"final_loss": losses[-1]})
+    tracker.close(summary={"final_loss": loss})
     dist.barrier()
     return results
 
@@ -147,7 +166,7 @@ def _save_model_recipe(module, tokenizer_dir: Path, checkpoints: Path) -> None:
     shutil.copytree(tokenizer_dir, checkpoints / "tokenizer", dirs_exist_ok=True)
 
 
-def _results(names, planned_shares, ledger: MixLedger, before, after, losses, tag, tracker) -> dict:
+def _results(names, planned_shares, ledger: MixLedger, before, after, first_loss, final_loss, tag, tracker) -> dict:
     tokens, shares = ledger.tokens(), ledger.shares()
     return {
         "corpora": {
@@ -155,8 +174,8 @@ def _results(names, planned_shares, ledger: MixLedger, before, after, losses, ta
                    "planned_share": planned_shares[i], "realised_share": shares[name]}
             for i, name in enumerate(names)
         },
-        "first_loss": losses[0],
-        "final_loss": losses[-1],
+        "first_loss": first_loss,
+        "final_loss": final_loss,
         "checkpoint": tag,
         "wandb_run_id": tracker.run_id,
         "wandb_run_dir": tracker.run_dir,

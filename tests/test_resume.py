@@ -1,0 +1,85 @@
+"""Resume and stop-by-signal with a real 2-process DeepSpeed run (ZeRO-2, gloo, fp32)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch.experiment import load_experiment
+from launch.local import torchrun_command
+from tests.conftest import write_experiment
+
+pytestmark = pytest.mark.slow
+
+TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+
+
+def experiment_file(folder, built_experiment, steps: int):
+    """A tiny training run on the session's stores (tokenizer and stores shared, not rebuilt)."""
+    config = {
+        "workdir": str(folder),
+        "tokenizer": {"path": str(built_experiment.tokenizer_dir)},
+        "model": {"config": TINY},
+        "mix": {"seq_len": 32, "group_weights": {"financial": 0.5, "public": 0.5}},
+        "train": {"steps": steps, "global_batch_size": 8, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 1,
+                  "precision": "fp32", "checkpoint_every": 3, "eval_max_tokens": 500, "log_every": 1},
+    }
+    path = write_experiment(folder, config)
+    (folder / "stores").symlink_to(built_experiment.stores_dir)
+    return path
+
+
+def train(path, *extra) -> subprocess.CompletedProcess:
+    result = subprocess.run(torchrun_command(path, 2) + list(extra), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(workdir) -> dict[int, float]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "train/loss" in r]
+    assert len(steps) == len(set(steps)), "no step is recorded twice"
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def test_resume_continues_bitwise_like_the_uninterrupted_run(tmp_path, built_experiment):
+    path = experiment_file(tmp_path, built_experiment, steps=6)
+    train(path)
+    uninterrupted = losses(tmp_path)
+    first = json.loads((tmp_path / "results.json").read_text())
+    experiment, _ = load_experiment(path)
+    checkpoints = experiment.checkpoints_dir
+    # A crash after step 3's checkpoint: the later checkpoint and the results never happened.
+    (checkpoints / "latest").write_text("step00000003")
+    subprocess.run(["rm", "-r", str(checkpoints / "step00000006"), str(tmp_path / "results.json")], check=True)
+    resumed_run = train(path)
+    assert "resuming from" in resumed_run.stdout and "at step 3" in resumed_run.stdout
+    resumed = losses(tmp_path)
+    assert [resumed[s] for s in (4, 5, 6)] == [uninterrupted[s] for s in (4, 5, 6)], "bitwise equal losses"
+    second = json.loads((tmp_path / "results.json").read_text())
+    assert second["wandb_run_id"] == first["wandb_run_id"]
+    assert {n: r["tokens_seen"] for n, r in second["corpora"].items()} == {n: r["tokens_seen"] for n, r in first["corpora"].items()}
+    assert second["corpora"]["news"]["bpb_after"] == first["corpora"]["news"]["bpb_after"]
+
+
+def test_sigusr1_checkpoints_and_the_rerun_finishes(tmp_path, built_experiment):
+    path = experiment_file(tmp_path, built_experiment, steps=60)
+    process = subprocess.Popen(torchrun_command(path, 2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and '"step": 4,' in metrics.read_text()):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGUSR1)
+    output, _ = process.communicate(timeout=120)
+    assert "stopped by a signal after step" in output, output[-3000:]
+    stopped_at = max(losses(tmp_path))
+    experiment, _ = load_experiment(path)
+    assert (experiment.checkpoints_dir / "latest").read_text() == f"step{stopped_at:08d}"
+    assert 4 <= stopped_at < 60
+    rerun = train(path)
+    assert f"at step {stopped_at}" in rerun.stdout
+    assert sorted(losses(tmp_path)) == list(range(1, 61))
