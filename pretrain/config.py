@@ -50,6 +50,8 @@ class TrainConfig(StrictModel):
     eval_max_tokens: int = Field(default=200_000, gt=0)
     """Held-out tokens evaluated per corpus."""
     log_every: int = Field(default=10, gt=0)
+    peak_flops_per_device: float | None = Field(default=None, gt=0)
+    """Peak FLOP/s of one device, for MFU; default: looked up by GPU name (none on CPU)."""
     loader_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes preparing batches ahead of the step (0: in the training process)."""
 

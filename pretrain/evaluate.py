@@ -52,14 +52,21 @@ def heldout_bpb(
     results = {}
     for name, store in stores.items():
         stream, num_bytes = _eval_stream(store, max_tokens)
-        starts = list(range(0, len(stream) - 1, seq_len))[rank::world]
+        starts = list(range(0, len(stream) - 1, seq_len))
         full = [s for s in starts if s + seq_len + 1 <= len(stream)]
+        # Every rank makes the same number of forward passes (ZeRO-3 gathers parameters
+        # collectively in each one); a rank short of windows recomputes one and discards it.
+        batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+        batches += [[s] for s in starts[len(full):]]  # the stream's last, shorter window
         nats = torch.zeros((), dtype=torch.float64, device=device)
-        for first in range(0, len(full), batch_size):
-            windows = np.stack([stream[s : s + seq_len + 1] for s in full[first : first + batch_size]])
-            nats += window_nats(model, torch.from_numpy(windows).to(device))
-        for start in set(starts) - set(full):  # the stream's last, shorter window
-            nats += window_nats(model, torch.from_numpy(stream[start:][None]).to(device))
+        for round_start in range(0, len(batches), world):
+            index = round_start + rank
+            batch = batches[index] if index < len(batches) else batches[0]
+            end = min(len(stream), batch[0] + seq_len + 1)
+            windows = np.stack([stream[s : s + end - batch[0]] for s in batch])
+            batch_nats = window_nats(model, torch.from_numpy(windows).to(device))
+            if index < len(batches):
+                nats += batch_nats
         if world > 1:
             dist.all_reduce(nats)
         results[name] = nats.item() / math.log(2) / num_bytes

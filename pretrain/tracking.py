@@ -63,6 +63,13 @@ class Tracker:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        """A W&B table (e.g. the mix plan); tables are a view only, so not in metrics.jsonl."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=0)
+
     def close(self, summary: dict | None = None) -> None:
         if not self.is_main:
             return

@@ -22,13 +22,16 @@ import torch.nn.functional as F
 from data_mix.blend import build_schedule
 from data_mix.ledger import MixLedger
 from data_mix.loader import MixLoader, StepBatch
+from data_mix.plan import plan
 from data_mix.store import open_stores, tokenizer_hash
 from launch.env import discover, export_for_torch
 from launch.experiment import Experiment, experiment_hash
 from pretrain.checkpoint import latest_tag, save_checkpoint
 from pretrain.ds_config import resolve_deepspeed_config
 from pretrain.evaluate import heldout_bpb
+from pretrain.metrics import flops_per_token, mfu, peak_flops
 from pretrain.model import build_model
+from pretrain.progress import Progress
 from pretrain.resume import gather_rng_states, load_latest, restore_rng_states
 from pretrain.stop import StopRequest
 from pretrain.tracking import Tracker
@@ -49,7 +52,8 @@ def train_step(engine, batch: StepBatch, num_corpora: int, device: torch.device)
     return sums
 
 
-def step_metrics(sums: torch.Tensor, names: list[str], engine, seconds: float, seq_len: int) -> dict[str, float]:
+def step_metrics(sums: torch.Tensor, names: list[str], engine, seconds: float, seq_len: int,
+                 flops_per_token: float, peak_flops_per_device: float | None) -> dict[str, float]:
     samples = sums[1].sum().item()
     metrics = {
         "train/loss": sums[0].sum().item() / samples,
@@ -57,6 +61,9 @@ def step_metrics(sums: torch.Tensor, names: list[str], engine, seconds: float, s
         "train/samples_per_s": samples / seconds,
         "train/tokens_per_s": samples * seq_len / seconds,
     }
+    utilisation = mfu(metrics["train/tokens_per_s"], flops_per_token, peak_flops_per_device, dist.get_world_size())
+    if utilisation is not None:
+        metrics["train/mfu"] = utilisation
     grad_norm = engine.get_global_grad_norm()
     if grad_norm is not None:
         metrics["train/grad_norm"] = float(grad_norm)
@@ -93,6 +100,7 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
     ledger = MixLedger(names, mix.seq_len)
 
     model = build_model(experiment.model, tokenizer, experiment.seed, train.activation_checkpointing)
+    model_flops, peak = flops_per_token(model, mix.seq_len), peak_flops(train.peak_flops_per_device)
     ds_config = resolve_deepspeed_config(experiment.deepspeed, train, dist_env.world_size, on_gpu)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     checkpoints = experiment.checkpoints_dir
@@ -108,6 +116,11 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
         _save_model_recipe(engine.module, experiment.tokenizer_dir, checkpoints)
         if state is not None:
             print(f"resuming from {checkpoints / latest_tag(checkpoints)} at step {state['step']}", flush=True)
+        else:
+            rows = plan(schedule, experiment.corpora, mix, train.global_batch_size, train.steps)
+            tracker.table("mix/plan", ["corpus", "group", "share", "tokens_available", "tokens_drawn", "epochs"],
+                          [[r.corpus, r.group, r.share, r.available_samples * mix.seq_len, r.samples * mix.seq_len,
+                            r.epochs] for r in rows])
 
     def evaluate(step: int) -> dict[str, float]:
         bpb = heldout_bpb(engine.module, heldout_stores, mix.seq_len, train.eval_max_tokens, train.micro_batch_size, device)
@@ -123,20 +136,21 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
     bpb_before = state["bpb_before"] if state else evaluate(step=0)
     first_loss, loss = (state["first_loss"], state["last_loss"]) if state else (None, None)
     stop = StopRequest(device)
+    progress = Progress(train.steps, state["step"] if state else 0, train.log_every, dist_env.is_main)
     started = time.perf_counter()
     for batch in loader.iterate(train.steps):
         sums = train_step(engine, batch, len(names), device)
         ledger.record(batch.global_corpus_ids)
-        metrics = step_metrics(sums, names, engine, time.perf_counter() - started, mix.seq_len) | ledger.metrics()
+        metrics = step_metrics(sums, names, engine, time.perf_counter() - started, mix.seq_len, model_flops, peak)
+        metrics |= ledger.metrics()
         started = time.perf_counter()
         loss = metrics["train/loss"]
         first_loss = loss if first_loss is None else first_loss
         done = batch.step + 1
         tracker.log(metrics, step=done)
-        if dist_env.is_main and (done % train.log_every == 0 or done in (1, train.steps)):
-            print(f"step {done}/{train.steps}  loss {loss:.4f}  lr {metrics['train/lr']:.2e}  "
-                  f"{metrics['train/tokens_per_s']:,.0f} tok/s", flush=True)
+        progress.update(done, loss, metrics["train/lr"], metrics["train/tokens_per_s"])
         if stop.agreed():
+            progress.close()
             tag = checkpoint(done)
             if dist_env.is_main:
                 print(f"stopped by a signal after step {done}; checkpoint {tag} saved, rerun to resume", flush=True)
@@ -146,6 +160,7 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
             evaluate(step=done)
         if train.checkpoint_every and done % train.checkpoint_every == 0 and done != train.steps:
             checkpoint(done)
+    progress.close()
     bpb_after = evaluate(step=train.steps)
     tag = checkpoint(train.steps)
 

@@ -1,0 +1,38 @@
+"""ZeRO stages 1, 2 and 3 each train a tiny model in 2 processes and export a model
+whose held-out BPB equals the one measured in training."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from launch.experiment import load_experiment
+from tests.test_resume import experiment_file, losses, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_trains_and_exports(tmp_path, built_experiment, stage):
+    path = experiment_file(tmp_path, built_experiment, steps=12)
+    config = yaml.safe_load(path.read_text())
+    config["deepspeed"] = {"zero_optimization": {"stage": stage}}
+    config["train"].update(checkpoint_every=0, lr=1e-2)
+    path.write_text(yaml.safe_dump(config))
+    train(path)
+    curve = losses(tmp_path)
+    assert curve[12] < curve[1] - 0.3, curve
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert all(row["bpb_after"] < row["bpb_before"] for row in results["corpora"].values())
+
+    experiment, _ = load_experiment(path)
+    out = tmp_path / "export"
+    subprocess.run([sys.executable, "-m", "launch.cli", "export", str(experiment.checkpoints_dir), str(out)],
+                   check=True, capture_output=True)
+    from pretrain.evaluate import evaluate_model_dir
+
+    exported = evaluate_model_dir(experiment, out)
+    for name, bpb in exported.items():
+        assert bpb == pytest.approx(results["corpora"][name]["bpb_after"], rel=1e-4), name
