@@ -10,6 +10,7 @@ any point leaves `latest` naming a complete checkpoint. Old tags beyond
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 LATEST = "latest"
+META = "dapt-checkpoint.json"  # beside each checkpoint: what a resume must know before building the engine
 
 
 def tag_for(step: int) -> str:
@@ -42,6 +44,9 @@ def _fsync_dir(folder: Path) -> None:
 def save_checkpoint(engine, folder: Path, step: int, client_state: dict, keep: int) -> str:
     tag = tag_for(step)
     engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+    if dist.get_rank() == 0:
+        (folder / tag / META).write_text(json.dumps({"step": step, "world_size": dist.get_world_size()}))
+    dist.barrier()
     _fsync_tree(folder / tag)
     dist.barrier()
     if dist.get_rank() == 0:
@@ -62,3 +67,11 @@ def save_checkpoint(engine, folder: Path, step: int, client_state: dict, keep: i
 def latest_tag(folder: Path) -> str | None:
     path = folder / LATEST
     return path.read_text().strip() if path.exists() else None
+
+
+def saved_world_size(folder: Path) -> int | None:
+    """The number of processes that wrote the latest checkpoint (None without one)."""
+    tag = latest_tag(folder)
+    if tag is None:
+        return None
+    return json.loads((folder / tag / META).read_text())["world_size"]

@@ -1,5 +1,5 @@
 """What a resume needs beyond DeepSpeed's own checkpoint: every rank's RNG states,
-and finding the checkpoint to resume from.
+finding the checkpoint to resume from, and re-partitioning it for another world size.
 
 DeepSpeed saves no RNG state, so dropout or any sampling would differ after a
 resume. Each rank's python, numpy and torch (and CUDA) states are gathered into the
@@ -9,13 +9,18 @@ continues bitwise like an uninterrupted one (fp32, same world size).
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from launch.base import DaptError
 from pretrain.checkpoint import latest_tag
 
 
@@ -44,10 +49,37 @@ def restore_rng_states(states: list[dict]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def load_latest(engine, folder: Path) -> dict | None:
-    """Load the checkpoint `latest` names into the engine; its client state, or None if there is none."""
+def load_latest(engine, folder: Path, universal: bool) -> dict | None:
+    """Load the checkpoint `latest` names into the engine; its client state, or None if there is none.
+
+    With `universal` (the checkpoint was written by another number of processes), rank 0
+    first converts it with DeepSpeed's `ds_to_universal`, whose per-parameter form any
+    world size can load (the engine must be configured with `checkpoint.load_universal`);
+    the converted copy is removed once loaded.
+    """
     tag = latest_tag(folder)
     if tag is None:
         return None
+    if universal:
+        tag = _to_universal(folder, tag)
     _, client_state = engine.load_checkpoint(str(folder), tag=tag)
+    if client_state is None:
+        raise DaptError(f"could not load checkpoint {folder / tag}; move it away or train with --no-resume")
+    if universal:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(folder / tag)
     return client_state
+
+
+def _to_universal(folder: Path, tag: str) -> str:
+    universal = f"universal-{tag}"
+    if dist.get_rank() == 0 and not (folder / universal).exists():
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder / tag),
+                   "--output_folder", str(folder / f"{universal}.tmp"), "--inject_missing_state"]
+        result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
+        if result.returncode != 0:
+            raise DaptError(f"converting {folder / tag} to a universal checkpoint failed: {result.stderr.strip()[-500:]}")
+        os.replace(folder / f"{universal}.tmp", folder / universal)
+    dist.barrier()
+    return universal

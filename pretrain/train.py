@@ -26,7 +26,7 @@ from data_mix.plan import plan
 from data_mix.store import open_stores, tokenizer_hash
 from launch.env import discover, export_for_torch
 from launch.experiment import Experiment, experiment_hash
-from pretrain.checkpoint import latest_tag, save_checkpoint
+from pretrain.checkpoint import latest_tag, save_checkpoint, saved_world_size
 from pretrain.ds_config import resolve_deepspeed_config
 from pretrain.evaluate import heldout_bpb
 from pretrain.metrics import flops_per_token, mfu, peak_flops
@@ -102,9 +102,13 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
     model = build_model(experiment.model, tokenizer, experiment.seed, train.activation_checkpointing)
     model_flops, peak = flops_per_token(model, mix.seq_len), peak_flops(train.peak_flops_per_device)
     ds_config = resolve_deepspeed_config(experiment.deepspeed, train, dist_env.world_size, on_gpu)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     checkpoints = experiment.checkpoints_dir
-    state = load_latest(engine, checkpoints) if resume else None
+    saved_world = saved_world_size(checkpoints) if resume else None
+    universal = saved_world is not None and saved_world != dist_env.world_size
+    if universal:  # ZeRO shards written by another number of processes must be re-partitioned
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    state = load_latest(engine, checkpoints, universal) if resume and saved_world is not None else None
     if state is not None:
         loader.load_state_dict(state["loader"])
         ledger.load_state_dict(state["ledger"])
@@ -115,7 +119,8 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
     if dist_env.is_main:
         _save_model_recipe(engine.module, experiment.tokenizer_dir, checkpoints)
         if state is not None:
-            print(f"resuming from {checkpoints / latest_tag(checkpoints)} at step {state['step']}", flush=True)
+            moved = f" (written by {saved_world} processes, now {dist_env.world_size})" if universal else ""
+            print(f"resuming from {checkpoints / latest_tag(checkpoints)} at step {state['step']}{moved}", flush=True)
         else:
             rows = plan(schedule, experiment.corpora, mix, train.global_batch_size, train.steps)
             tracker.table("mix/plan", ["corpus", "group", "share", "tokens_available", "tokens_drawn", "epochs"],

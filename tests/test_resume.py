@@ -82,3 +82,22 @@ def test_sigusr1_checkpoints_and_the_rerun_finishes(tmp_path, built_experiment):
     rerun = train(path)
     assert f"at step {stopped_at}" in rerun.stdout
     assert sorted(losses(tmp_path)) == list(range(1, 61))
+
+
+def test_resume_at_another_world_size_keeps_the_data_order(tmp_path, built_experiment):
+    path = experiment_file(tmp_path, built_experiment, steps=6)
+    train(path)
+    uninterrupted = losses(tmp_path)
+    first = json.loads((tmp_path / "results.json").read_text())
+    experiment, _ = load_experiment(path)
+    (experiment.checkpoints_dir / "latest").write_text("step00000003")
+    subprocess.run(["rm", "-r", str(experiment.checkpoints_dir / "step00000006"), str(tmp_path / "results.json")], check=True)
+    result = subprocess.run(torchrun_command(path, 1), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "written by 2 processes, now 1" in result.stdout
+    resumed = losses(tmp_path)
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-4), step
+    second = json.loads((tmp_path / "results.json").read_text())
+    assert {n: r["tokens_seen"] for n, r in second["corpora"].items()} == {n: r["tokens_seen"] for n, r in first["corpora"].items()}
+    assert not list(experiment.checkpoints_dir.glob("universal-*")), "the converted copy is removed once loaded"
