@@ -26,6 +26,17 @@ def cmd_tokenizer_train(args) -> None:
     train_tokenizer(_experiment(args))
 
 
+def cmd_tokenizer_eval(args) -> None:
+    from tokenizer.evaluate import evaluate, format_evaluation, plot_evaluation
+
+    experiment = _experiment(args)
+    paths = [Path(p) for p in args.tokenizers] or [experiment.tokenizer_dir]
+    rows = evaluate(paths, experiment.corpora, experiment.heldout)
+    experiment.workpath.mkdir(parents=True, exist_ok=True)
+    figure = plot_evaluation(rows, experiment.workpath / "tokenizer_eval.png")
+    print(f"{format_evaluation(rows)}\nplot: {figure}")
+
+
 def cmd_data_prepare(args) -> None:
     from launch.pipeline import prepare_data
 
@@ -141,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tokenizer = commands.add_parser("tokenizer", help="tokenizer stages").add_subparsers(dest="sub", required=True, metavar="STAGE")
     command(tokenizer, "train", cmd_tokenizer_train, "train the experiment's tokenizer")
+    tokenizer_eval = command(tokenizer, "eval", cmd_tokenizer_eval,
+                             "tokenizers side by side on each corpus's held-out text: bytes/token, fertility, splits")
+    tokenizer_eval.add_argument("tokenizers", nargs="*", help="tokenizer directories (default: the experiment's)")
     data = commands.add_parser("data", help="corpus stages").add_subparsers(dest="sub", required=True, metavar="STAGE")
     prepare = command(data, "prepare", cmd_data_prepare, "read and validate the corpora: documents read, kept, rejected by reason")
     prepare.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
