@@ -82,7 +82,7 @@ def main() -> None:
 
     from data_mix.demo_corpora import article, filing, news, web_page
     from tokenizer.config import TokenizerTrainConfig
-    from tokenizer.train import train_sentencepiece
+    from tokenizer.train import train_from_sample
 
     rng = random.Random(1)
     pool = [filing(rng) for _ in range(300)] + ["\n\n".join(news(rng)) for _ in range(300)]
@@ -90,7 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)
         lines = [line for doc in pool for line in doc.split("\n") if line]
-        tokenizer_dir = train_sentencepiece(lines, TokenizerTrainConfig(vocab_size=4000), scratch / "tokenizer")
+        tokenizer_dir = train_from_sample(lines, TokenizerTrainConfig(vocab_size=4000), scratch / "tokenizer")
         large, small = scratch / "large.jsonl", scratch / "small.jsonl"
         make_corpus(large, args.size_mb, pool)
         make_corpus(small, args.size_mb / 2, pool)

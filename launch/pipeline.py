@@ -18,7 +18,7 @@ from data_mix.sources import CorpusReader
 from data_mix.store import open_stores, tokenizer_hash
 from launch.base import DaptError
 from launch.experiment import Experiment
-from tokenizer.train import draw_sample, train_sentencepiece
+from tokenizer.train import draw_sample, train_from_sample
 
 RECIPE = "dapt-recipe.json"
 
@@ -41,10 +41,10 @@ def train_tokenizer(experiment: Experiment) -> Path:
     sizes = {c.name: sum(len(d.encode("utf-8")) for d in CorpusReader(c).documents()) for c in experiment.corpora}
     shares = target_shares(experiment.mix, experiment.corpora, sizes, experiment.mix.temperature)
     config = experiment.tokenizer.train
-    print(f"tokenizer: training sentencepiece {config.model} (vocab {config.vocab_size:,}) "
+    print(f"tokenizer: training {config.backend} {config.model} (vocab {config.vocab_size:,}) "
           f"on up to {config.sample_bytes:,.0f} bytes drawn by mix share")
     lines = draw_sample(experiment.corpora, shares, experiment.heldout, config.sample_bytes)
-    train_sentencepiece(lines, config, out_dir)
+    train_from_sample(lines, config, out_dir)
     (out_dir / RECIPE).write_text(json.dumps({"stamp": stamp, "recipe": recipe}, indent=1))
     from transformers import AutoTokenizer
 

@@ -12,10 +12,12 @@ SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 
 
 class TokenizerTrainConfig(StrictModel):
-    """A sentencepiece model trained on a sample of the corpora drawn with the mix weights."""
+    """A tokenizer trained on a sample of the corpora drawn with the mix weights."""
 
-    backend: Literal["sentencepiece"] = "sentencepiece"
-    model: Literal["unigram", "bpe"] = "unigram"
+    backend: Literal["sentencepiece", "huggingface"] = "sentencepiece"
+    """sentencepiece (its `.model` is kept beside) or Hugging Face `tokenizers`."""
+    model: Literal["unigram", "bpe", "byte_level"] = "unigram"
+    """`byte_level` (byte-level BPE, as GPT-2) needs the huggingface backend."""
     vocab_size: int = Field(default=32000, ge=300, le=1_000_000)
     """Number of pieces, including 256 byte pieces when `byte_fallback` is on."""
     split_digits: bool = True
@@ -24,8 +26,20 @@ class TokenizerTrainConfig(StrictModel):
     """Unseen characters become UTF-8 byte pieces instead of <unk>: decoding stays lossless."""
     sample_bytes: float = Field(default=1e8, gt=0)
     """UTF-8 bytes of text drawn from the corpora to train on."""
+    normalization: Literal["none", "nfkc"] = "none"
+    """`nfkc` folds compatibility characters (ﬁ → fi, ① → 1); decoding then returns the folded text."""
     user_symbols: list[str] = []
     """Strings always kept whole (tickers, form names)."""
+    special_tokens: list[str] = []
+    """Extra special tokens beside <unk>, <s>, </s> and <pad> (e.g. document separators)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenizerTrainConfig:
+        if self.model == "byte_level" and self.backend != "huggingface":
+            raise ValueError("model byte_level needs `backend: huggingface`")
+        if self.model == "byte_level" and not self.byte_fallback:
+            raise ValueError("byte_level covers every byte by construction; leave byte_fallback on")
+        return self
 
 
 class TokenizerConfig(StrictModel):
