@@ -45,16 +45,21 @@ def losses(workdir) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
-def test_resume_continues_bitwise_like_the_uninterrupted_run(tmp_path, built_experiment):
+def run_then_rewind_to_step_3(tmp_path, built_experiment):
+    """Train 6 steps, then undo what came after step 3's checkpoint, as a crash there would have."""
     path = experiment_file(tmp_path, built_experiment, steps=6)
     train(path)
     uninterrupted = losses(tmp_path)
     first = json.loads((tmp_path / "results.json").read_text())
     experiment, _ = load_experiment(path)
-    checkpoints = experiment.checkpoints_dir
-    # A crash after step 3's checkpoint: the later checkpoint and the results never happened.
-    (checkpoints / "latest").write_text("step00000003")
-    subprocess.run(["rm", "-r", str(checkpoints / "step00000006"), str(tmp_path / "results.json")], check=True)
+    (experiment.checkpoints_dir / "latest").write_text("step00000003")
+    subprocess.run(["rm", "-r", str(experiment.checkpoints_dir / "step00000006"), str(tmp_path / "results.json")],
+                   check=True)
+    return path, experiment, uninterrupted, first
+
+
+def test_resume_continues_bitwise_like_the_uninterrupted_run(tmp_path, built_experiment):
+    path, experiment, uninterrupted, first = run_then_rewind_to_step_3(tmp_path, built_experiment)
     resumed_run = train(path)
     assert "resuming from" in resumed_run.stdout and "at step 3" in resumed_run.stdout
     resumed = losses(tmp_path)
@@ -85,13 +90,7 @@ def test_sigusr1_checkpoints_and_the_rerun_finishes(tmp_path, built_experiment):
 
 
 def test_resume_at_another_world_size_keeps_the_data_order(tmp_path, built_experiment):
-    path = experiment_file(tmp_path, built_experiment, steps=6)
-    train(path)
-    uninterrupted = losses(tmp_path)
-    first = json.loads((tmp_path / "results.json").read_text())
-    experiment, _ = load_experiment(path)
-    (experiment.checkpoints_dir / "latest").write_text("step00000003")
-    subprocess.run(["rm", "-r", str(experiment.checkpoints_dir / "step00000006"), str(tmp_path / "results.json")], check=True)
+    path, experiment, uninterrupted, first = run_then_rewind_to_step_3(tmp_path, built_experiment)
     result = subprocess.run(torchrun_command(path, 1), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "written by 2 processes, now 1" in result.stdout
