@@ -58,12 +58,12 @@ def step_metrics(sums: torch.Tensor, names: list[str], engine, seconds: float, s
     metrics = {
         "train/loss": sums[0].sum().item() / samples,
         "train/lr": engine.get_lr()[0],
-        "train/samples_per_s": samples / seconds,
-        "train/tokens_per_s": samples * seq_len / seconds,
+        "perf/samples_per_s": samples / seconds,
+        "perf/tokens_per_s": samples * seq_len / seconds,
     }
-    utilisation = mfu(metrics["train/tokens_per_s"], flops_per_token, peak_flops_per_device, dist.get_world_size())
+    utilisation = mfu(metrics["perf/tokens_per_s"], flops_per_token, peak_flops_per_device, dist.get_world_size())
     if utilisation is not None:
-        metrics["train/mfu"] = utilisation
+        metrics["perf/mfu"] = utilisation
     grad_norm = engine.get_global_grad_norm()
     if grad_norm is not None:
         metrics["train/grad_norm"] = float(grad_norm)
@@ -153,7 +153,7 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
         first_loss = loss if first_loss is None else first_loss
         done = batch.step + 1
         tracker.log(metrics, step=done)
-        progress.update(done, loss, metrics["train/lr"], metrics["train/tokens_per_s"])
+        progress.update(done, loss, metrics["train/lr"], metrics["perf/tokens_per_s"])
         if stop.agreed():
             progress.close()
             tag = checkpoint(done)
