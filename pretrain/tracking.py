@@ -13,6 +13,9 @@ from pathlib import Path
 
 from pretrain.config import WandbConfig
 
+# Metric name prefixes, which W&B groups into panel sections, and the summary each keeps (None: the last value).
+METRIC_GROUPS = {"train/*": None, "eval/bpb/*": "min,last", "mix/*": None, "perf/*": "mean,last"}
+
 
 def _metrics_file(path: Path, resume_step: int | None):
     if resume_step is not None and path.exists():
@@ -48,7 +51,12 @@ class Tracker:
             settings=wandb.Settings(console="off"),
         )
         self.run_id = self.run.id
-        self.run.define_metric("eval/bpb/*", summary="last")
+        # Every group is plotted against the optimizer step, which each record also carries
+        # (as in metrics.jsonl); the summary keeps the best (lowest) held-out BPB per corpus
+        # beside the last, so runs of a sweep compare on either in W&B's tables.
+        self.run.define_metric("step", hidden=True)
+        for group, summary in METRIC_GROUPS.items():
+            self.run.define_metric(group, step_metric="step", step_sync=True, summary=summary)
 
     @property
     def run_dir(self) -> str | None:
@@ -61,7 +69,7 @@ class Tracker:
         self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.metrics_file.flush()
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            self.run.log({"step": step, **metrics}, step=step)
 
     def table(self, name: str, columns: list[str], rows: list[list]) -> None:
         """A W&B table (e.g. the mix plan); tables are a view only, so not in metrics.jsonl."""
