@@ -95,6 +95,12 @@ def cmd_run(args) -> None:
     run_flow(Path(args.config), args.nproc, resume=not args.no_resume)
 
 
+def cmd_sweep(args) -> None:
+    from launch.sweep import run_sweep
+
+    run_sweep(Path(args.config), only=args.only, nproc=args.nproc)
+
+
 def cmd_demo(args) -> None:
     from launch.demo import prepare_demo
 
@@ -149,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nproc", type=int, help="training processes (default: GPUs, or 2 on CPU)")
     run = command(commands, "run", cmd_run, "the whole flow: tokenizer, stores, mix plan, training, export")
     run.add_argument("--nproc", type=int, help="training processes (default: launch.nproc_per_node, GPUs, or 2)")
+
+    sweep = command(commands, "sweep", cmd_sweep, "proxy runs over the mixes of the experiment's `sweep:` section; "
+                    "BPB per mix, a fitted model and a proposed mix")
+    sweep.add_argument("--only", nargs="+", metavar="RUN", help="train only these runs of the sweep (names as listed)")
+    sweep.add_argument("--nproc", type=int, help="processes per run (default: sweep.proxy.nproc, GPUs, or 2)")
 
     tokenizer = commands.add_parser("tokenizer", help="tokenizer stages").add_subparsers(dest="sub", required=True, metavar="STAGE")
     command(tokenizer, "train", cmd_tokenizer_train, "train the experiment's tokenizer")

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 from data_mix.config import CorpusConfig, HeldoutConfig, MixConfig
 from launch.base import DaptError, StrictModel
 from launch.config import LaunchConfig
+from launch.sweep_config import SweepConfig
 from pretrain.config import ModelConfig, TrainConfig, WandbConfig
 from tokenizer.config import TokenizerConfig
 
@@ -38,6 +39,11 @@ class Experiment(StrictModel):
     """A native DeepSpeed config; fields set to `auto` (or left out) are filled from `train`."""
     wandb: WandbConfig = WandbConfig()
     launch: LaunchConfig = LaunchConfig()
+    sweep: SweepConfig | None = None
+    """Proxy runs over many mixes (`dapt sweep`); ignored by the other commands."""
+    stores: str | None = None
+    """Token stores built by another experiment with the same corpora and tokenizer, e.g. a
+    sweep's; default: `<workdir>/stores`."""
 
     @property
     def workpath(self) -> Path:
@@ -50,7 +56,7 @@ class Experiment(StrictModel):
 
     @property
     def stores_dir(self) -> Path:
-        return self.workpath / "stores"
+        return Path(self.stores) if self.stores else self.workpath / "stores"
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -92,6 +98,8 @@ def load_experiment(path: str | Path) -> tuple[Experiment, str]:
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise DaptError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: {_explain(first)}{more}") from None
     _check_names(experiment, path, root)
+    if experiment.sweep is not None:
+        _check_sweep(experiment, path, root)
     return _resolve_paths(experiment, path.parent.resolve()), text
 
 
@@ -106,9 +114,10 @@ def _dotted(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _explain(error: dict) -> str:
+def _explain(error: dict, model: type[BaseModel] | None = None) -> str:
+    """`model`: the config model `error["loc"]` starts from (default: the whole experiment)."""
     if error["type"] == "extra_forbidden":
-        allowed = _allowed_keys(Experiment, error["loc"][:-1])
+        allowed = _allowed_keys(model or Experiment, error["loc"][:-1])
         close = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
         hint = f"did you mean `{close[0]}`? " if close else ""
         return f"unknown key; {hint}allowed keys: {', '.join(allowed)}"
@@ -172,6 +181,40 @@ def _check_names(experiment: Experiment, path: Path, root: yaml.Node) -> None:
                             f"last step ({experiment.train.steps}); the stage would never start")
 
 
+def _check_sweep(experiment: Experiment, path: Path, root: yaml.Node) -> None:
+    """Names in `sweep:` exist, and the proxy's `train:` overrides make a valid `train:` section."""
+    sweep, names = experiment.sweep, experiment.corpus_names()
+    groups = sorted({c.group for c in experiment.corpora})
+    for index, mix in enumerate(sweep.mixes or []):
+        for section, known, kind in (("weights", names, "corpus"), ("group_weights", groups, "group")):
+            for key in getattr(mix, section) or {}:
+                if key not in known:
+                    _unknown(path, root, ("sweep", "mixes", index, section, key), kind, known)
+    if sweep.grid is not None:
+        if sweep.grid.group not in groups:
+            loc = ("sweep", "grid", "group")
+            raise DaptError(f"{path}:{_line_of(root, loc)}: sweep.grid.group: unknown group {sweep.grid.group!r}; "
+                            f"known: {', '.join(groups)}")
+        if len(groups) < 2:
+            loc = ("sweep", "grid")
+            raise DaptError(f"{path}:{_line_of(root, loc)}: sweep.grid: needs at least two groups of corpora to trade "
+                            f"shares between, found only {groups}; set `group:` on the corpora")
+    objective = sweep.objective
+    for loc, name in [(("sweep", "objective", "minimise"), objective.minimise),
+                      *((("sweep", "objective", "no_worse", i), n) for i, n in enumerate(objective.no_worse))]:
+        if name not in groups and name not in names:
+            raise DaptError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: unknown group or corpus {name!r}; "
+                            f"known groups: {', '.join(groups)}; corpora: {', '.join(names)}")
+    try:
+        TrainConfig.model_validate(experiment.train.model_dump() | sweep.proxy.train)
+    except ValidationError as err:
+        error = err.errors()[0]
+        loc = ("sweep", "proxy", "train", *error["loc"])
+        if error["loc"] and error["loc"][0] not in sweep.proxy.train:  # a check across keys, e.g. warmup_steps < steps
+            loc = ("sweep", "proxy", "train")
+        raise DaptError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: {_explain(error, TrainConfig)}") from None
+
+
 def _unknown(path: Path, root: yaml.Node, loc: tuple, kind: str, known: list[str]) -> None:
     raise DaptError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: unknown {kind} {loc[-1]!r}; known: {', '.join(known)}")
 
@@ -195,6 +238,12 @@ def _resolve_paths(experiment: Experiment, base: Path) -> Experiment:
         tokenizer = tokenizer.model_copy(update={"path": absolute(tokenizer.path)})
     if model.path is not None:
         model = model.model_copy(update={"path": absolute(model.path)})
+    stores = absolute(experiment.stores) if experiment.stores else None
+    sweep = experiment.sweep
+    if sweep is not None and sweep.proxy.model is not None and sweep.proxy.model.path is not None:
+        proxy_model = sweep.proxy.model.model_copy(update={"path": absolute(sweep.proxy.model.path)})
+        sweep = sweep.model_copy(update={"proxy": sweep.proxy.model_copy(update={"model": proxy_model})})
     return experiment.model_copy(
-        update={"corpora": corpora, "tokenizer": tokenizer, "model": model, "workdir": absolute(experiment.workdir)}
+        update={"corpora": corpora, "tokenizer": tokenizer, "model": model, "workdir": absolute(experiment.workdir),
+                "stores": stores, "sweep": sweep}
     )

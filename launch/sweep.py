@@ -1,0 +1,225 @@
+"""`dapt sweep`: many small proxy runs of one experiment, one per mix, to choose the mix.
+
+In: an experiment with a `sweep:` section. The tokenizer and token stores are built
+once, in the experiment's workdir, and every proxy run reads them, so the runs differ
+only in their mix (and BPB, being per byte, compares them fairly). Each run is a
+complete experiment of its own under `<workdir>/sweep/runs/<run>/experiment.yaml`
+(rerun it alone with `dapt launch local`), trained one after another by torchrun.
+Out: the runs' `results.json`, then the table, CSV, plot, fit and proposal written by
+`launch.sweep_results`.
+
+A sweep is resumable: a run whose `results.json` exists is kept, a run stopped half
+way resumes from its checkpoint, a failed run is reported with its log and the others
+go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+from data_mix.blend import target_shares
+from data_mix.store import open_stores, tokenizer_hash
+from launch.base import DaptError
+from launch.experiment import Experiment, load_experiment
+from launch.local import default_nproc, torchrun_command, training_environment
+
+
+@dataclass(frozen=True)
+class ProxyRun:
+    name: str
+    weights: dict[str, float]
+    """Normalised shares of the sweep's components (groups or corpora, see `SweepConfig.level`)."""
+
+
+def sweep_dir(experiment: Experiment) -> Path:
+    return experiment.workpath / "sweep"
+
+
+def run_dir(experiment: Experiment, run: ProxyRun) -> Path:
+    return sweep_dir(experiment) / "runs" / run.name
+
+
+def components(experiment: Experiment) -> list[str]:
+    """The names the sweep's weights are given over: groups (in corpus order) or corpora."""
+    if experiment.sweep.level == "group":
+        return list(dict.fromkeys(c.group for c in experiment.corpora))
+    return experiment.corpus_names()
+
+
+def base_weights(experiment: Experiment) -> dict[str, float]:
+    """The experiment's own mix as shares of the sweep's components: the reference the
+    proposal must not be worse than, and the centre of random mixes. Natural and tempered
+    shares are counted on the built training stores, as training does."""
+    stores = open_stores(experiment.stores_dir, experiment.corpora, "train", tokenizer_hash(experiment.tokenizer_dir))
+    sizes = {name: len(store.tokens) for name, store in stores.items()}
+    shares = target_shares(experiment.mix, experiment.corpora, sizes, experiment.mix.temperature)
+    if experiment.sweep.level == "corpus":
+        return shares
+    groups = {c.name: c.group for c in experiment.corpora}
+    return {group: sum(s for name, s in shares.items() if groups[name] == group) for group in components(experiment)}
+
+
+def design(experiment: Experiment, base: dict[str, float]) -> list[ProxyRun]:
+    """The proxy runs of the sweep, named so that a rerun finds the same folders."""
+    sweep = experiment.sweep
+    if sweep.grid is not None:
+        group, others = sweep.grid.group, [g for g in base if g != sweep.grid.group]
+        rest = sum(base[g] for g in others)
+        runs = []
+        for share in sweep.grid.shares:  # the other groups keep their proportions of the base mix
+            split = {g: (base[g] / rest if rest > 0 else 1 / len(others)) * (1 - share) for g in others}
+            runs.append(ProxyRun(f"{group}-{share:.2f}", _normalised({group: share, **split}, base)))
+        return runs
+    if sweep.mixes is not None:
+        return [ProxyRun(f"mix-{i:02d}", _normalised(mix.weights or mix.group_weights, base))
+                for i, mix in enumerate(sweep.mixes)]
+    names = [name for name, share in base.items() if share > 0]  # a corpus left out of the base mix stays out
+    alpha = sweep.random.concentration * np.array([base[n] for n in names]) / sum(base[n] for n in names)
+    draws = np.random.default_rng(sweep.seed).dirichlet(alpha, size=sweep.random.count)
+    return [ProxyRun(f"random-{i:02d}", _normalised(dict(zip(names, draw.tolist())), base))
+            for i, draw in enumerate(draws)]
+
+
+def _normalised(weights: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    total = sum(weights.values())
+    return {name: round(weights.get(name, 0.0) / total, 6) for name in base}
+
+
+def with_mix(experiment: Experiment, weights: dict[str, float], name: str, workdir: Path) -> dict:
+    """The experiment as a plain dict with another mix, reading the sweep's tokenizer and stores."""
+    data = experiment.model_dump(mode="json", exclude={"sweep"}, exclude_defaults=True)
+    mix = {key: value for key, value in data.get("mix", {}).items()
+           if key not in ("weights", "group_weights", "stages", "budgets")}  # this mix holds for the whole run
+    mix["group_weights" if experiment.sweep.level == "group" else "weights"] = weights
+    return data | {"name": name, "workdir": str(workdir), "tokenizer": {"path": str(experiment.tokenizer_dir)},
+                   "stores": str(experiment.stores_dir), "mix": mix}
+
+
+def proxy_yaml(experiment: Experiment, run: ProxyRun) -> str:
+    """The proxy run as a complete experiment file: the experiment with the run's mix and
+    the proxy's model and budget, in the sweep's W&B group."""
+    proxy, folder = experiment.sweep.proxy, run_dir(experiment, run)
+    data = with_mix(experiment, run.weights, f"{experiment.name}-{run.name}", folder)
+    data["train"] |= proxy.train
+    data["wandb"] = experiment.wandb.model_dump(mode="json") | {"group": wandb_group(experiment)}
+    if proxy.model is not None:
+        data["model"] = proxy.model.model_dump(mode="json", exclude_defaults=True)
+    if proxy.deepspeed is not None:
+        data["deepspeed"] = proxy.deepspeed
+    header = (f"# Proxy run {run.name!r} of the sweep in {sweep_dir(experiment)} (written by `dapt sweep`).\n"
+              f"# Rerun it alone with: dapt launch local {folder / 'experiment.yaml'}\n")
+    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def wandb_group(experiment: Experiment) -> str:
+    """All proxy runs of a sweep share one W&B group, so that W&B compares them side by side."""
+    return experiment.wandb.group or f"{experiment.name}-sweep"
+
+
+def select(runs: list[ProxyRun], only: list[str] | None) -> list[ProxyRun]:
+    if not only:
+        return runs
+    known = [run.name for run in runs]
+    for name in only:
+        if name not in known:
+            raise DaptError(f"--only: no run named {name!r} in this sweep; its runs: {', '.join(known)}")
+    return [run for run in runs if run.name in only]
+
+
+def check_unchanged(experiment: Experiment, runs: list[ProxyRun]) -> None:
+    """Refuse to resume runs whose experiment the sweep would now write differently:
+    their results would be kept as if they belonged to the new sweep."""
+    for run in runs:
+        config = run_dir(experiment, run) / "experiment.yaml"
+        if config.exists() and config.read_text(encoding="utf-8") != proxy_yaml(experiment, run):
+            raise DaptError(f"{config} was written by another version of this sweep (its mix, proxy or experiment "
+                            f"changed); remove {config.parent} to rerun it, or give this sweep another workdir")
+
+
+def launch_proxy(config: Path, nproc: int, log: Path, on_line: Callable[[str], None]) -> int:
+    """torchrun for one proxy run; every line goes to `log` and to `on_line`. Returns the exit code."""
+    command = torchrun_command(config, nproc)
+    with open(log, "a", encoding="utf-8") as out:
+        out.write(f"$ {' '.join(command)}\n")
+        out.flush()
+        process = subprocess.Popen(command, env=training_environment(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in process.stdout:
+            out.write(line)
+            on_line(line)
+        return process.wait()
+
+
+def run_proxy(experiment: Experiment, run: ProxyRun, nproc: int | None) -> str:
+    """Train one proxy run unless it is done; returns its status: done, kept or failed."""
+    folder = run_dir(experiment, run)
+    if (folder / "results.json").exists():
+        return "kept"
+    folder.mkdir(parents=True, exist_ok=True)
+    config, log = folder / "experiment.yaml", folder / "train.log"
+    config.write_text(proxy_yaml(experiment, run), encoding="utf-8")
+    proxy, _ = load_experiment(config)
+    from launch.pipeline import mix_plan
+
+    with open(log, "a", encoding="utf-8") as out, contextlib.redirect_stdout(out):
+        try:  # refuse a mix the stores cannot serve (e.g. past max_epochs) before starting processes
+            mix_plan(proxy)
+        except DaptError as err:
+            print(f"dapt: error: {err}")
+            return "failed"
+
+    def show_progress(line: str) -> None:
+        if line.startswith(("step ", "resuming ")):
+            print(f"  {run.name}: {line.rstrip()}", flush=True)
+
+    code = launch_proxy(config, nproc or default_nproc(proxy), log, show_progress)
+    return "done" if code == 0 and (folder / "results.json").exists() else "failed"
+
+
+def run_sweep(config_path: Path, only: list[str] | None = None, nproc: int | None = None) -> dict:
+    """Build the shared tokenizer and stores, train every proxy run not yet done, write the results."""
+    from launch.pipeline import build_stores, train_tokenizer
+    from launch.sweep_results import write_results
+
+    experiment, _ = load_experiment(config_path)
+    if experiment.sweep is None:
+        raise DaptError(f"{config_path}: no `sweep:` section; add one with `grid:`, `mixes:` or `random:` "
+                        "(see the README, Data-mix experiments)")
+    print(f"== sweep {experiment.name}: everything goes to {sweep_dir(experiment)}")
+    print("== tokenizer (shared by every run)", flush=True)
+    train_tokenizer(experiment)
+    print("== token stores (shared by every run)", flush=True)
+    build_stores(experiment)
+    base = base_weights(experiment)
+    runs = design(experiment, base)
+    check_unchanged(experiment, runs)
+    chosen = select(runs, only)
+    print(f"== {len(chosen)} proxy run(s) of {len(runs)}, W&B group {wandb_group(experiment)!r}", flush=True)
+    statuses = {}
+    for number, run in enumerate(chosen, 1):
+        shares = ", ".join(f"{name} {share:.3f}" for name, share in run.weights.items())
+        print(f"[{number}/{len(chosen)}] {run.name}: {shares}", flush=True)
+        started = time.perf_counter()
+        statuses[run.name] = status = run_proxy(experiment, run, nproc or experiment.sweep.proxy.nproc)
+        log = run_dir(experiment, run) / "train.log"
+        if status == "kept":
+            print(f"[{number}/{len(chosen)}] {run.name}: finished earlier, kept")
+        elif status == "done":
+            print(f"[{number}/{len(chosen)}] {run.name}: done in {time.perf_counter() - started:.0f} s")
+        else:
+            print(f"[{number}/{len(chosen)}] {run.name}: FAILED, log: {log}; the sweep goes on", flush=True)
+    summary = write_results(experiment, runs, base)
+    failed = [name for name, status in statuses.items() if status == "failed"]
+    if failed:
+        logs = ", ".join(str(run_dir(experiment, ProxyRun(name, {})) / "train.log") for name in failed)
+        raise DaptError(f"{len(failed)} of {len(chosen)} proxy run(s) failed ({', '.join(failed)}); logs: {logs}; "
+                        "rerun `dapt sweep` to retry them (finished runs are kept)")
+    return summary

@@ -1,0 +1,223 @@
+"""`dapt sweep`: the `sweep:` section, the runs it designs, the fit and proposal, and (slow)
+a real 3-run sweep over the financial share of the demo corpora, resumed after one run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from launch.base import DaptError
+from launch.experiment import load_experiment
+from launch.mix_fit import fit_domain, propose
+from launch.sweep import ProxyRun, design, proxy_yaml, run_dir, run_sweep, sweep_dir
+from launch.sweep_results import write_results
+from tests.conftest import write_experiment
+
+TINY_PROXY = {
+    "model": {"config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+                         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 128,
+                         "tie_word_embeddings": False}},
+    "train": {"steps": 40, "warmup_steps": 5, "global_batch_size": 16, "micro_batch_size": 8, "eval_every": 0,
+              "eval_max_tokens": 5000, "log_every": 10},
+}
+
+
+def sweep_experiment(folder, sweep: dict, built=None, **sections):
+    """The demo experiment with a `sweep:` section; with `built`, reading its tokenizer and stores."""
+    overrides = {"sweep": sweep, **sections}
+    if built is not None:
+        overrides |= {"corpora": [c.model_dump(exclude_defaults=True) for c in built.corpora],
+                      "tokenizer": {"path": str(built.tokenizer_dir)}, "stores": str(built.stores_dir),
+                      "heldout": built.heldout.model_dump()}
+    return write_experiment(folder, overrides)
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ({"mixes": [{"weights": {"filings": 1, "bonds": 1}}]},
+     r"experiment.yaml:\d+: sweep.mixes\[0\].weights.bonds: unknown corpus 'bonds'; known: filings, news"),
+    ({"mixes": [{"weights": {"filings": 1}}, {"weights": {"news": -1, "web": 2}}]},
+     r"sweep.mixes\[1\]: weights.news: must be >= 0, got -1"),
+    ({"mixes": [{"group_weights": {"financial": 0, "public": 0}}]},
+     r"sweep.mixes\[0\]: group_weights: all weights are zero"),
+    ({"mixes": [{"weights": {"filings": 1}}, {"group_weights": {"public": 1}}]},
+     r"sweep: mixes\[1\]: all mixes must use the same kind of weights"),
+    ({"grid": {"group": "finance", "shares": [0.1, 0.9]}},
+     r"sweep.grid.group: unknown group 'finance'; known: financial, public"),
+    ({"grid": {"group": "financial", "shares": [0.1, 1.5]}}, r"sweep.grid: shares\[1\]: a share must lie in \[0, 1\]"),
+    ({"grid": {"group": "financial", "shares": [0.1, 0.9]}, "random": {"count": 3}},
+     r"sweep: give exactly one of `mixes`, `grid` or `random`, got grid, random"),
+    ({"random": {"count": 3}, "proxy": {"train": {"stesp": 10}}},
+     r"sweep.proxy.train.stesp: unknown key; did you mean `steps`\?"),
+    ({"random": {"count": 3}, "proxy": {"train": {"steps": 10, "warmup_steps": 20}}},
+     r"sweep.proxy.train: warmup_steps \(20\) must be smaller than steps \(10\)"),
+    ({"random": {"count": 3}, "objective": {"minimise": "finance"}},
+     r"sweep.objective.minimise: unknown group or corpus 'finance'"),
+])
+def test_bad_sweep_section_is_one_line_naming_the_field(tmp_path, sweep, message):
+    with pytest.raises(DaptError, match=message):
+        load_experiment(sweep_experiment(tmp_path, sweep))
+
+
+def test_grid_keeps_the_other_groups_proportions_and_random_mixes_follow_the_seed(tmp_path):
+    grid, _ = load_experiment(sweep_experiment(tmp_path, {"grid": {"group": "financial", "shares": [0.1, 0.9]}}))
+    runs = design(grid, {"financial": 0.5, "public": 0.5})
+    assert [(r.name, r.weights) for r in runs] == [("financial-0.10", {"financial": 0.1, "public": 0.9}),
+                                                  ("financial-0.90", {"financial": 0.9, "public": 0.1})]
+    base = {"filings": 0.4, "news": 0.1, "encyclopedia": 0.5, "web": 0.0}
+    random, _ = load_experiment(sweep_experiment(tmp_path, {"random": {"count": 50, "concentration": 20}, "seed": 3}))
+    draws = design(random, base)
+    assert design(random, base) == draws and len({tuple(r.weights.values()) for r in draws}) == 50
+    shares = np.array([list(r.weights.values()) for r in draws])
+    assert np.allclose(shares.sum(axis=1), 1, atol=1e-5) and np.all(shares[:, 3] == 0), "a corpus left out stays out"
+    assert np.allclose(shares.mean(axis=0), list(base.values()), atol=0.05), "draws centre on the base mix"
+
+
+def test_proxy_run_is_a_complete_experiment_on_the_shared_tokenizer_and_stores(tmp_path):
+    sweep = {"mixes": [{"weights": {"filings": 3, "web": 1}}], "proxy": TINY_PROXY}
+    experiment, _ = load_experiment(sweep_experiment(tmp_path, sweep, wandb={"project": "p", "mode": "offline"}))
+    run = design(experiment, dict.fromkeys(experiment.corpus_names(), 0.25))[0]
+    path = run_dir(experiment, run) / "experiment.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(proxy_yaml(experiment, run))
+    proxy, _ = load_experiment(path)
+    assert proxy.mix.weights == {"filings": 0.75, "news": 0.0, "encyclopedia": 0.0, "web": 0.25}
+    assert proxy.tokenizer_dir == experiment.tokenizer_dir and proxy.stores_dir == experiment.stores_dir
+    assert proxy.workpath == sweep_dir(experiment) / "runs" / "mix-00" and proxy.sweep is None
+    assert proxy.train.steps == 40 and proxy.train.lr == experiment.train.lr, "proxy overrides, the rest kept"
+    assert proxy.model.config["hidden_size"] == 64
+    assert (proxy.wandb.group, proxy.wandb.project) == (f"{experiment.name}-sweep", "p")
+
+
+@pytest.mark.parametrize("law, model", [(lambda x: 1.0 + x @ [2.0, -1.0, 0.5], "linear"),
+                                        (lambda x: np.exp(x @ [1.2, 0.1, 0.6]), "log-linear")])
+def test_fit_picks_the_law_the_runs_follow_and_predicts_held_out_runs(law, model):
+    shares = np.random.default_rng(0).dirichlet(np.ones(3), size=8)
+    fit = fit_domain("d", shares, law(shares))
+    assert fit.model == model and fit.loo_mae < 1e-9 and fit.loo_r2 > 0.999999
+    fresh = np.random.default_rng(1).dirichlet(np.ones(3), size=5)
+    assert np.allclose(fit.predict(fresh), law(fresh))
+
+
+def test_proposal_lowers_the_objective_within_the_tolerance():
+    # financial BPB falls and public BPB rises with the financial share f (two groups: shares f, 1 - f)
+    f = np.linspace(0.1, 0.9, 5)
+    shares = np.stack([f, 1 - f], axis=1)
+    fits = {"financial": fit_domain("financial", shares, 3.0 - 1.0 * f), "public": fit_domain("public", shares, 2.0 + 0.5 * f)}
+    base = np.array([0.5, 0.5])
+    proposal = propose(fits, shares, base, "financial", ["public"], tolerance=0.02, seed=0)
+    # public may rise by 2% of 2.25 = 0.045, i.e. f by 0.09 over the base's 0.5
+    assert proposal["shares"][0] == pytest.approx(0.59, abs=2e-3)
+    assert proposal["predicted_bpb"]["public"] <= proposal["limits"]["public"] + 1e-12
+    assert proposal["predicted_bpb"]["financial"] < proposal["base_predicted_bpb"]["financial"]
+    assert propose(fits, shares, base, "public", ["financial"], 0.0, 0)["shares"][0] == pytest.approx(0.5, abs=2e-3)
+
+
+def test_results_table_csv_plot_and_a_proposal_that_loads(tmp_path):
+    experiment, _ = load_experiment(sweep_experiment(tmp_path, {"random": {"count": 7, "concentration": 4}}))
+    base = dict.fromkeys(experiment.corpus_names(), 0.25)
+    runs = design(experiment, base)
+    own_share_gain = {"filings": 1.0, "news": 0.8, "encyclopedia": 0.6, "web": 0.9}
+    for run in runs[:6]:  # six finished runs (4 weights + 2), one failed
+        folder = run_dir(experiment, run)
+        folder.mkdir(parents=True)
+        corpora = {name: {"bpb_after": 3.0 - gain * run.weights[name]} for name, gain in own_share_gain.items()}
+        (folder / "results.json").write_text(json.dumps({"corpora": corpora}))
+    run_dir(experiment, runs[6]).mkdir(parents=True)
+    (run_dir(experiment, runs[6]) / "train.log").write_text("torchrun: exit code 1\n")
+
+    summary = write_results(experiment, runs, base)
+    folder = sweep_dir(experiment)
+    rows = list(csv.DictReader(open(folder / "results.csv")))
+    assert [r["status"] for r in rows] == ["done"] * 6 + ["failed"] and rows[6]["bpb:web"] == ""
+    assert float(rows[0]["bpb:financial"]) == pytest.approx(
+        3.0 - (1.0 * runs[0].weights["filings"] + 0.8 * runs[0].weights["news"]) / 2)
+    assert (folder / "bpb_vs_share.png").stat().st_size > 10_000
+    fits = summary["fit"]["fits"]
+    assert fits["filings"]["model"] == "linear" and fits["filings"]["loo_mae"] < 1e-4  # shares rounded to 1e-6
+    proposal, _ = load_experiment(folder / "proposal.yaml")
+    weights = summary["fit"]["proposal"]["weights"]
+    assert proposal.mix.weights == weights and proposal.train == experiment.train and proposal.sweep is None
+    assert weights["filings"] + weights["news"] > 0.5, "the fit moves the mix towards the financial corpora"
+    assert json.loads((folder / "results.json").read_text())["runs"][6]["status"] == "failed"
+
+
+def test_a_run_whose_plan_is_refused_fails_alone_and_the_sweep_reports_it(tmp_path, built_experiment, capsys):
+    # web is tiny at this scale: a mix of only web repeats it far past one epoch, filings alone does not
+    sweep = {"mixes": [{"weights": {"web": 1}}, {"weights": {"filings": 1}}],
+             "proxy": {"train": {"steps": 2000}} | {k: v for k, v in TINY_PROXY.items() if k != "train"}}
+    mix = {"seq_len": 128, "group_weights": {"financial": 0.5, "public": 0.5}, "max_epochs": {"web": 1, "filings": 1}}
+    path = sweep_experiment(tmp_path, sweep, built_experiment, mix=mix)
+    with pytest.raises(DaptError, match=r"2 of 2 proxy run\(s\) failed \(mix-00, mix-01\); logs: .*mix-00/train.log"):
+        run_sweep(path)
+    experiment, _ = load_experiment(path)
+    log = (sweep_dir(experiment) / "runs" / "mix-00" / "train.log").read_text()
+    assert "mix.max_epochs.web: the plan repeats 'web'" in log
+    assert "[2/2] mix-01" in capsys.readouterr().out, "the sweep went on after the first failure"
+    assert [r["status"] for r in json.loads((sweep_dir(experiment) / "results.json").read_text())["runs"]] == ["failed"] * 2
+
+
+@pytest.fixture(scope="module")
+def share_sweep(tmp_path_factory, built_experiment):
+    """A real sweep over the financial share 0.1 / 0.5 / 0.9: first one run alone, then
+    the whole sweep, which must keep that run and train the other two."""
+    folder = tmp_path_factory.mktemp("sweep")
+    sweep = {"grid": {"group": "financial", "shares": [0.1, 0.5, 0.9]}, "proxy": TINY_PROXY}
+    path = sweep_experiment(folder, sweep, built_experiment, wandb={"project": "dapt-sweep-test", "mode": "offline"})
+    experiment, _ = load_experiment(path)
+
+    def dapt_sweep(*extra: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "launch.cli", "sweep", str(path), *extra],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    first = dapt_sweep("--only", "financial-0.50")
+    kept = run_dir(experiment, ProxyRun("financial-0.50", {})) / "results.json"
+    written = kept.stat().st_mtime_ns
+    second = dapt_sweep()
+    assert kept.stat().st_mtime_ns == written, "the finished run was kept, not retrained"
+    return experiment, first, second
+
+
+@pytest.mark.slow
+def test_sweep_resumes_after_one_finished_run(share_sweep):
+    experiment, first, second = share_sweep
+    assert "1 proxy run(s) of 3" in first and "financial-0.50: done" in first
+    assert "financial-0.50: finished earlier, kept" in second
+    assert "financial-0.10: done" in second and "financial-0.90: done" in second
+    rows = list(csv.DictReader(open(sweep_dir(experiment) / "results.csv")))
+    assert [(r["run"], r["status"]) for r in rows] == [("financial-0.10", "done"), ("financial-0.50", "done"),
+                                                      ("financial-0.90", "done")]
+    assert "fit: a fit needs at least 4 finished runs" in second
+    assert (sweep_dir(experiment) / "bpb_vs_share.png").exists()
+
+
+@pytest.mark.slow
+def test_all_runs_share_one_wandb_group_with_their_mix_in_the_config(share_sweep):
+    experiment, _, _ = share_sweep
+    for share in (0.1, 0.5, 0.9):
+        folder = run_dir(experiment, ProxyRun(f"financial-{share:.2f}", {}))
+        (record,) = (folder / "wandb").glob("offline-run-*/run-*.wandb")
+        data = record.read_bytes()
+        assert f"{experiment.name}-sweep".encode() in data, "the W&B group is recorded in the run"
+        proxy, _ = load_experiment(folder / "experiment.yaml")
+        assert proxy.mix.group_weights == {"financial": share, "public": round(1 - share, 6)}
+        assert b"group_weights" in data, "the mix is part of the run's W&B config"
+
+
+@pytest.mark.slow
+def test_financial_bpb_falls_and_public_bpb_rises_with_the_financial_share(share_sweep):
+    experiment, _, _ = share_sweep
+    runs = json.loads((sweep_dir(experiment) / "results.json").read_text())["runs"]
+    financial = [run["bpb"]["financial"] for run in runs]
+    public = [run["bpb"]["public"] for run in runs]
+    assert financial[0] > financial[1] > financial[2], financial
+    assert public[0] < public[1] < public[2], public
+    for corpus, group in (("filings", "financial"), ("news", "financial"), ("encyclopedia", "public"), ("web", "public")):
+        ends = runs[0]["bpb"][corpus], runs[2]["bpb"][corpus]
+        assert (ends[0] > ends[1]) == (group == "financial"), (corpus, ends)
