@@ -26,6 +26,10 @@ class TokenizerTrainConfig(StrictModel):
     """Unseen characters become UTF-8 byte pieces instead of <unk>: decoding stays lossless."""
     sample_bytes: float = Field(default=1e8, gt=0)
     """UTF-8 bytes of text drawn from the corpora to train on."""
+    chunk_bytes: float | None = Field(default=None, gt=0)
+    """Split-and-merge (BloombergGPT) for samples too large for one sentencepiece run: unigram
+    models trained on chunks of about this many bytes, one process per core, merged by
+    size-weighted piece probabilities. Peak memory follows the chunk, not the sample."""
     normalization: Literal["none", "nfkc"] = "none"
     """`nfkc` folds compatibility characters (ﬁ → fi, ① → 1); decoding then returns the folded text."""
     user_symbols: list[str] = []
@@ -39,6 +43,9 @@ class TokenizerTrainConfig(StrictModel):
             raise ValueError("model byte_level needs `backend: huggingface`")
         if self.model == "byte_level" and not self.byte_fallback:
             raise ValueError("byte_level covers every byte by construction; leave byte_fallback on")
+        if self.chunk_bytes is not None and (self.backend, self.model) != ("sentencepiece", "unigram"):
+            raise ValueError("chunk_bytes (split-and-merge) merges unigram piece probabilities: it needs "
+                             "`backend: sentencepiece` and `model: unigram`; remove chunk_bytes for other models")
         return self
 
 

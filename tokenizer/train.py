@@ -13,6 +13,7 @@ import io
 import json
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from data_mix.sources import CorpusReader
 from data_mix.split import content_hash, heldout_threshold
 from launch.base import DaptError
 from tokenizer.config import SPECIAL_TOKENS, TokenizerTrainConfig
+from tokenizer.split_merge import train_split_merge
 
 SPM_FILE = "sentencepiece.model"
 # sentencepiece drops training sentences longer than this many bytes; documents are fed line by line.
@@ -62,7 +64,8 @@ def train_from_sample(lines: list[str], config: TokenizerTrainConfig, out_dir: P
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     if config.backend == "sentencepiece":
-        (temporary / SPM_FILE).write_bytes(_train_sentencepiece(lines, config))
+        trained = train_sentencepiece(lines, config) if config.chunk_bytes is None else train_split_merge(lines, config)[0]
+        (temporary / SPM_FILE).write_bytes(trained)
         backend = sentencepiece_backend(temporary / SPM_FILE, config.normalization)
     else:
         backend = _train_huggingface(lines, config)
@@ -72,7 +75,8 @@ def train_from_sample(lines: list[str], config: TokenizerTrainConfig, out_dir: P
     return out_dir
 
 
-def _train_sentencepiece(lines: list[str], config: TokenizerTrainConfig) -> bytes:
+def train_sentencepiece(lines: Iterable[str], config: TokenizerTrainConfig, threads: int = 2) -> bytes:
+    """The serialized sentencepiece model trained on `lines` (one sentence each)."""
     import sentencepiece as spm
 
     model = io.BytesIO()
@@ -96,7 +100,7 @@ def _train_sentencepiece(lines: list[str], config: TokenizerTrainConfig) -> byte
             user_defined_symbols=["\n", *config.user_symbols, *config.special_tokens],
             max_sentence_length=MAX_SENTENCE_BYTES,
             unk_id=ids["unk"], bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
-            num_threads=2,
+            num_threads=threads,
             minloglevel=2,
         )
     except RuntimeError as err:
