@@ -158,8 +158,10 @@ def launch_proxy(config: Path, nproc: int, log: Path, on_line: Callable[[str], N
         return process.wait()
 
 
-def run_proxy(experiment: Experiment, run: ProxyRun, nproc: int | None) -> str:
-    """Train one proxy run unless it is done; returns its status: done, kept or failed."""
+def run_proxy(experiment: Experiment, run: ProxyRun, nproc: int | None,
+              on_line: Callable[[str], None] | None = None) -> str:
+    """Train one proxy run unless it is done; returns its status: done, kept or failed.
+    Each line the run prints goes to its log and to `on_line` (default: progress lines to the terminal)."""
     folder = run_dir(experiment, run)
     if (folder / "results.json").exists():
         return "kept"
@@ -180,7 +182,7 @@ def run_proxy(experiment: Experiment, run: ProxyRun, nproc: int | None) -> str:
         if line.startswith(("step ", "resuming ")):
             print(f"  {run.name}: {line.rstrip()}", flush=True)
 
-    code = launch_proxy(config, nproc or default_nproc(proxy), log, show_progress)
+    code = launch_proxy(config, nproc or default_nproc(proxy), log, on_line or show_progress)
     return "done" if code == 0 and (folder / "results.json").exists() else "failed"
 
 
@@ -198,6 +200,10 @@ def run_sweep(config_path: Path, only: list[str] | None = None, nproc: int | Non
     train_tokenizer(experiment)
     print("== token stores (shared by every run)", flush=True)
     build_stores(experiment)
+    left_out = [f"mix.{key}" for key in ("stages", "budgets") if getattr(experiment.mix, key)]
+    if left_out:
+        print(f"note: each proxy run trains on one mix from start to end; {' and '.join(left_out)} of the "
+              "experiment are left out of the proxy runs and the proposal", flush=True)
     base = base_weights(experiment)
     runs = design(experiment, base)
     check_unchanged(experiment, runs)

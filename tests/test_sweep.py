@@ -17,6 +17,7 @@ from launch.mix_fit import fit_domain, propose
 from launch.sweep import ProxyRun, design, proxy_yaml, run_dir, run_sweep, sweep_dir
 from launch.sweep_results import write_results
 from tests.conftest import write_experiment
+from tests.test_cli import assert_one_line_error, dapt
 
 TINY_PROXY = {
     "model": {"config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
@@ -61,6 +62,12 @@ def sweep_experiment(folder, sweep: dict, built=None, **sections):
 def test_bad_sweep_section_is_one_line_naming_the_field(tmp_path, sweep, message):
     with pytest.raises(DaptError, match=message):
         load_experiment(sweep_experiment(tmp_path, sweep))
+
+
+def test_dapt_sweep_reports_bad_input_in_one_line(tmp_path):
+    path = sweep_experiment(tmp_path, {"mixes": [{"weights": {"filings": 1, "bonds": 1}}]})
+    assert_one_line_error(dapt("sweep", str(path)), "sweep.mixes[0].weights.bonds: unknown corpus 'bonds'")
+    assert_one_line_error(dapt("sweep", str(write_experiment(tmp_path))), "no `sweep:` section; add one")
 
 
 def test_grid_keeps_the_other_groups_proportions_and_random_mixes_follow_the_seed(tmp_path):
