@@ -22,6 +22,7 @@ from data_mix.ledger import MixLedger
 from data_mix.loader import StepBatch
 from pretrain.config import TrainConfig
 from pretrain.ds_config import resolve_deepspeed_config
+from pretrain.guard import StepGuard
 from pretrain.train import step_metrics, train_step
 
 VOCAB, SEQ, MICRO, CORPORA = 8000, 256, 8, 4
@@ -78,12 +79,15 @@ def main() -> None:
     names = ledger.names
     steps = batches(3 + args.steps)
 
+    guard = StepGuard(train.max_skipped_in_a_row, train.spike_window, train.spike_threshold)
+
     def dapt_step(batch: StepBatch) -> float:
         started = time.perf_counter()
-        sums = train_step(engine, batch, CORPORA, torch.device("cpu"))
+        lr = engine.get_lr()[0]
+        sums, applied = train_step(engine, batch, CORPORA, torch.device("cpu"))
         ledger.record(batch.global_corpus_ids)
-        metrics = step_metrics(sums, names, engine, time.perf_counter() - started, SEQ, 1.0, None) | ledger.metrics()
-        return metrics["train/loss"]
+        metrics = step_metrics(sums, names, engine, lr, time.perf_counter() - started, SEQ, 1.0, None) | ledger.metrics()
+        return (metrics | guard.record(metrics["train/loss"], applied))["train/loss"]
 
     times: dict[str, list[float]] = {"bare": [], "dapt": []}
     losses: dict[str, list[float]] = {"bare": [], "dapt": []}

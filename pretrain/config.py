@@ -54,6 +54,12 @@ class TrainConfig(StrictModel):
     """Peak FLOP/s of one device, for MFU; default: looked up by GPU name (none on CPU)."""
     loader_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes preparing batches ahead of the step (0: in the training process)."""
+    max_skipped_in_a_row: int = Field(default=5, gt=0)
+    """Steps with a non-finite loss or gradient norm are skipped; this many in a row stop the run."""
+    spike_window: int = Field(default=100, ge=4)
+    """Recent steps whose loss a new one is compared with, for the loss-spike detector."""
+    spike_threshold: float = Field(default=6.0, gt=0)
+    """A loss this many standard deviations above the window's mean is logged as a spike."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

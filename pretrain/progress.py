@@ -28,6 +28,13 @@ class Progress:
             print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  "
                   f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
 
+    def write(self, message: str) -> None:
+        """A line that does not break the bar."""
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -29,6 +29,8 @@ from launch.experiment import Experiment, experiment_hash
 from pretrain.checkpoint import latest_tag, save_checkpoint, saved_world_size
 from pretrain.ds_config import resolve_deepspeed_config
 from pretrain.evaluate import heldout_bpb
+from pretrain.guard import (StepGuard, engine_checks_overflow, injected_nan_steps, loss_for_backward,
+                           step_skipping_nonfinite_gradients)
 from pretrain.metrics import flops_per_token, mfu, peak_flops
 from pretrain.model import build_model
 from pretrain.progress import Progress
@@ -37,27 +39,32 @@ from pretrain.stop import StopRequest
 from pretrain.tracking import Tracker
 
 
-def train_step(engine, batch: StepBatch, num_corpora: int, device: torch.device) -> torch.Tensor:
-    """One optimizer step; returns per corpus [Σ per-sample token-mean loss, samples], summed over ranks."""
+def train_step(engine, batch: StepBatch, num_corpora: int, device: torch.device,
+               inject_nan: bool = False) -> tuple[torch.Tensor, bool]:
+    """One optimizer step. Returns per corpus [Σ per-sample token-mean loss, samples], summed over
+    ranks, and whether the update was applied (not skipped for a non-finite loss or gradient)."""
     sums = torch.zeros(2, num_corpora, dtype=torch.float64, device=device)
     for tokens, corpus_ids in zip(batch.tokens.to(device), batch.corpus_ids.to(device)):
         logits = engine(input_ids=tokens[:, :-1]).logits
         per_token = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
-        per_sample = per_token.mean(dim=1)
-        engine.backward(per_sample.mean())
-        engine.step()
+        per_sample = per_token.mean(dim=1) * (float("nan") if inject_nan else 1.0)
+        engine.backward(loss_for_backward(per_sample))
+        if engine.is_gradient_accumulation_boundary() and not engine_checks_overflow(engine):
+            step_skipping_nonfinite_gradients(engine)
+        else:
+            engine.step()
         sums[0].index_add_(0, corpus_ids, per_sample.detach().double())
         sums[1].index_add_(0, corpus_ids, torch.ones_like(per_sample, dtype=torch.float64))
     dist.all_reduce(sums)
-    return sums
+    return sums, engine.was_step_applied()
 
 
-def step_metrics(sums: torch.Tensor, names: list[str], engine, seconds: float, seq_len: int,
+def step_metrics(sums: torch.Tensor, names: list[str], engine, lr: float, seconds: float, seq_len: int,
                  flops_per_token: float, peak_flops_per_device: float | None) -> dict[str, float]:
     samples = sums[1].sum().item()
     metrics = {
         "train/loss": sums[0].sum().item() / samples,
-        "train/lr": engine.get_lr()[0],
+        "train/lr": lr,
         "perf/samples_per_s": samples / seconds,
         "perf/tokens_per_s": samples * seq_len / seconds,
     }
@@ -98,6 +105,7 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
     loader = MixLoader(schedule, [train_stores[n] for n in names], mix.seq_len, train.micro_batch_size,
                        train.global_batch_size, dist_env.rank, dist_env.world_size, num_workers=train.loader_workers)
     ledger = MixLedger(names, mix.seq_len)
+    guard = StepGuard(train.max_skipped_in_a_row, train.spike_window, train.spike_threshold)
 
     model = build_model(experiment.model, tokenizer, experiment.seed, train.activation_checkpointing)
     model_flops, peak = flops_per_token(model, mix.seq_len), peak_flops(train.peak_flops_per_device)
@@ -112,6 +120,7 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
     if state is not None:
         loader.load_state_dict(state["loader"])
         ledger.load_state_dict(state["ledger"])
+        guard.load_state_dict(state["guard"])
         restore_rng_states(state["rng"])
     tracker = Tracker(experiment.workpath, experiment.wandb, experiment.name,
                       {"experiment": experiment.model_dump(), "deepspeed": ds_config}, dist_env.is_main,
@@ -133,7 +142,8 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
         return bpb
 
     def checkpoint(step: int) -> str:
-        client = {"step": step, "loader": loader.state_dict(), "ledger": ledger.state_dict(), "rng": gather_rng_states(),
+        client = {"step": step, "loader": loader.state_dict(), "ledger": ledger.state_dict(), "guard": guard.state_dict(),
+                  "rng": gather_rng_states(),
                   "wandb_run_id": tracker.run_id, "bpb_before": bpb_before, "first_loss": first_loss, "last_loss": loss,
                   "experiment_hash": experiment_hash(yaml_text), "experiment_yaml": yaml_text}
         return save_checkpoint(engine, checkpoints, step, client, train.keep_checkpoints)
@@ -142,17 +152,29 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
     first_loss, loss = (state["first_loss"], state["last_loss"]) if state else (None, None)
     stop = StopRequest(device)
     progress = Progress(train.steps, state["step"] if state else 0, train.log_every, dist_env.is_main)
+    inject_nan_at = injected_nan_steps(dist_env.rank)
     started = time.perf_counter()
     for batch in loader.iterate(train.steps):
-        sums = train_step(engine, batch, len(names), device)
+        done = batch.step + 1
+        lr = engine.get_lr()[0]  # the rate this step uses; the scheduler moves on inside it
+        sums, applied = train_step(engine, batch, len(names), device, inject_nan=done in inject_nan_at)
         ledger.record(batch.global_corpus_ids)
-        metrics = step_metrics(sums, names, engine, time.perf_counter() - started, mix.seq_len, model_flops, peak)
+        metrics = step_metrics(sums, names, engine, lr, time.perf_counter() - started, mix.seq_len, model_flops, peak)
         metrics |= ledger.metrics()
         started = time.perf_counter()
         loss = metrics["train/loss"]
         first_loss = loss if first_loss is None else first_loss
-        done = batch.step + 1
+        metrics |= guard.record(loss, applied)
         tracker.log(metrics, step=done)
+        if not applied and dist_env.is_main:
+            progress.write(f"step {done}: non-finite loss or gradient norm, update skipped ({guard.skipped} so far)")
+        elif "train/loss_spike" in metrics and dist_env.is_main:
+            progress.write(f"step {done}: loss spike {loss:.4f} (z-score {metrics['train/loss_zscore']:.1f})")
+        if guard.exhausted:
+            progress.close()
+            tracker.close()
+            tag = latest_tag(checkpoints)
+            raise guard.stop_error(done, tag and str(checkpoints / tag))
         progress.update(done, loss, metrics["train/lr"], metrics["perf/tokens_per_s"])
         if stop.agreed():
             progress.close()
@@ -173,6 +195,7 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
     if dist_env.is_main:
         planned = schedule.counts_before(train.steps * train.global_batch_size) / (train.steps * train.global_batch_size)
         results = _results(names, planned.tolist(), ledger, bpb_before, bpb_after, first_loss, loss, tag, tracker)
+        results |= {"skipped_steps": guard.skipped, "loss_spikes": guard.spikes}
         experiment.results_file.write_text(json.dumps(results, indent=1))
     tracker.close(summary={"final_loss": loss})
     dist.barrier()
