@@ -75,6 +75,22 @@ def cmd_launch_local(args) -> None:
     run_local(Path(args.config), args.nproc or default_nproc(_experiment(args)), resume=not args.no_resume)
 
 
+def cmd_launch_slurm(args) -> None:
+    from launch.slurm import launch_slurm, slurm_options
+
+    experiment = _experiment(args)
+    flags = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "partition": args.partition,
+             "account": args.account, "time": args.time}
+    launch_slurm(experiment, Path(args.config), slurm_options(experiment, flags), dry_run=args.dry_run)
+
+
+def cmd_launch_deepspeed(args) -> None:
+    from launch.deepspeed_launcher import run_deepspeed
+
+    _experiment(args)  # a bad experiment file is reported here, not by every rank
+    run_deepspeed(Path(args.config), Path(args.hostfile), args.launcher, resume=not args.no_resume)
+
+
 def cmd_export(args) -> None:
     from pretrain.export import export_checkpoint
 
@@ -179,7 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     launch = commands.add_parser("launch", help="start training processes").add_subparsers(dest="sub", required=True, metavar="HOW")
     local = command(launch, "local", cmd_launch_local, "torchrun on this machine")
     local.add_argument("--nproc", type=int, help="processes (default: launch.nproc_per_node, GPUs, or 2)")
-    for starts_training in (demo, run, train, local):
+    slurm = command(launch, "slurm", cmd_launch_slurm,
+                    "write an sbatch script (torchrun on every node, checkpoint and requeue before the time limit) "
+                    "and submit it; defaults from launch.slurm")
+    slurm.add_argument("--nodes", type=int, help="nodes (default: launch.slurm.nodes, or 1)")
+    slurm.add_argument("--gpus-per-node", type=int, help="GPUs per node, one process each (0: CPU nodes)")
+    slurm.add_argument("--partition", help="Slurm partition")
+    slurm.add_argument("--account", help="Slurm account")
+    slurm.add_argument("--time", help="time limit, e.g. 48:00:00")
+    slurm.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
+    deepspeed = command(launch, "deepspeed", cmd_launch_deepspeed, "the deepspeed launcher over the hosts of a hostfile")
+    deepspeed.add_argument("--hostfile", required=True, help="MPI-style hostfile: one `<host> slots=<processes>` per line")
+    deepspeed.add_argument("--launcher", default="pdsh", choices=["pdsh", "openmpi", "mvapich", "mpich", "impi", "slurm"],
+                           help="how the deepspeed launcher reaches the hosts (default: pdsh over ssh)")
+    for starts_training in (demo, run, train, local, deepspeed):
         starts_training.add_argument("--no-resume", action="store_true",
                                      help="start training afresh even when the workdir holds a checkpoint")
 

@@ -38,9 +38,13 @@ def training_environment() -> dict[str, str]:
     return env
 
 
-def run_local(config_path: Path, nproc: int, resume: bool = True) -> None:
-    command = torchrun_command(config_path, nproc, resume)
-    print(f"launching {nproc} training processes: {' '.join(command[1:])}", flush=True)
+def run_training_command(command: list[str], what: str, launcher: str) -> None:
+    """Run a launcher in the foreground; its failure is the user's to read above, not a traceback here."""
+    print(f"launching {what}: {' '.join(command[1:])}", flush=True)
     completed = subprocess.run(command, env=training_environment())
     if completed.returncode != 0:
-        raise DaptError(f"training failed (torchrun exit code {completed.returncode}); the messages above say why")
+        raise DaptError(f"training failed ({launcher} exit code {completed.returncode}); the messages above say why")
+
+
+def run_local(config_path: Path, nproc: int, resume: bool = True) -> None:
+    run_training_command(torchrun_command(config_path, nproc, resume), f"{nproc} training processes", "torchrun")

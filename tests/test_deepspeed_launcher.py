@@ -1,0 +1,55 @@
+"""`dapt launch deepspeed`: the command it builds for a hostfile, hostfile errors, and a real
+2-process run through the `deepspeed` launcher on this machine."""
+
+import json
+
+import pytest
+
+from launch.base import DaptError
+from launch.cli import main
+from launch.deepspeed_launcher import deepspeed_command, read_hostfile
+from tests.test_resume import experiment_file, losses
+
+
+def test_one_local_host_needs_no_ssh(tmp_path):
+    command = deepspeed_command(tmp_path / "e.yaml", tmp_path / "hosts", {"localhost": 2})
+    assert command[1:3] == ["-m", "deepspeed.launcher.runner"]
+    assert "--no_ssh_check" in command and "--master_addr=localhost" in command
+    assert command[command.index("--module"):] == ["--module", "--no_local_rank", "launch.cli", "train", str(tmp_path / "e.yaml")]
+
+
+def test_many_hosts_over_openmpi_get_the_master_exported(tmp_path):
+    command = deepspeed_command(tmp_path / "e.yaml", tmp_path / "hosts", {"worker-0": 8, "worker-1": 8},
+                                launcher="openmpi", resume=False)
+    assert "--no_ssh_check" not in command, "pdsh and mpirun reach remote hosts over ssh"
+    assert "--master_addr=worker-0" in command and "--launcher=openmpi" in command
+    assert "--launcher_args=-x MASTER_ADDR=worker-0 -x MASTER_PORT=29500" in command
+    assert command[-1] == "--no-resume"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("worker-0 slots=8\nworker-1 8\n", "Hostfile contains a bad entry: worker-1 8"),
+    ("worker-0 slots=8\nworker-0 slots=4\n", "multiple entries for worker-0"),
+    ("# nothing\n", "Hostfile is empty"),
+])
+def test_bad_hostfile_is_named(tmp_path, text, message):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(text)
+    with pytest.raises(DaptError, match=f"hostfile {hostfile}: .*{message}.*each line is `<host> slots=<processes>`"):
+        read_hostfile(hostfile)
+
+
+def test_missing_hostfile(tmp_path):
+    with pytest.raises(DaptError, match="hostfile .*/nope does not exist"):
+        read_hostfile(tmp_path / "nope")
+
+
+@pytest.mark.slow
+def test_two_ranks_train_under_the_deepspeed_launcher(tmp_path, built_experiment):
+    path = experiment_file(tmp_path, built_experiment, steps=2)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    assert main(["launch", "deepspeed", str(path), "--hostfile", str(hostfile)]) == 0
+    assert sorted(losses(tmp_path)) == [1, 2]
+    checkpoint = tmp_path / "checkpoints" / "step00000002"
+    assert json.loads((checkpoint / "dapt-checkpoint.json").read_text())["world_size"] == 2

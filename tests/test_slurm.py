@@ -1,0 +1,217 @@
+"""`dapt launch slurm`: the sbatch script it renders, and the script run by a real one-node
+Slurm (munged, slurmctld, slurmd started by tests/slurm/start_local_slurm.sh): a complete
+2-process run, and a run that checkpoints on SIGUSR1, requeues itself and resumes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.base import DaptError
+from launch.cli import main
+from launch.experiment import load_experiment
+from launch.slurm import render_script, slurm_options
+from tests.conftest import write_experiment
+from tests.test_resume import experiment_file, losses
+
+START_SLURM = Path(__file__).resolve().parent / "slurm" / "start_local_slurm.sh"
+SLURM_STATE = Path("/tmp/dapt-slurm")
+STEPS = 50  # steps take ~0.1 s: enough that the stop lands mid-run
+HOSTILE = "x; touch PWNED; $(touch PWNED) `touch PWNED` ' \""
+
+
+def dapt(*args: str) -> tuple[int, str]:
+    """The `dapt` command in this process (a subprocess would spend seconds importing torch again)."""
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        status = main(list(args))
+    return status, output.getvalue()
+
+
+# --- the script, without Slurm -------------------------------------------------------------
+
+def test_dry_run_prints_the_script_with_flags_over_the_config(tmp_path):
+    path = write_experiment(tmp_path, {"launch": {"slurm": {"partition": "cpu", "nodes": 2, "time": "1:00:00",
+                                                            "sbatch_options": ["--qos=high"]}}})
+    status, script = dapt("launch", "slurm", str(path), "--dry-run", "--nodes", "8", "--gpus-per-node", "4")
+    assert status == 0
+    for directive in ("--nodes=8", "--gpus-per-node=4", "--partition=cpu", "--time=1:00:00", "--qos=high",
+                      "--ntasks-per-node=1", "--requeue", "--signal=B:USR1@300", "--open-mode=append"):
+        assert f"#SBATCH {directive}\n" in script, directive
+    assert "--nproc-per-node=4 " in script, "one training process per GPU"
+    assert "--rdzv-backend=c10d" in script and 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0, "valid bash"
+    assert not (tmp_path / "slurm").exists(), "a dry run writes nothing"
+
+
+def test_every_value_is_shell_quoted(tmp_path):
+    folder = tmp_path / HOSTILE.replace("/", "")
+    folder.mkdir()
+    path = write_experiment(folder, {"name": HOSTILE, "launch": {"slurm": {"partition": HOSTILE, "account": HOSTILE}}})
+    experiment, _ = load_experiment(path)
+    script = render_script(experiment, path, experiment.launch.slurm)
+    directives = [shlex.split(line) for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert ["#SBATCH", f"--partition={HOSTILE}"] in directives, "sbatch reads each option as one word"
+    assert ["#SBATCH", f"--job-name={HOSTILE}"] in directives
+    # The assignments at the top hold the user's paths; bash must read them back verbatim.
+    assignments = "\n".join(line for line in script.splitlines() if re.match(r"(config|python|latest)=", line))
+    read_back = subprocess.run(["bash", "-c", assignments + '\nprintf "%s\\n" "$config" "$latest"'],
+                               capture_output=True, text=True, cwd=tmp_path)
+    assert read_back.stdout.splitlines() == [str(path.resolve()), str(experiment.checkpoints_dir / "latest")]
+    assert not list(tmp_path.rglob("PWNED")), "no value ran a command"
+
+
+@pytest.mark.parametrize("slurm, message", [
+    ({"time": "48h"}, r"launch.slurm.time: '48h' is not a Slurm time"),
+    ({"partition": "gpu\nrm -rf ~"}, "launch.slurm.partition: must be a non-empty single line"),
+    ({"sbatch_options": ["qos=high"]}, "'qos=high' is not an sbatch option"),
+    ({"time": "10", "signal_lead_seconds": 600}, r"signal_lead_seconds \(600\) must be shorter than the time limit"),
+    ({"nodes": 0}, "launch.slurm.nodes: .*greater than 0"),
+])
+def test_bad_slurm_options_are_refused(tmp_path, slurm, message):
+    with pytest.raises(DaptError, match=message):
+        load_experiment(write_experiment(tmp_path, {"launch": {"slurm": slurm}}))
+
+
+def test_bad_flag_names_its_field(tmp_path):
+    experiment, _ = load_experiment(write_experiment(tmp_path))
+    with pytest.raises(DaptError, match=r"launch.slurm.time \(or its flag\): .*'2 days' is not a Slurm time"):
+        slurm_options(experiment, {"time": "2 days", "nodes": None})
+
+
+# --- a real Slurm ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    """The environment for Slurm's client commands; skips (with the reason) where Slurm cannot start."""
+    started = subprocess.run(["bash", str(START_SLURM), str(SLURM_STATE)], capture_output=True, text=True, timeout=120)
+    if started.returncode != 0:
+        pytest.skip(f"no local Slurm: {started.stderr.strip() or started.stdout.strip()}")
+    # sbatch passes the submitting environment on to the job, as it does for users.
+    os.environ["SLURM_CONF"] = str(SLURM_STATE / "slurm.conf")
+    yield dict(os.environ)
+    del os.environ["SLURM_CONF"]
+    if "already running" not in started.stdout:
+        subprocess.run(["bash", str(START_SLURM), str(SLURM_STATE), "stop"], check=False)
+
+
+def job_info(job_id: str, env: dict) -> dict[str, str]:
+    line = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, env=env).stdout
+    return dict(re.findall(r"(JobState|Restarts|ExitCode|Reason)=(\S+)", line))
+
+
+def wait_for_job(job_id: str, env: dict, timeout: float = 300, until=None) -> dict[str, str]:
+    """Poll until the job ends (or `until()` holds); a job still running at the timeout is cancelled."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job_info(job_id, env)
+        if until is not None and until():
+            return info
+        if info.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}:
+            return info
+        time.sleep(0.1)
+    subprocess.run(["scancel", job_id], env=env)
+    pytest.fail(f"job {job_id} did not finish in {timeout} s: {info}")
+
+
+def submit(path: Path) -> str:
+    status, output = dapt("launch", "slurm", str(path))
+    assert status == 0
+    return re.search(r"submitted job (\d+)", output).group(1)
+
+
+def slurm_output(workdir: Path, job_id: str) -> str:
+    return (workdir / "slurm" / f"{job_id}.out").read_text()
+
+
+@pytest.mark.slow
+def test_srun_tasks_find_their_rank_in_slurm_variables(slurm_env):
+    code = "import json; from launch.env import discover; print(json.dumps(discover().__dict__))"
+    result = subprocess.run(["srun", "--ntasks=2", sys.executable, "-c", code],
+                            capture_output=True, text=True, env=slurm_env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    tasks = sorted((json.loads(line) for line in result.stdout.splitlines()), key=lambda t: t["rank"])
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    assert [(t["rank"], t["world_size"], t["local_rank"], t["source"]) for t in tasks] == [(0, 2, 0, "Slurm"), (1, 2, 1, "Slurm")]
+    assert {t["master_addr"] for t in tasks} == {host} and len({t["master_port"] for t in tasks}) == 1
+
+
+def slurm_experiment(folder: Path, built_experiment) -> Path:
+    """The resume tests' tiny run, saving only at the end or when stopped (saves cost seconds here)."""
+    path = experiment_file(folder, built_experiment, steps=STEPS)
+    config = yaml.safe_load(path.read_text())
+    config["train"]["checkpoint_every"] = 0
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_job(slurm_env, built_experiment, tmp_path_factory):
+    """The tiny experiment run to the end by `dapt launch slurm`: 1 node, torchrun with 2 ranks."""
+    workdir = tmp_path_factory.mktemp("slurm-uninterrupted")
+    path = slurm_experiment(workdir, built_experiment)
+    job_id = submit(path)
+    return workdir, job_id, wait_for_job(job_id, slurm_env)
+
+
+@pytest.mark.slow
+def test_submitted_job_completes_and_both_ranks_train(finished_job):
+    workdir, job_id, info = finished_job
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", slurm_output(workdir, job_id)
+    assert (workdir / "slurm" / f"job-{job_id}.sbatch").is_file(), "the script is kept for the record"
+    assert f"training finished: checkpoint step{STEPS:08d}" in slurm_output(workdir, job_id)
+    assert sorted(losses(workdir)) == list(range(1, STEPS + 1))
+    checkpoint = workdir / "checkpoints" / f"step{STEPS:08d}"
+    assert json.loads((checkpoint / "dapt-checkpoint.json").read_text())["world_size"] == 2
+    assert len(list(checkpoint.glob("*zero_pp_rank_[01]_*optim_states.pt"))) == 2, "each rank saved its ZeRO shard"
+    rank_logs = sorted(p.relative_to(workdir).parts[-2] for p in (workdir / "logs").rglob("stderr.log"))
+    assert rank_logs == ["0", "1"], "one log per rank"
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_requeues_and_resumes_the_same_run(slurm_env, finished_job, built_experiment, tmp_path):
+    path = slurm_experiment(tmp_path, built_experiment)
+    job_id = submit(path)
+    metrics = tmp_path / "metrics.jsonl"
+    wait_for_job(job_id, slurm_env, until=lambda: metrics.exists() and '"step": 2,' in metrics.read_text())
+    # What `#SBATCH --signal=B:USR1@<lead>` does before the time limit, sent now.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm_env, check=True)
+    info = wait_for_job(job_id, slurm_env)
+    output = slurm_output(tmp_path, job_id)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", output
+    stopped_at = int(re.search(r"stopped by a signal after step (\d+)", output).group(1))
+    assert 2 <= stopped_at < STEPS
+    assert "attempt 1 " in output and "attempt 2 " in output and f"requeueing job {job_id}" in output
+    assert f"resuming from {tmp_path / 'checkpoints' / f'step{stopped_at:08d}'} at step {stopped_at}" in output
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    run_dirs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) >= 2 and {d.name.rsplit("-", 1)[1] for d in run_dirs} == {results["wandb_run_id"]}, \
+        "the requeued attempt logs to the same W&B run"
+    # No sample repeated or skipped: every step logged once, with the uninterrupted run's loss,
+    # and the ledger's tokens per corpus equal to the uninterrupted run's.
+    uninterrupted_dir = finished_job[0]
+    assert losses(tmp_path) == losses(uninterrupted_dir)
+    uninterrupted = json.loads((uninterrupted_dir / "results.json").read_text())
+    assert {n: c["tokens_seen"] for n, c in results["corpora"].items()} == \
+           {n: c["tokens_seen"] for n, c in uninterrupted["corpora"].items()}
+
+
+def test_start_script_refuses_without_slurm_and_says_why(tmp_path):
+    """Where Slurm is missing the script says so (and the fixture skips with that reason)."""
+    result = subprocess.run(["/bin/bash", str(START_SLURM), str(tmp_path / "state")], capture_output=True, text=True,
+                            env={"PATH": str(tmp_path), "HOME": str(tmp_path)})
+    assert result.returncode == 1
+    assert "cannot start a local Slurm: 'munged' is not installed" in result.stderr
