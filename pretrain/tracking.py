@@ -26,6 +26,32 @@ def _metrics_file(path: Path, resume_step: int | None):
     return open(path, "w", encoding="utf-8")
 
 
+def _init_wandb(workdir: Path, config: WandbConfig, **init):
+    # Environment, not init(mode=...): only then does offline W&B make no network call at all.
+    os.environ["WANDB_MODE"] = config.mode
+    os.environ.setdefault("WANDB_DATA_DIR", str(workdir / "wandb-data"))
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    return wandb.init(project=config.project, entity=config.entity, group=config.group, tags=config.tags,
+                      resume="allow", dir=str(workdir), settings=wandb.Settings(console="off"), **init)
+
+
+def add_to_run(workdir: Path, config: WandbConfig, run_id: str, summary: dict[str, float],
+               table: tuple[str, list[str], list[list]]) -> None:
+    """Results computed after training (downstream tasks) added to the run's summary and as a
+    table; offline, a new folder with the same run id, which `wandb sync` merges into the run."""
+    if config.mode == "disabled":
+        return
+    run = _init_wandb(workdir, config, id=run_id)
+    import wandb
+
+    name, columns, rows = table
+    run.log({name: wandb.Table(columns=columns, data=rows)})
+    run.summary.update(summary)
+    run.finish()
+
+
 class Tracker:
     def __init__(self, workdir: Path, config: WandbConfig, run_name: str, run_config: dict, is_main: bool,
                  run_id: str | None = None, resume_step: int | None = None):
@@ -39,17 +65,7 @@ class Tracker:
         self.metrics_file = _metrics_file(workdir / "metrics.jsonl", resume_step)
         if config.mode == "disabled":
             return
-        # Environment, not init(mode=...): only then does offline W&B make no network call at all.
-        os.environ["WANDB_MODE"] = config.mode
-        os.environ.setdefault("WANDB_DATA_DIR", str(workdir / "wandb-data"))
-        os.environ.setdefault("WANDB_SILENT", "true")
-        import wandb
-
-        self.run = wandb.init(
-            project=config.project, entity=config.entity, group=config.group, tags=config.tags,
-            name=run_name, id=run_id, resume="allow", config=run_config, dir=str(workdir),
-            settings=wandb.Settings(console="off"),
-        )
+        self.run = _init_wandb(workdir, config, name=run_name, id=run_id, config=run_config)
         self.run_id = self.run.id
         # Every group is plotted against the optimizer step, which each record also carries
         # (as in metrics.jsonl); the summary keeps the best (lowest) held-out BPB per corpus

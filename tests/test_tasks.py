@@ -1,0 +1,110 @@
+"""Downstream few-shot tasks through lm-evaluation-harness: a known answer, the split, bad task files."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.base import DaptError
+from pretrain.tasks import load_task, read_examples, split_examples
+
+EXAMPLE_TASK = Path(__file__).resolve().parents[1] / "configs" / "tasks" / "headline_sentiment.yaml"
+TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 256}
+
+
+def teach_the_mapping(model, tokenizer, task, train: list[dict], steps: int) -> None:
+    """A plain torch loop on 3-shot strings of the train split, the loss on the label words only."""
+    words = list(task.label_words.values())
+    rng = random.Random(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        sequences = []
+        for _ in range(16):
+            ids, labels = [], []
+            for index, example in enumerate(rng.sample(train, 3)):
+                prompt = tokenizer(("\n\n" if index else "") + task.prompt.format(text=example["text"]),
+                                   add_special_tokens=False).input_ids
+                answer = tokenizer(" " + words[example["label"]], add_special_tokens=False).input_ids
+                ids += prompt + answer
+                labels += [-100] * len(prompt) + answer
+            sequences.append((ids, labels))
+        width = max(len(ids) for ids, _ in sequences)
+        input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in sequences])
+        labels = torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in sequences])
+        model(input_ids=input_ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.slow
+def test_a_model_taught_the_mapping_gets_it_right_and_an_untrained_one_is_near_chance(built_experiment, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pretrain.config import ModelConfig
+    from pretrain.model import build_model
+    from pretrain.tasks import evaluate_tasks
+
+    task = load_task(EXAMPLE_TASK)
+    train, _ = split_examples(task, read_examples(task))
+    tokenizer = AutoTokenizer.from_pretrained(built_experiment.tokenizer_dir)
+    model = build_model(ModelConfig(config=TINY), tokenizer, seed=0, activation_checkpointing=False)
+    scores = {}
+    for name, steps in (("untrained", 0), ("taught", 80)):
+        teach_the_mapping(model, tokenizer, task, train, steps)
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        results = evaluate_tasks([EXAMPLE_TASK], tmp_path / name, tmp_path / f"run-{name}", shots=2)
+        scores[name] = results["tasks"][0]
+        assert json.loads((tmp_path / f"run-{name}" / "eval_tasks.json").read_text()) == results
+    untrained, taught = scores["untrained"], scores["taught"]
+    assert taught["items"] == untrained["items"] > 20 and taught["shots"] == 2
+    assert taught["accuracy"] >= 0.9 and taught["macro_f1"] >= 0.9, taught
+    # An untrained model has no idea: about the majority label's share at best (three labels).
+    assert untrained["accuracy"] <= untrained["chance"] + 0.15 and untrained["macro_f1"] < 0.5, untrained
+
+
+def test_the_split_follows_the_text_not_the_file_order(tmp_path):
+    task = load_task(EXAMPLE_TASK)
+    examples = read_examples(task)
+    shuffled = tmp_path / "shuffled.jsonl"
+    lines = Path(task.data).read_text().splitlines()
+    random.Random(3).shuffle(lines)
+    shuffled.write_text("\n".join(lines) + "\n")
+    moved = task.model_copy(update={"data": str(shuffled)})
+    train, test = split_examples(task, examples)
+    assert split_examples(moved, read_examples(moved)) == (train, test)
+    assert {e["text"] for e in train}.isdisjoint(e["text"] for e in test)
+    assert len({e["label"] for e in test}) == 3  # a file sorted by label still gives every label to test
+
+
+def write_task(folder: Path, rows: str, suffix: str = ".jsonl", **fields) -> Path:
+    (folder / f"rows{suffix}").write_text(rows)
+    task = {"name": "toy", "data": f"rows{suffix}", "label_words": {"up": "up", "down": "down"}, **fields}
+    path = folder / "task.yaml"
+    path.write_text(json.dumps(task))
+    return path
+
+
+@pytest.mark.parametrize("rows, suffix, message", [
+    ('{"text": "shares rose", "label": "up"}\n{"text": "shares fell"}\n', ".jsonl",
+     r"rows.jsonl:2: missing label \(field 'label'\)"),
+    ('{"text": "shares rose", "label": "up"}\n\n{"text": "flat", "label": "flat"}\n', ".jsonl",
+     r"rows.jsonl:3: label 'flat' has no label words; label_words covers up, down"),
+    ("text,label\nshares rose,up\n\"shares\nfell\",\n", ".csv", r"rows.csv:4: missing label"),
+    ('{"text": "shares rose", "label": "up"}\n{"text": "", "label": "up"}\n', ".jsonl", r"rows.jsonl:2: no text"),
+])
+def test_a_bad_row_is_one_error_naming_file_and_line(tmp_path, rows, suffix, message):
+    task = load_task(write_task(tmp_path, rows, suffix))
+    with pytest.raises(DaptError, match=message):
+        read_examples(task)
+
+
+def test_a_bad_task_file_names_the_field(tmp_path):
+    with pytest.raises(DaptError, match=r"task.yaml: shots: Input should be greater than or equal to 0"):
+        load_task(write_task(tmp_path, "", shots=-1))
+    with pytest.raises(DaptError, match=r"task.yaml: label_word: Extra inputs are not permitted"):
+        load_task(write_task(tmp_path, "", label_word="x"))
