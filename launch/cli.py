@@ -103,8 +103,34 @@ def cmd_eval(args) -> None:
 
     experiment = _experiment(args)
     model_dir = Path(args.model) if args.model else experiment.export_dir
+    if args.tasks:
+        from pretrain.tasks import evaluate_tasks, format_tasks, log_tasks
+
+        results = evaluate_tasks([Path(t) for t in args.tasks], model_dir, experiment.workpath, shots=args.shots)
+        print(f"{format_tasks(results)}\nwritten to {experiment.workpath / 'eval_tasks.json'}")
+        log_tasks(experiment, results)
+        return
     for name, bpb in evaluate_model_dir(experiment, model_dir).items():
         print(f"{name:<14}held-out BPB {bpb:.4f}")
+
+
+def cmd_report(args) -> None:
+    from pretrain.report import build_report
+
+    page = build_report(Path(args.path), Path(args.out) if args.out else None)
+    print(f"report: {page} (plots beside it)")
+
+
+def cmd_wandb_dashboard(args) -> None:
+    from pretrain.dashboard import dashboard
+
+    experiment = _experiment(args) if args.config else None
+    project = args.project or (experiment and experiment.wandb.project)
+    if not project:
+        raise DaptError("dapt wandb dashboard: give --project, or --config with an experiment whose wandb.project is set")
+    entity = args.entity or (experiment and experiment.wandb.entity)
+    corpora = experiment.corpus_names() if experiment else []
+    print(dashboard(project, entity, corpora, Path(args.output) if args.output else None, args.dry_run))
 
 
 def cmd_run(args) -> None:
@@ -212,8 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
         starts_training.add_argument("--no-resume", action="store_true",
                                      help="start training afresh even when the workdir holds a checkpoint")
 
-    evaluate = command(commands, "eval", cmd_eval, "held-out bits-per-byte per corpus of a Hugging Face model directory")
+    evaluate = command(commands, "eval", cmd_eval,
+                       "held-out bits-per-byte per corpus of a Hugging Face model directory, or downstream few-shot tasks")
     evaluate.add_argument("--model", help="model directory (default: the experiment's export)")
+    evaluate.add_argument("--tasks", nargs="+", metavar="TASK_YAML",
+                          help="score few-shot classification tasks (lm-evaluation-harness) instead of held-out BPB")
+    evaluate.add_argument("--shots", type=int, help="examples before each test item (default: each task's `shots`)")
+    report = command(commands, "report", cmd_report, "an offline HTML page of a run or a sweep, plots embedded", config=False)
+    report.add_argument("path", help="a run's workdir or a sweep folder")
+    report.add_argument("--out", help="where report.html and its PNGs go (default: PATH/report)")
+    wandb = commands.add_parser("wandb", help="Weights & Biases views").add_subparsers(dest="sub", required=True, metavar="WHAT")
+    board = command(wandb, "dashboard", cmd_wandb_dashboard, "a saved W&B workspace with dapt's panels (wandb-workspaces)",
+                    config=False)
+    board.add_argument("--project", help="W&B project (default: the experiment's wandb.project)")
+    board.add_argument("--entity", help="W&B entity (default: the experiment's, else your default entity)")
+    board.add_argument("--config", help="experiment YAML: its corpora get their own panels")
+    board.add_argument("--output", help="also write the workspace spec (JSON) here")
+    board.add_argument("--dry-run", action="store_true", help="build and write the spec, do not save it to W&B")
     export = command(commands, "export", cmd_export, "consolidate a DeepSpeed checkpoint into a Hugging Face directory", config=False)
     export.add_argument("checkpoint", help="checkpoint folder (holding `latest`)")
     export.add_argument("out", help="output directory")
