@@ -26,14 +26,14 @@ def _metrics_file(path: Path, resume_step: int | None):
     return open(path, "w", encoding="utf-8")
 
 
-def _init_wandb(workdir: Path, config: WandbConfig, **init):
+def _init_wandb(workdir: Path, settings: WandbConfig, **init):
     # Environment, not init(mode=...): only then does offline W&B make no network call at all.
-    os.environ["WANDB_MODE"] = config.mode
+    os.environ["WANDB_MODE"] = settings.mode
     os.environ.setdefault("WANDB_DATA_DIR", str(workdir / "wandb-data"))
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 
-    return wandb.init(project=config.project, entity=config.entity, group=config.group, tags=config.tags,
+    return wandb.init(project=settings.project, entity=settings.entity, group=settings.group, tags=settings.tags,
                       resume="allow", dir=str(workdir), settings=wandb.Settings(console="off"), **init)
 
 
