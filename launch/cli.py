@@ -140,7 +140,7 @@ def cmd_run(args) -> None:
 def cmd_sweep(args) -> None:
     from launch.sweep import run_sweep
 
-    run_sweep(Path(args.config), only=args.only, nproc=args.nproc)
+    run_sweep(Path(args.config), only=args.only, nproc=args.nproc, slurm=args.slurm)
 
 
 def cmd_demo(args) -> None:
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "BPB per mix, a fitted model and a proposed mix")
     sweep.add_argument("--only", nargs="+", metavar="RUN", help="train only these runs of the sweep (names as listed)")
     sweep.add_argument("--nproc", type=int, help="processes per run (default: sweep.proxy.nproc, GPUs, or 2)")
+    sweep.add_argument("--slurm", action="store_true",
+                       help="submit the unfinished runs as one Slurm job array (options: sweep.proxy.slurm or launch.slurm)")
 
     tokenizer = commands.add_parser("tokenizer", help="tokenizer stages").add_subparsers(dest="sub", required=True, metavar="STAGE")
     command(tokenizer, "train", cmd_tokenizer_train, "train the experiment's tokenizer")

@@ -114,6 +114,12 @@ def proxy_yaml(experiment: Experiment, run: ProxyRun) -> str:
         data["model"] = proxy.model.model_dump(mode="json", exclude_defaults=True)
     if proxy.deepspeed is not None:
         data["deepspeed"] = proxy.deepspeed
+    if proxy.nproc is not None or proxy.slurm is not None:  # where `dapt launch` and `--slurm` read them
+        launch = data.setdefault("launch", {})
+        if proxy.nproc is not None:
+            launch["nproc_per_node"] = proxy.nproc
+        if proxy.slurm is not None:
+            launch["slurm"] = proxy.slurm.model_dump(mode="json", exclude_defaults=True)
     header = (f"# Proxy run {run.name!r} of the sweep in {sweep_dir(experiment)} (written by `dapt sweep`).\n"
               f"# Rerun it alone with: dapt launch local {folder / 'experiment.yaml'}\n")
     return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
@@ -158,6 +164,25 @@ def launch_proxy(config: Path, nproc: int, log: Path, on_line: Callable[[str], N
         return process.wait()
 
 
+def prepare_proxy(experiment: Experiment, run: ProxyRun) -> Path | None:
+    """Write the run's experiment file and check its mix plan before any process starts;
+    None when the plan is refused (e.g. past `max_epochs`), the reason in the run's log."""
+    folder = run_dir(experiment, run)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "experiment.yaml"
+    config.write_text(proxy_yaml(experiment, run), encoding="utf-8")
+    proxy, _ = load_experiment(config)
+    from launch.pipeline import mix_plan
+
+    with open(folder / "train.log", "a", encoding="utf-8") as out, contextlib.redirect_stdout(out):
+        try:
+            mix_plan(proxy)
+        except DaptError as err:
+            print(f"dapt: error: {err}")
+            return None
+    return config
+
+
 def run_proxy(experiment: Experiment, run: ProxyRun, nproc: int | None,
               on_line: Callable[[str], None] | None = None) -> str:
     """Train one proxy run unless it is done; returns its status: done, kept or failed.
@@ -165,29 +190,23 @@ def run_proxy(experiment: Experiment, run: ProxyRun, nproc: int | None,
     folder = run_dir(experiment, run)
     if (folder / "results.json").exists():
         return "kept"
-    folder.mkdir(parents=True, exist_ok=True)
-    config, log = folder / "experiment.yaml", folder / "train.log"
-    config.write_text(proxy_yaml(experiment, run), encoding="utf-8")
-    proxy, _ = load_experiment(config)
-    from launch.pipeline import mix_plan
-
-    with open(log, "a", encoding="utf-8") as out, contextlib.redirect_stdout(out):
-        try:  # refuse a mix the stores cannot serve (e.g. past max_epochs) before starting processes
-            mix_plan(proxy)
-        except DaptError as err:
-            print(f"dapt: error: {err}")
-            return "failed"
+    config = prepare_proxy(experiment, run)
+    if config is None:
+        return "failed"
 
     def show_progress(line: str) -> None:
         if line.startswith(("step ", "resuming ")):
             print(f"  {run.name}: {line.rstrip()}", flush=True)
 
-    code = launch_proxy(config, nproc or default_nproc(proxy), log, on_line or show_progress)
+    nproc = nproc or default_nproc(load_experiment(config)[0])
+    code = launch_proxy(config, nproc, folder / "train.log", on_line or show_progress)
     return "done" if code == 0 and (folder / "results.json").exists() else "failed"
 
 
-def run_sweep(config_path: Path, only: list[str] | None = None, nproc: int | None = None) -> dict:
-    """Build the shared tokenizer and stores, train every proxy run not yet done, write the results."""
+def run_sweep(config_path: Path, only: list[str] | None = None, nproc: int | None = None,
+              slurm: bool = False) -> dict | None:
+    """Build the shared tokenizer and stores, then train every proxy run not yet done here
+    and write the results, or (`slurm`) submit them as a job array and return None."""
     from launch.pipeline import build_stores, train_tokenizer
     from launch.sweep_results import write_results
 
@@ -209,19 +228,9 @@ def run_sweep(config_path: Path, only: list[str] | None = None, nproc: int | Non
     check_unchanged(experiment, runs)
     chosen = select(runs, only)
     print(f"== {len(chosen)} proxy run(s) of {len(runs)}, W&B group {wandb_group(experiment)!r}", flush=True)
-    statuses = {}
-    for number, run in enumerate(chosen, 1):
-        shares = ", ".join(f"{name} {share:.3f}" for name, share in run.weights.items())
-        print(f"[{number}/{len(chosen)}] {run.name}: {shares}", flush=True)
-        started = time.perf_counter()
-        statuses[run.name] = status = run_proxy(experiment, run, nproc or experiment.sweep.proxy.nproc)
-        log = run_dir(experiment, run) / "train.log"
-        if status == "kept":
-            print(f"[{number}/{len(chosen)}] {run.name}: finished earlier, kept")
-        elif status == "done":
-            print(f"[{number}/{len(chosen)}] {run.name}: done in {time.perf_counter() - started:.0f} s")
-        else:
-            print(f"[{number}/{len(chosen)}] {run.name}: FAILED, log: {log}; the sweep goes on", flush=True)
+    statuses = submit_to_slurm(experiment, chosen) if slurm else train_here(experiment, chosen, nproc)
+    if statuses is None:
+        return None
     summary = write_results(experiment, runs, base)
     failed = [name for name, status in statuses.items() if status == "failed"]
     if failed:
@@ -229,3 +238,43 @@ def run_sweep(config_path: Path, only: list[str] | None = None, nproc: int | Non
         raise DaptError(f"{len(failed)} of {len(chosen)} proxy run(s) failed ({', '.join(failed)}); logs: {logs}; "
                         "rerun `dapt sweep` to retry them (finished runs are kept)")
     return summary
+
+
+def train_here(experiment: Experiment, runs: list[ProxyRun], nproc: int | None) -> dict[str, str]:
+    """The runs one after another on this machine; a failure is reported and the next run starts."""
+    statuses = {}
+    for number, run in enumerate(runs, 1):
+        shares = ", ".join(f"{name} {share:.3f}" for name, share in run.weights.items())
+        print(f"[{number}/{len(runs)}] {run.name}: {shares}", flush=True)
+        started = time.perf_counter()
+        statuses[run.name] = status = run_proxy(experiment, run, nproc)
+        if status == "kept":
+            print(f"[{number}/{len(runs)}] {run.name}: finished earlier, kept")
+        elif status == "done":
+            print(f"[{number}/{len(runs)}] {run.name}: done in {time.perf_counter() - started:.0f} s")
+        else:
+            log = run_dir(experiment, run) / "train.log"
+            print(f"[{number}/{len(runs)}] {run.name}: FAILED, log: {log}; the sweep goes on", flush=True)
+    return statuses
+
+
+def submit_to_slurm(experiment: Experiment, runs: list[ProxyRun]) -> dict[str, str] | None:
+    """The unfinished runs as one job array; None once submitted. With nothing left to
+    submit, the statuses, so that the results are written."""
+    from launch.sweep_slurm import submit_array
+
+    statuses, configs = {}, []
+    for run in runs:
+        if (run_dir(experiment, run) / "results.json").exists():
+            statuses[run.name] = "kept"
+            continue
+        config = prepare_proxy(experiment, run)
+        if config is None:
+            statuses[run.name] = "failed"
+            print(f"{run.name}: its mix plan is refused, not submitted; log: {run_dir(experiment, run) / 'train.log'}")
+        else:
+            configs.append(config)
+    if not configs:
+        return statuses
+    submit_array(experiment, configs)
+    return None

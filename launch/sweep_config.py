@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from data_mix.config import WeightsConfig
 from launch.base import StrictModel
+from launch.config import SlurmConfig
 from pretrain.config import ModelConfig
 
 
@@ -53,7 +54,10 @@ class ProxyConfig(StrictModel):
     deepspeed: dict[str, Any] | None = None
     """A DeepSpeed config replacing the experiment's; default: the experiment's."""
     nproc: int | None = Field(default=None, gt=0)
-    """Processes per proxy run; default: as `dapt launch local` chooses."""
+    """Processes per proxy run (its `launch.nproc_per_node`); default: as `dapt launch local` chooses."""
+    slurm: SlurmConfig | None = None
+    """Slurm options of a proxy run under `dapt sweep --slurm` (e.g. `{nodes: 1, time: "1:00:00"}`);
+    default: the experiment's `launch.slurm`."""
 
 
 class ObjectiveConfig(StrictModel):

@@ -228,3 +228,22 @@ def test_financial_bpb_falls_and_public_bpb_rises_with_the_financial_share(share
     for corpus, group in (("filings", "financial"), ("news", "financial"), ("encyclopedia", "public"), ("web", "public")):
         ends = runs[0]["bpb"][corpus], runs[2]["bpb"][corpus]
         assert (ends[0] > ends[1]) == (group == "financial"), (corpus, ends)
+
+
+def test_slurm_array_runs_each_proxy_run_with_its_own_launch_script(tmp_path, built_experiment):
+    from launch.sweep import prepare_proxy
+    from launch.sweep_slurm import array_script, run_script
+
+    proxy = TINY_PROXY | {"slurm": {"partition": "cpu", "time": "0:30:00"}, "nproc": 2}
+    path = sweep_experiment(tmp_path, {"grid": {"group": "financial", "shares": [0.2, 0.8]}, "proxy": proxy}, built_experiment)
+    experiment, _ = load_experiment(path)
+    scripts = [run_script(prepare_proxy(experiment, run)) for run in design(experiment, {"financial": 0.5, "public": 0.5})]
+    text = array_script(experiment, scripts)
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+    assert "#SBATCH --array=0-1" in text and "#SBATCH --partition=cpu" in text and "#SBATCH --time=0:30:00" in text
+    assert text.count("#SBATCH --output=") == 1 and "/sweep/slurm/%A_%a.out" in text
+    assert "#SBATCH --signal=B:USR1@" in text and "#SBATCH --requeue" in text, "each run checkpoints and requeues"
+    assert 'exec bash "${scripts[$SLURM_ARRAY_TASK_ID]}"' in text
+    for script, name in zip(scripts, ["financial-0.20", "financial-0.80"]):
+        assert str(script) in text and script.parent.name == name
+        assert f"runs/{name}/experiment.yaml" in script.read_text() and "--nproc-per-node=2" in script.read_text()
