@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_mix.batches import BatchSizes
 from data_mix.blend import MixSchedule, Stage
 from data_mix.loader import MixLoader
 from data_mix.plan import worst_prefix_deviation
@@ -69,7 +70,7 @@ def loader_throughput(workers: int, steps: int) -> float:
     with tempfile.TemporaryDirectory() as scratch:
         stores = [write_random_store(Path(scratch) / n, n, 4_000_000, rng) for n in NAMES]
         mix = schedule([s.num_samples(seq_len) for s in stores])
-        loader = MixLoader(mix, stores, seq_len, micro, global_batch, rank=0, world_size=1, num_workers=workers)
+        loader = MixLoader(mix, stores, seq_len, micro, BatchSizes(global_batch), rank=0, world_size=1, num_workers=workers)
         _, seconds = timed(lambda: sum(1 for _ in loader.iterate(steps)))
     return steps * global_batch / seconds
 

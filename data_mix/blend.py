@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data_mix.batches import BatchSizes
 from data_mix.config import CorpusConfig, MixConfig, WeightsConfig
 from data_mix.kernel import MAX_CORPORA, run_schedule
 from data_mix.permute import permute
@@ -178,14 +179,15 @@ class MixSchedule:
         return out
 
 
-def build_schedule(corpora: list[CorpusConfig], mix: MixConfig, seed: int, train_stores: dict, global_batch: int, steps: int) -> MixSchedule:
+def build_schedule(corpora: list[CorpusConfig], mix: MixConfig, seed: int, train_stores: dict, batches: BatchSizes,
+                   steps: int) -> MixSchedule:
     """The run's schedule from the training stores: natural sizes are counted in tokens."""
     names = [c.name for c in corpora]
     sizes = {name: len(train_stores[name].tokens) for name in names}
-    total_tokens = steps * global_batch * mix.seq_len
+    total_tokens = batches.first_sample(steps) * mix.seq_len
     stages = []
     for start_step, weights in [(0, mix), *((s.start_step, s) for s in mix.stages)]:
         shares = target_shares(weights, corpora, sizes, mix.temperature, mix.budgets, total_tokens)
-        stages.append(Stage(start_step * global_batch, np.array([shares[n] for n in names], dtype=np.float64)))
+        stages.append(Stage(batches.first_sample(start_step), np.array([shares[n] for n in names], dtype=np.float64)))
     samples = [train_stores[name].num_samples(mix.seq_len) for name in names]
     return MixSchedule(names, stages, samples, seed)

@@ -1,8 +1,9 @@
 """Rank-aware batches from the mix schedule, resumable from one integer.
 
-Optimizer step s consumes global samples [s·B, (s+1)·B) for global batch B, the same
-samples for any world size or micro-batch split; rank r takes, in micro-step a, the
-`micro_batch` samples starting at s·B + a·micro_batch·world + r·micro_batch. So the
+Optimizer step s consumes global samples [F(s), F(s) + B(s)), where B(s) is the step's
+batch size (constant, or ramped up: data_mix.batches) and F(s) the samples before it,
+the same samples for any world size or micro-batch split; rank r takes, in micro-step
+a, the `micro_batch` samples starting at F(s) + a·micro_batch·world + r·micro_batch. So the
 loader's state is the number of samples consumed plus a fingerprint of the mix and
 stores, and a resume under a different fingerprint is refused, naming what changed.
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_mix.batches import BatchSizes
 from data_mix.blend import MixSchedule
 from data_mix.store import TokenStore
 from launch.base import DaptError
@@ -46,25 +48,27 @@ class _Steps(IterableDataset):
 
 class MixLoader:
     def __init__(self, schedule: MixSchedule, stores: list[TokenStore], seq_len: int, micro_batch: int,
-                 global_batch: int, rank: int, world_size: int, num_workers: int = 0):
+                 batches: BatchSizes, rank: int, world_size: int, num_workers: int = 0):
         per_pass = micro_batch * world_size
-        if global_batch % per_pass:
-            raise DaptError(
-                f"train.global_batch_size ({global_batch}) must be a multiple of "
-                f"micro_batch_size × processes ({micro_batch} × {world_size} = {per_pass})"
-            )
+        for size in batches.distinct():
+            if size % per_pass:
+                field = "train.global_batch_size" if size == batches.full else "a batch size of train.batch_warmup"
+                raise DaptError(
+                    f"{field} ({size}) must be a multiple of "
+                    f"micro_batch_size × processes ({micro_batch} × {world_size} = {per_pass})"
+                )
         self.schedule, self.stores, self.seq_len = schedule, stores, seq_len
-        self.micro_batch, self.global_batch = micro_batch, global_batch
+        self.micro_batch, self.batches = micro_batch, batches
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.micro_steps = global_batch // per_pass
         self.samples_consumed = 0
 
     def batch(self, step: int) -> StepBatch:
         """This rank's micro-batches for optimizer step `step`."""
-        start = step * self.global_batch
-        corpus_ids, sample_ids = self.schedule.assign(start, start + self.global_batch)
+        start, size = self.batches.first_sample(step), self.batches.size(step)
+        corpus_ids, sample_ids = self.schedule.assign(start, start + size)
         # Row a·world + r of the (micro_steps·world, micro_batch) grid is rank r's micro-step a.
-        grid = np.arange(self.global_batch).reshape(self.micro_steps, self.world_size, self.micro_batch)[:, self.rank]
+        micro_steps = size // (self.micro_batch * self.world_size)
+        grid = np.arange(size).reshape(micro_steps, self.world_size, self.micro_batch)[:, self.rank]
         tokens = np.stack([
             np.stack([self.stores[corpus_ids[i]].sample(int(sample_ids[i]), self.seq_len) for i in row]) for row in grid
         ])
@@ -72,7 +76,7 @@ class MixLoader:
 
     def iterate(self, steps: int):
         """Step batches from where the loader stands up to `steps`, counting what is consumed."""
-        first = self.samples_consumed // self.global_batch
+        first = self.batches.step_of(self.samples_consumed)
         dataset = _Steps(self, first, steps)
         if self.num_workers:
             batches = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
@@ -80,11 +84,11 @@ class MixLoader:
         else:
             batches = dataset
         for batch in batches:
-            self.samples_consumed = (batch.step + 1) * self.global_batch
+            self.samples_consumed = self.batches.first_sample(batch.step + 1)
             yield batch
 
     def fingerprint(self) -> dict:
-        return self.schedule.fingerprint() | {"seq_len": self.seq_len, "global_batch": self.global_batch}
+        return self.schedule.fingerprint() | {"seq_len": self.seq_len} | self.batches.fingerprint()
 
     def state_dict(self) -> dict:
         return {"samples_consumed": self.samples_consumed, "fingerprint": self.fingerprint()}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_mix.batches import BatchSizes
 from data_mix.blend import MixSchedule
 from data_mix.config import CorpusConfig, MixConfig
 from launch.base import DaptError
@@ -35,16 +36,16 @@ class PlanRow:
         return self.samples / self.available_samples if self.available_samples else 0.0
 
 
-def plan(schedule: MixSchedule, corpora: list[CorpusConfig], mix: MixConfig, global_batch: int, steps: int) -> list[PlanRow]:
+def plan(schedule: MixSchedule, corpora: list[CorpusConfig], mix: MixConfig, batches: BatchSizes, steps: int) -> list[PlanRow]:
     """Samples and epochs per corpus for the whole run; refuses repetition past `max_epochs`."""
-    total = global_batch * steps
+    total = batches.first_sample(steps)
     counts = schedule.counts_before(total)
     rows = []
     for index, corpus in enumerate(corpora):
         available = schedule.samples_per_corpus[index]
         exhausted = None
         if counts[index] > available:
-            exhausted = _first_sample_past(schedule, index, available, total) // global_batch
+            exhausted = batches.step_of(_first_sample_past(schedule, index, available, total))
         rows.append(PlanRow(corpus.name, corpus.group, int(counts[index]) / total, available, int(counts[index]), exhausted))
     for row in rows:
         cap = mix.max_epochs.get(row.corpus)
@@ -96,14 +97,14 @@ def format_plan(rows: list[PlanRow], seq_len: int) -> str:
     return "\n".join(lines)
 
 
-def plot_plan(schedule: MixSchedule, rows: list[PlanRow], global_batch: int, steps: int, path: Path) -> Path:
+def plot_plan(schedule: MixSchedule, rows: list[PlanRow], batches: BatchSizes, steps: int, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (shares_axis, epochs_axis) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    starts = [stage.start // global_batch for stage in schedule.stages] + [steps]
+    starts = [batches.step_of(stage.start) for stage in schedule.stages] + [steps]
     bottom = [0.0] * len(schedule.stages)
     for index, name in enumerate(schedule.names):
         heights = [float(stage.shares[index]) for stage in schedule.stages]

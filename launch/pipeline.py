@@ -94,11 +94,12 @@ def inspect_stores(experiment: Experiment, samples: int) -> list[dict]:
 def mix_plan(experiment: Experiment) -> str:
     stores = open_stores(experiment.stores_dir, experiment.corpora, "train", tokenizer_hash(experiment.tokenizer_dir))
     train = experiment.train
-    schedule = build_schedule(experiment.corpora, experiment.mix, experiment.seed, stores, train.global_batch_size, train.steps)
-    rows = plan(schedule, experiment.corpora, experiment.mix, train.global_batch_size, train.steps)
+    batches = train.batch_sizes()
+    schedule = build_schedule(experiment.corpora, experiment.mix, experiment.seed, stores, batches, train.steps)
+    rows = plan(schedule, experiment.corpora, experiment.mix, batches, train.steps)
     table = format_plan(rows, experiment.mix.seq_len)
-    figure = plot_plan(schedule, rows, train.global_batch_size, train.steps, experiment.workpath / "mix_plan.png")
-    total = train.steps * train.global_batch_size
+    figure = plot_plan(schedule, rows, batches, train.steps, experiment.workpath / "mix_plan.png")
+    total = batches.first_sample(train.steps)
     print(f"mix plan: {total:,} samples of {experiment.mix.seq_len} tokens over {train.steps:,} steps\n{table}\nplot: {figure}")
     return table
 

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from data_mix.batches import BatchSizes
 from launch.base import StrictModel
 
 
@@ -23,6 +24,16 @@ class ModelConfig(StrictModel):
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("config: needs `model_type` (e.g. llama)")
         return self
+
+
+class BatchWarmupConfig(StrictModel):
+    """Batch-size warmup: `start_batch_size` sequences per step at first, growing linearly in
+    multiples of `increment` to `global_batch_size` at step `steps`."""
+
+    start_batch_size: int = Field(gt=0)
+    steps: int = Field(gt=0)
+    increment: int | None = Field(default=None, gt=0)
+    """Default: `start_batch_size` (e.g. 1,024 then 2,048 as in BloombergGPT)."""
 
 
 class TrainConfig(StrictModel):
@@ -54,6 +65,7 @@ class TrainConfig(StrictModel):
     """Peak FLOP/s of one device, for MFU; default: looked up by GPU name (none on CPU)."""
     loader_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes preparing batches ahead of the step (0: in the training process)."""
+    batch_warmup: BatchWarmupConfig | None = None
     max_skipped_in_a_row: int = Field(default=5, gt=0)
     """Steps with a non-finite loss or gradient norm are skipped; this many in a row stop the run."""
     spike_window: int = Field(default=100, ge=4)
@@ -65,9 +77,29 @@ class TrainConfig(StrictModel):
     def _check(self) -> TrainConfig:
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})")
+        if self.batch_warmup is not None:
+            self._check_batch_warmup(self.batch_warmup)
         if self.schedule == "linear" and self.min_lr_ratio != 0:
             raise ValueError("schedule linear decays to zero (DeepSpeed WarmupDecayLR): set min_lr_ratio: 0, or use cosine")
         return self
+
+
+    def _check_batch_warmup(self, warmup: BatchWarmupConfig) -> None:
+        increment = warmup.increment or warmup.start_batch_size
+        if warmup.start_batch_size >= self.global_batch_size:
+            raise ValueError(f"batch_warmup.start_batch_size ({warmup.start_batch_size}) must be smaller than "
+                             f"global_batch_size ({self.global_batch_size})")
+        if (self.global_batch_size - warmup.start_batch_size) % increment:
+            raise ValueError(f"batch_warmup: global_batch_size - start_batch_size ({self.global_batch_size} - "
+                             f"{warmup.start_batch_size}) must be a multiple of the increment ({increment})")
+        if warmup.steps >= self.steps:
+            raise ValueError(f"batch_warmup.steps ({warmup.steps}) must be smaller than steps ({self.steps})")
+
+    def batch_sizes(self) -> BatchSizes:
+        warmup = self.batch_warmup
+        if warmup is None:
+            return BatchSizes(self.global_batch_size)
+        return BatchSizes(self.global_batch_size, warmup.start_batch_size, warmup.steps, warmup.increment)
 
 
 class WandbConfig(StrictModel):

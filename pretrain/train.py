@@ -65,6 +65,7 @@ def step_metrics(sums: torch.Tensor, names: list[str], engine, lr: float, second
     metrics = {
         "train/loss": sums[0].sum().item() / samples,
         "train/lr": lr,
+        "train/batch_size": samples,
         "perf/samples_per_s": samples / seconds,
         "perf/tokens_per_s": samples * seq_len / seconds,
     }
@@ -101,9 +102,10 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
     expected = tokenizer_hash(experiment.tokenizer_dir)
     train_stores = open_stores(experiment.stores_dir, experiment.corpora, "train", expected)
     heldout_stores = open_stores(experiment.stores_dir, experiment.corpora, "heldout", expected)
-    schedule = build_schedule(experiment.corpora, mix, experiment.seed, train_stores, train.global_batch_size, train.steps)
+    batches = train.batch_sizes()
+    schedule = build_schedule(experiment.corpora, mix, experiment.seed, train_stores, batches, train.steps)
     loader = MixLoader(schedule, [train_stores[n] for n in names], mix.seq_len, train.micro_batch_size,
-                       train.global_batch_size, dist_env.rank, dist_env.world_size, num_workers=train.loader_workers)
+                       batches, dist_env.rank, dist_env.world_size, num_workers=train.loader_workers)
     ledger = MixLedger(names, mix.seq_len)
     guard = StepGuard(train.max_skipped_in_a_row, train.spike_window, train.spike_threshold)
 
@@ -131,7 +133,7 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
             moved = f" (written by {saved_world} processes, now {dist_env.world_size})" if universal else ""
             print(f"resuming from {checkpoints / latest_tag(checkpoints)} at step {state['step']}{moved}", flush=True)
         else:
-            rows = plan(schedule, experiment.corpora, mix, train.global_batch_size, train.steps)
+            rows = plan(schedule, experiment.corpora, mix, batches, train.steps)
             tracker.table("mix/plan", ["corpus", "group", "share", "tokens_available", "tokens_drawn", "epochs"],
                           [[r.corpus, r.group, r.share, r.available_samples * mix.seq_len, r.samples * mix.seq_len,
                             r.epochs] for r in rows])
@@ -157,6 +159,8 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
     for batch in loader.iterate(train.steps):
         done = batch.step + 1
         lr = engine.get_lr()[0]  # the rate this step uses; the scheduler moves on inside it
+        if engine.train_batch_size() != batches.size(batch.step):
+            engine.set_train_batch_size(batches.size(batch.step))  # more micro-batches per step, same micro size
         sums, applied = train_step(engine, batch, len(names), device, inject_nan=done in inject_nan_at)
         ledger.record(batch.global_corpus_ids)
         metrics = step_metrics(sums, names, engine, lr, time.perf_counter() - started, mix.seq_len, model_flops, peak)
@@ -193,7 +197,8 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
 
     results = None
     if dist_env.is_main:
-        planned = schedule.counts_before(train.steps * train.global_batch_size) / (train.steps * train.global_batch_size)
+        total = batches.first_sample(train.steps)
+        planned = schedule.counts_before(total) / total
         results = _results(names, planned.tolist(), ledger, bpb_before, bpb_after, first_loss, loss, tag, tracker)
         results |= {"skipped_steps": guard.skipped, "loss_spikes": guard.spikes}
         experiment.results_file.write_text(json.dumps(results, indent=1))

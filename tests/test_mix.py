@@ -1,7 +1,10 @@
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from data_mix import blend
+from data_mix.batches import BatchSizes
 from data_mix.blend import MixSchedule, Stage, target_shares
 from data_mix.config import CorpusConfig, MixConfig, WeightsConfig
 from data_mix.kernel import run_schedule
@@ -134,15 +137,15 @@ def test_a_stage_switch_lands_on_its_step():
 def test_plan_reports_epochs_exhaustion_and_refuses_too_many(tmp_path):
     schedule = schedule_of([0.5, 0.5], sizes=[10, 1000], seed=0)
     corpora = [CorpusConfig(name="a", paths=["x"]), CorpusConfig(name="b", paths=["y"])]
-    rows = plan(schedule, corpora, MixConfig(), global_batch=4, steps=25)
+    rows = plan(schedule, corpora, MixConfig(), BatchSizes(4), steps=25)
     assert rows[0].epochs == 5.0 and rows[0].share == 0.5
     assert rows[0].first_exhausted_step == 5, "the 11th draw of 'a' is sample 20, in step 5"
     assert rows[1].first_exhausted_step is None
     text = format_plan(rows, seq_len=16)
     assert "warning: 'a' is repeated 5.0 times; returns diminish past 4 epochs" in text
     with pytest.raises(DaptError, match=r"mix.max_epochs.a: the plan repeats 'a' 5.00 times but at most 4 are allowed"):
-        plan(schedule, corpora, MixConfig(max_epochs={"a": 4}), global_batch=4, steps=25)
-    figure = plot_plan(schedule, rows, 4, 25, tmp_path / "plan.png")
+        plan(schedule, corpora, MixConfig(max_epochs={"a": 4}), BatchSizes(4), steps=25)
+    figure = plot_plan(schedule, rows, BatchSizes(4), 25, tmp_path / "plan.png")
     assert figure.stat().st_size > 10_000
 
 
@@ -156,15 +159,16 @@ class FakeStore:
         return np.array([self.corpus] + [index] * seq_len)
 
 
-def loaders(world_size: int, micro_batch: int, num_workers: int = 0, global_batch: int = 8) -> list[MixLoader]:
+def loaders(world_size: int, micro_batch: int, num_workers: int = 0, batches: BatchSizes = BatchSizes(8)) -> list[MixLoader]:
     schedule = schedule_of(BLOOMBERG)
     stores = [FakeStore(c) for c in range(len(BLOOMBERG))]
-    return [MixLoader(schedule, stores, 4, micro_batch, global_batch, rank, world_size, num_workers)
+    return [MixLoader(schedule, stores, 4, micro_batch, batches, rank, world_size, num_workers)
             for rank in range(world_size)]
 
 
-def samples_per_step(world_size: int, micro_batch: int, steps: int, num_workers: int = 0) -> list[list[tuple]]:
-    per_rank = [list(loader.iterate(steps)) for loader in loaders(world_size, micro_batch, num_workers)]
+def samples_per_step(world_size: int, micro_batch: int, steps: int, num_workers: int = 0,
+                     batches: BatchSizes = BatchSizes(8)) -> list[list[tuple]]:
+    per_rank = [list(loader.iterate(steps)) for loader in loaders(world_size, micro_batch, num_workers, batches)]
     out = []
     for step in range(steps):
         seen = []
@@ -181,6 +185,28 @@ def test_every_world_size_and_micro_batch_trains_on_the_same_samples_per_step():
     one = samples_per_step(world_size=1, micro_batch=8, steps=6)
     for world, micro in [(2, 4), (2, 1), (4, 2), (8, 1)]:
         assert samples_per_step(world, micro, steps=6) == one
+
+
+def test_batch_warmup_grows_the_step_and_keeps_the_samples_of_every_world_size():
+    ramp = BatchSizes(16, start=8, ramp_steps=4, increment=4)
+    assert [ramp.size(step) for step in range(6)] == [8, 8, 12, 12, 16, 16]
+    one = samples_per_step(world_size=1, micro_batch=4, steps=6, batches=ramp)
+    assert [len(step) for step in one] == [8, 8, 12, 12, 16, 16]
+    for world, micro in [(2, 2), (4, 1)]:
+        assert samples_per_step(world, micro, steps=6, batches=ramp) == one
+    flat = [sample for step in one for sample in step]
+    assert len(set(flat)) == len(flat) == ramp.first_sample(6), "consecutive steps take consecutive samples"
+    with pytest.raises(DaptError, match=r"a batch size of train.batch_warmup \(12\) must be a multiple"):
+        loaders(1, 8, batches=ramp)
+
+
+@given(full=st.integers(1, 64), start=st.integers(1, 64), ramp_steps=st.integers(0, 50), increment=st.integers(1, 16),
+       step=st.integers(0, 200))
+def test_batch_sizes_map_samples_to_their_step(full, start, ramp_steps, increment, step):
+    sizes = BatchSizes(full, min(start, full), ramp_steps, increment)
+    first = sizes.first_sample(step)
+    assert sizes.first_sample(step + 1) - first == sizes.size(step) > 0
+    assert sizes.step_of(first) == step and sizes.step_of(first + sizes.size(step) - 1) == step
 
 
 def test_dataloader_workers_give_the_same_batches_in_order():
@@ -204,7 +230,7 @@ def test_resume_at_random_points_continues_the_same_sequence():
 
 def test_resume_under_another_mix_is_refused():
     state = loaders(1, 8)[0].state_dict()
-    other = MixLoader(schedule_of(BLOOMBERG[::-1]), [], 4, 8, 8, 0, 1)
+    other = MixLoader(schedule_of(BLOOMBERG[::-1]), [], 4, 8, BatchSizes(8), 0, 1)
     with pytest.raises(DaptError, match=r"the mix changed since this checkpoint \(stages differ\)"):
         other.load_state_dict(state)
 
@@ -222,4 +248,4 @@ def test_ledger_counts_what_was_consumed():
 
 def test_global_batch_must_divide():
     with pytest.raises(DaptError, match=r"train.global_batch_size \(8\) must be a multiple of micro_batch_size × processes \(3 × 2 = 6\)"):
-        MixLoader(schedule_of(BLOOMBERG), [], 4, 3, 8, 0, 2)
+        MixLoader(schedule_of(BLOOMBERG), [], 4, 3, BatchSizes(8), 0, 2)
