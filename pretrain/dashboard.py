@@ -53,12 +53,15 @@ def workspace_spec(workspace) -> str:
 def save_workspace(workspace) -> str:
     """Save to W&B (needs a network and `wandb login`); returns the workspace's URL."""
     import wandb
+    from wandb.errors import AuthenticationError, UsageError
 
-    if not wandb.Api().api_key:
-        raise DaptError("not logged in to W&B: run `wandb login` (or set WANDB_API_KEY), "
-                        "or pass --dry-run to write the dashboard spec without saving it")
+    try:
+        api = wandb.Api()
+    except (UsageError, AuthenticationError) as err:
+        raise DaptError(f"cannot save to W&B ({str(err).splitlines()[0]}): run `wandb login` (or set WANDB_API_KEY), "
+                        f"or pass --dry-run to write the dashboard spec without saving it") from None
     if not workspace.entity:
-        workspace.entity = wandb.Api().default_entity
+        workspace.entity = api.default_entity
     try:
         return workspace.save().url
     except Exception as err:  # network, permission or project errors all come back as plain exceptions
