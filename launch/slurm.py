@@ -152,7 +152,11 @@ def launch_slurm(experiment: Experiment, config_path: Path, slurm: SlurmConfig, 
     folder.mkdir(parents=True, exist_ok=True)
     pending = folder / "submitting.sbatch"
     pending.write_text(script)
-    job_id = submit(pending)
+    try:
+        job_id = submit(pending)
+    except DaptError:
+        pending.unlink()  # nothing was submitted: keep no record of it
+        raise
     kept = pending.rename(folder / f"job-{job_id}.sbatch")
     print(f"submitted job {job_id}; script {kept}, output {folder / (job_id + '.out')}", flush=True)
     return job_id

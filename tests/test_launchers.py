@@ -1,14 +1,32 @@
-"""`dapt launch deepspeed`: the command it builds for a hostfile, hostfile errors, and a real
-2-process run through the `deepspeed` launcher on this machine."""
+"""`dapt launch local` and `dapt launch deepspeed`: the commands they build, hostfile errors,
+and a real 2-process run through the `deepspeed` launcher on this machine.
+(`dapt launch slurm` is in test_slurm.py; real torchrun runs in test_resume.py.)"""
 
 import json
 
 import pytest
+import torch
 
 from launch.base import DaptError
 from launch.cli import main
 from launch.deepspeed_launcher import deepspeed_command, read_hostfile
+from launch.experiment import load_experiment
+from launch.local import default_nproc, torchrun_command
+from tests.conftest import write_experiment
 from tests.test_resume import experiment_file, losses
+
+
+def test_local_defaults_to_one_process_per_gpu_or_two(tmp_path):
+    expected = torch.cuda.device_count() or 2
+    assert default_nproc(load_experiment(write_experiment(tmp_path, {"launch": {}}))[0]) == expected
+    assert default_nproc(load_experiment(write_experiment(tmp_path, {"launch": {"nproc_per_node": 3}}))[0]) == 3
+
+
+def test_local_forwards_sigusr1_and_no_resume(tmp_path):
+    command = torchrun_command(tmp_path / "e.yaml", 2, resume=False)
+    assert "--standalone" in command and "--nproc-per-node=2" in command
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in command
+    assert command[-4:] == ["launch.cli", "train", str(tmp_path / "e.yaml"), "--no-resume"]
 
 
 def test_one_local_host_needs_no_ssh(tmp_path):

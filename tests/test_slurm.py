@@ -21,7 +21,8 @@ import yaml
 from launch.base import DaptError
 from launch.cli import main
 from launch.experiment import load_experiment
-from launch.slurm import render_script, slurm_options
+from launch.config import SlurmConfig
+from launch.slurm import launch_slurm, render_script, slurm_options
 from tests.conftest import write_experiment
 from tests.test_resume import experiment_file, losses
 
@@ -89,6 +90,14 @@ def test_bad_flag_names_its_field(tmp_path):
     experiment, _ = load_experiment(write_experiment(tmp_path))
     with pytest.raises(DaptError, match=r"launch.slurm.time \(or its flag\): .*'2 days' is not a Slurm time"):
         slurm_options(experiment, {"time": "2 days", "nodes": None})
+
+
+def test_submitting_without_slurm_says_what_to_do(tmp_path, monkeypatch):
+    path = write_experiment(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(DaptError, match="sbatch not found: run this on a Slurm login node, or add --dry-run"):
+        launch_slurm(load_experiment(path)[0], path, SlurmConfig(), dry_run=False)
+    assert not list((tmp_path / "slurm").iterdir()), "no script kept for a job that was not submitted"
 
 
 # --- a real Slurm ----------------------------------------------------------------------------
