@@ -68,6 +68,8 @@ def render_script(experiment: Experiment, config_path: Path, slurm: SlurmConfig)
         raise DaptError(f"#SBATCH {broken!r}: a line break cannot go into an sbatch option; rename the experiment "
                         "(name:) or its workdir")
     header = "\n".join(f"#SBATCH {d}" for d in directives)
+    srun_cpus = f" --cpus-per-task={slurm.cpus_per_task}" if slurm.cpus_per_task else ""
+    cpus_note = "\n# srun repeats --cpus-per-task: Slurm 22.05 to 23.02 do not pass it on from sbatch." if srun_cpus else ""
     return f"""#!/bin/bash
 # Written by `dapt launch slurm` for experiment {q(experiment.name)}: {slurm.nodes} node(s) x {nproc} training processes.
 # Kept for the record; `sbatch` this file to run the same job again.
@@ -100,8 +102,8 @@ ask_training_to_stop() {{
 trap ask_training_to_stop USR1
 
 # Each node's log folder is named after the node, so the name is expanded on the node.
-# torchrun waits --shutdown-timeout seconds for the ranks to save before it kills them.
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 \\
+# torchrun waits --shutdown-timeout seconds for the ranks to save before it kills them.{cpus_note}
+srun --ntasks-per-node=1{srun_cpus} --kill-on-bad-exit=1 \\
   bash -c 'exec "$0" -m torch.distributed.run --log-dir="$1/$SLURMD_NODENAME" "${{@:2}}"' "$python" "$logs" \\
   --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node={nproc} \\
   --rdzv-backend=c10d --rdzv-endpoint="$head_node:$rdzv_port" --rdzv-id="$SLURM_JOB_ID" \\

@@ -43,14 +43,15 @@ def dapt(*args: str) -> tuple[int, str]:
 # --- the script, without Slurm -------------------------------------------------------------
 
 def test_dry_run_prints_the_script_with_flags_over_the_config(tmp_path):
-    path = write_experiment(tmp_path, {"launch": {"slurm": {"partition": "cpu", "nodes": 2, "time": "1:00:00",
+    path = write_experiment(tmp_path, {"launch": {"slurm": {"partition": "cpu", "nodes": 2, "time": "1:00:00", "cpus_per_task": 16,
                                                             "sbatch_options": ["--qos=high"]}}})
     status, script = dapt("launch", "slurm", str(path), "--dry-run", "--nodes", "8", "--gpus-per-node", "4")
     assert status == 0
-    for directive in ("--nodes=8", "--gpus-per-node=4", "--partition=cpu", "--time=1:00:00", "--qos=high",
+    for directive in ("--nodes=8", "--gpus-per-node=4", "--partition=cpu", "--cpus-per-task=16", "--time=1:00:00", "--qos=high",
                       "--ntasks-per-node=1", "--requeue", "--signal=B:USR1@300", "--open-mode=append"):
         assert f"#SBATCH {directive}\n" in script, directive
     assert "--nproc-per-node=4 " in script, "one training process per GPU"
+    assert "srun --ntasks-per-node=1 --cpus-per-task=16 " in script, "Slurm 22.05 srun does not inherit it"
     assert "--rdzv-backend=c10d" in script and 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in script
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0, "valid bash"
