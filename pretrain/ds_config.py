@@ -20,15 +20,17 @@ AUTO = "auto"
 def derived_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """What the experiment implies for DeepSpeed."""
     micro_steps = train.global_batch_size // (train.micro_batch_size * world_size)
+    # DeepSpeed's schedulers refuse 0 warmup steps; no warmup is a flat one (it starts at the peak).
+    warmup, flat = max(train.warmup_steps, 1), train.warmup_steps == 0
     scheduler = {
         "cosine": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": train.steps, "warmup_num_steps": train.warmup_steps,
-            "warmup_min_ratio": 0.0, "cos_min_ratio": train.min_lr_ratio, "warmup_type": "linear"}},
+            "total_num_steps": train.steps, "warmup_num_steps": warmup,
+            "warmup_min_ratio": 1.0 if flat else 0.0, "cos_min_ratio": train.min_lr_ratio, "warmup_type": "linear"}},
         "linear": {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": train.steps, "warmup_num_steps": train.warmup_steps,
-            "warmup_min_lr": 0.0, "warmup_max_lr": train.lr, "warmup_type": "linear"}},
+            "total_num_steps": train.steps, "warmup_num_steps": warmup,
+            "warmup_min_lr": train.lr if flat else 0.0, "warmup_max_lr": train.lr, "warmup_type": "linear"}},
         "constant": {"type": "WarmupLR", "params": {
-            "warmup_num_steps": train.warmup_steps, "warmup_min_lr": 0.0, "warmup_max_lr": train.lr,
+            "warmup_num_steps": warmup, "warmup_min_lr": train.lr if flat else 0.0, "warmup_max_lr": train.lr,
             "warmup_type": "linear"}},
     }[train.schedule]
     return {

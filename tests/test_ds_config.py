@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from launch.base import DaptError
 from pretrain.config import TrainConfig
@@ -30,3 +31,17 @@ def test_contradicting_value_is_refused_with_both_values():
 def test_another_optimizer_keeps_its_own_params():
     user = {"optimizer": {"type": "Lamb", "params": {"lr": 0.01}}}
     assert resolve_deepspeed_config(user, TRAIN, 1, True)["optimizer"] == user["optimizer"]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_no_warmup_starts_at_the_peak_lr_in_deepspeeds_own_scheduler(schedule):
+    from deepspeed.runtime import lr_schedules
+
+    train = TRAIN.model_copy(update={"warmup_steps": 0, "schedule": schedule,
+                                     "min_lr_ratio": 0.0 if schedule == "linear" else 0.1})
+    config = resolve_deepspeed_config({}, train, world_size=2, on_gpu=False)["scheduler"]
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=train.lr)
+    scheduler = getattr(lr_schedules, config["type"])(optimizer, **config["params"])
+    optimizer.step()
+    scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(train.lr, rel=1e-3)
