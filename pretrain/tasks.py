@@ -159,8 +159,6 @@ def write_lm_eval_task(task: TaskConfig, train: list[dict], test: list[dict], fo
 def evaluate_tasks(task_files: list[Path], model_dir: Path, workdir: Path, shots: int | None = None,
                    batch_size: int = 8) -> dict:
     """Score every task on the model with lm-eval; writes and returns `eval_tasks.json`'s content."""
-    if not (model_dir / "config.json").exists():
-        raise DaptError(f"{model_dir} is not a Hugging Face model directory (no config.json); run `dapt export` first")
     tasks, folders, chances = {}, [], {}
     for path in task_files:
         task = load_task(Path(path))
@@ -171,6 +169,8 @@ def evaluate_tasks(task_files: list[Path], model_dir: Path, workdir: Path, shots
         tasks[write_lm_eval_task(task, train, test, folder)] = task
         folders.append(str(folder))
         chances[task.name] = max(Counter(e["label"] for e in test).values()) / len(test)
+    if not (model_dir / "config.json").exists():
+        raise DaptError(f"{model_dir} is not a Hugging Face model directory (no config.json); run `dapt export` first")
     # Everything is local; the hub must not be asked about the model or the JSON "dataset".
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

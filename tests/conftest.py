@@ -18,6 +18,18 @@ from data_mix.demo_corpora import write_demo_corpora  # noqa: E402
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
+def offline_run_records(run_dir: Path) -> list[dict]:
+    """The records of an offline W&B run folder, read back with W&B's own `wandb leet inspect`."""
+    import json
+    import subprocess
+    import sys
+
+    inspect = subprocess.run([str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(run_dir)],
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "WANDB_MODE": "offline"})
+    assert inspect.returncode == 0, inspect.stderr[-2000:]
+    return [json.loads(line) for line in inspect.stdout.splitlines() if line.startswith("{")]
+
+
 @pytest.fixture(scope="session")
 def small_corpora(tmp_path_factory) -> Path:
     """A folder holding data/ with the four demo corpora at a tenth of their size."""

@@ -1,14 +1,12 @@
 """W&B views without a network: the dashboard's workspace spec, and the metric declarations of a run."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 from pretrain.dashboard import SECTIONS, build_workspace, workspace_spec
 from pretrain.tracking import METRIC_GROUPS
-from tests.conftest import DEMO_CONFIG
+from tests.conftest import DEMO_CONFIG, offline_run_records
 
 CORPORA = ["filings", "news", "encyclopedia", "web"]
 
@@ -56,7 +54,7 @@ def test_saving_without_a_login_is_one_error_that_says_what_to_do(tmp_path, monk
 
 
 def test_an_offline_run_declares_its_step_axis_and_best_bpb(tmp_path):
-    """The run's own record (read back offline with `wandb leet inspect`) holds the declarations."""
+    """The run's own record holds the declarations."""
     from pretrain.config import WandbConfig
     from pretrain.tracking import Tracker
 
@@ -65,11 +63,7 @@ def test_an_offline_run_declares_its_step_axis_and_best_bpb(tmp_path):
     tracker.log({"train/loss": 2.0, "perf/tokens_per_s": 10.0}, step=1)
     tracker.log({"eval/bpb/news": 2.5}, step=1)
     tracker.close()
-    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
-    inspect = subprocess.run([str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(run_dir)],
-                             capture_output=True, text=True, timeout=120, env={**os.environ, "WANDB_MODE": "offline"})
-    assert inspect.returncode == 0, inspect.stderr[-2000:]
-    records = [json.loads(line) for line in inspect.stdout.splitlines() if line.startswith("{")]
+    records = offline_run_records(next((tmp_path / "wandb").glob("offline-run-*")))
     metrics = {r["metric"].get("glob_name") or r["metric"]["name"]: r["metric"] for r in records if r["type"] == "metric"}
     assert set(METRIC_GROUPS) <= set(metrics) and "step" in metrics
     assert all(metrics[group]["step_metric"] == "step" for group in METRIC_GROUPS)

@@ -108,3 +108,32 @@ def test_a_bad_task_file_names_the_field(tmp_path):
         load_task(write_task(tmp_path, "", shots=-1))
     with pytest.raises(DaptError, match=r"task.yaml: label_word: Extra inputs are not permitted"):
         load_task(write_task(tmp_path, "", label_word="x"))
+
+
+def test_dapt_eval_tasks_reports_a_bad_row_as_one_line(tmp_path, capsys):
+    from launch.cli import main
+    from tests.conftest import DEMO_CONFIG
+
+    task = write_task(tmp_path, '{"text": "shares rose", "label": "up"}\n{"text": "shares fell", "label": "sideways"}\n')
+    assert main(["eval", str(DEMO_CONFIG), "--tasks", str(task), "--model", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{tmp_path / 'rows.jsonl'}:2: label 'sideways' has no label words" in error
+
+
+def test_task_scores_join_the_experiments_wandb_run(tmp_path):
+    """Offline, a folder with the run's id whose summary holds the scores."""
+    from launch.experiment import load_experiment
+    from pretrain.tasks import log_tasks
+    from tests.conftest import offline_run_records, write_experiment
+
+    experiment, _ = load_experiment(write_experiment(tmp_path, {"workdir": "run"}))
+    experiment.workpath.mkdir()
+    experiment.results_file.write_text(json.dumps({"wandb_run_id": "abc123"}))
+    log_tasks(experiment, {"model": "m", "tasks": [{"task": "toy", "shots": 2, "items": 10, "accuracy": 0.8,
+                                                   "macro_f1": 0.75, "chance": 0.5}]})
+    run_dir = next((experiment.workpath / "wandb").glob("offline-run-*-abc123"))
+    summary = {}
+    for record in offline_run_records(run_dir):
+        if record["type"] == "summary":
+            summary |= record["summary"]["update"]
+    assert summary["tasks/toy/accuracy"] == 0.8 and summary["tasks/toy/macro_f1"] == 0.75
