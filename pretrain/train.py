@@ -165,7 +165,6 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
         ledger.record(batch.global_corpus_ids)
         metrics = step_metrics(sums, names, engine, lr, time.perf_counter() - started, mix.seq_len, model_flops, peak)
         metrics |= ledger.metrics()
-        started = time.perf_counter()
         loss = metrics["train/loss"]
         first_loss = loss if first_loss is None else first_loss
         metrics |= guard.record(loss, applied)
@@ -191,6 +190,7 @@ def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) ->
             evaluate(step=done)
         if train.checkpoint_every and done % train.checkpoint_every == 0 and done != train.steps:
             checkpoint(done)
+        started = time.perf_counter()  # after evaluation and checkpoints, so that throughput is training alone
     progress.close()
     bpb_after = evaluate(step=train.steps)
     tag = checkpoint(train.steps)
