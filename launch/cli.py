@@ -159,6 +159,7 @@ def run_flow(config: Path, nproc: int | None, resume: bool = True) -> None:
     from launch.experiment import load_experiment
     from pretrain.checkpoint import latest_tag, tag_for
     from pretrain.export import export_checkpoint
+    from pretrain.report import build_report
 
     experiment, _ = load_experiment(config)
     print(f"== {experiment.name}: everything goes to {experiment.workdir}")
@@ -179,6 +180,7 @@ def run_flow(config: Path, nproc: int | None, resume: bool = True) -> None:
     results = json.loads(experiment.results_file.read_text())
     print(f"\n{summary_table(results, experiment)}")
     print(f"\nW&B run (offline): {results['wandb_run_dir']}\nmetrics: {experiment.workpath / 'metrics.jsonl'}")
+    print(f"report: {build_report(experiment.workpath)} (`dapt report` redraws it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
