@@ -140,7 +140,7 @@ def submit(script: Path) -> str:
         raise DaptError("sbatch not found: run this on a Slurm login node, or add --dry-run to see the script") from None
     if result.returncode != 0:
         reason = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
-        raise DaptError(f"sbatch refused {script}: {reason}")
+        raise DaptError(f"sbatch refused the job: {reason} (`dapt launch slurm CONFIG --dry-run` prints the script)")
     return result.stdout.strip().split(";")[0]  # "<id>" or "<id>;<cluster>"
 
 

@@ -167,6 +167,15 @@ def slurm_experiment(folder: Path, built_experiment) -> Path:
     return path
 
 
+@pytest.mark.slow
+def test_sbatch_reads_a_hostile_partition_as_one_name(slurm_env, tmp_path):
+    path = write_experiment(tmp_path, {"launch": {"slurm": {"partition": "x; touch PWNED"}}})
+    experiment, _ = load_experiment(path)
+    with pytest.raises(DaptError, match="sbatch refused the job: .*invalid partition specified: x; touch PWNED"):
+        launch_slurm(experiment, path, experiment.launch.slurm, dry_run=False)
+    assert not list(tmp_path.rglob("PWNED")) and not list((tmp_path / "slurm").iterdir())
+
+
 @pytest.fixture(scope="module")
 def finished_job(slurm_env, built_experiment, tmp_path_factory):
     """The tiny experiment run to the end by `dapt launch slurm`: 1 node, torchrun with 2 ranks."""
