@@ -30,8 +30,8 @@ class GridConfig(StrictModel):
         for index, share in enumerate(self.shares):
             if not 0.0 <= share <= 1.0:
                 raise ValueError(f"shares[{index}]: a share must lie in [0, 1], got {share}")
-        if len(set(self.shares)) != len(self.shares):
-            raise ValueError(f"shares: each share once, got {self.shares}")
+        if len({f"{share:.2f}" for share in self.shares}) != len(self.shares):  # runs are named by it
+            raise ValueError(f"shares: each share once, at least 0.01 apart, got {self.shares}")
         return self
 
 

@@ -50,6 +50,7 @@ def sweep_experiment(folder, sweep: dict, built=None, **sections):
     ({"grid": {"group": "finance", "shares": [0.1, 0.9]}},
      r"sweep.grid.group: unknown group 'finance'; known: financial, public"),
     ({"grid": {"group": "financial", "shares": [0.1, 1.5]}}, r"sweep.grid: shares\[1\]: a share must lie in \[0, 1\]"),
+    ({"grid": {"group": "financial", "shares": [0.331, 0.334]}}, r"sweep.grid: shares: each share once, at least 0.01 apart"),
     ({"grid": {"group": "financial", "shares": [0.1, 0.9]}, "random": {"count": 3}},
      r"sweep: give exactly one of `mixes`, `grid` or `random`, got grid, random"),
     ({"random": {"count": 3}, "proxy": {"train": {"stesp": 10}}},
