@@ -14,11 +14,15 @@ from tests.test_resume import experiment_file, losses, train
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_trains_and_exports(tmp_path, built_experiment, stage):
+OFFLOAD = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+
+
+@pytest.mark.parametrize("stage, offload", [(1, False), (2, False), (3, False), (3, True)],
+                         ids=["zero1", "zero2", "zero3", "zero3-offload"])
+def test_zero_stage_trains_and_exports(tmp_path, built_experiment, stage, offload):
     path = experiment_file(tmp_path, built_experiment, steps=12)
     config = yaml.safe_load(path.read_text())
-    config["deepspeed"] = {"zero_optimization": {"stage": stage}}
+    config["deepspeed"] = {"zero_optimization": {"stage": stage, **(OFFLOAD if offload else {})}}
     config["train"].update(checkpoint_every=0, lr=1e-2)
     path.write_text(yaml.safe_dump(config))
     train(path)
