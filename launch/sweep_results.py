@@ -118,6 +118,8 @@ def fit_and_propose(experiment: Experiment, rows: list[dict], weight_names: list
         weights = {n: round(s, 4) for n, s in zip(weight_names, proposal.pop("shares"))}
         out["proposal"] = {"weights": weights, **proposal,
                            "file": str(write_proposal(experiment, weights))}
+    else:  # a proposal from an earlier state of the sweep no longer holds
+        (sweep_dir(experiment) / "proposal.yaml").unlink(missing_ok=True)
     return out
 
 
