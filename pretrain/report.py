@@ -19,11 +19,6 @@ from pathlib import Path
 
 from launch.base import DaptError
 
-# Files a run or sweep may hold that the report embeds as they are, with their captions.
-RUN_FIGURES = {"mix_plan.png": "The mix plan made before training: shares over training, epochs per corpus.",
-               "tokenizer_eval.png": "Tokenizers side by side on held-out text (dapt tokenizer eval)."}
-
-
 @dataclass
 class Section:
     key: str
@@ -152,17 +147,17 @@ def _figure_or_note(path: Path | None, caption: str, missing: str) -> str:
     return _image(path, caption) if path is not None else f"<p class=note>{html.escape(missing)}</p>"
 
 
-def run_sections(workdir: Path, out: Path, prefix: str = "") -> list[Section]:
-    """The sections of one run's report; PNGs are written into `out` (named with `prefix`)."""
+def run_sections(workdir: Path, out: Path) -> list[Section]:
+    """The sections of one run's report; its PNGs are written into `out`."""
     records = read_metrics(workdir / "metrics.jsonl")
     results = json.loads((workdir / "results.json").read_text()) if (workdir / "results.json").exists() else None
     sections = []
     if results is not None:
         rows = [[name, r["bpb_before"], r["bpb_after"], f"{r['tokens_seen']:,}", f"{r['planned_share']:.2%}",
                  f"{r['realised_share']:.2%}"] for name, r in results["corpora"].items()]
-        losses = f"<p>training loss {results['first_loss']:.3f} → {results['final_loss']:.3f}; " \
-                 f"checkpoint {html.escape(str(results['checkpoint']))}; W&B run {html.escape(str(results['wandb_run_id']))}</p>"
-        sections.append(Section("summary", "Summary", losses + _table(
+        headline = f"<p>training loss {results['first_loss']:.3f} → {results['final_loss']:.3f}; " \
+                   f"checkpoint {html.escape(str(results['checkpoint']))}; W&B run {html.escape(str(results['wandb_run_id']))}</p>"
+        sections.append(Section("summary", "Summary", headline + _table(
             ["corpus", "held-out BPB before", "held-out BPB after", "tokens seen", "planned share", "realised share"], rows)))
     else:
         sections.append(Section("summary", "Summary", "<p class=note>no results.json: the run has not finished; "
@@ -170,13 +165,13 @@ def run_sections(workdir: Path, out: Path, prefix: str = "") -> list[Section]:
 
     losses = series(records, "train/loss/")
     total = series(records, "train/").get("loss")
-    loss_png = plot_curves(losses, out / f"{prefix}train_loss.png", "Training loss per corpus", "loss (nats/token)",
+    loss_png = plot_curves(losses, out / "train_loss.png", "Training loss per corpus", "loss (nats/token)",
                            total=total, log_y=True) if losses else None
     sections.append(Section("train-loss", "Training loss per domain",
                             _figure_or_note(loss_png, "Mean token loss of each corpus's samples in each step.",
                                             "no training steps recorded yet")))
     bpb = series(records, "eval/bpb/")
-    bpb_png = plot_curves(bpb, out / f"{prefix}heldout_bpb.png", "Held-out bits per byte per corpus",
+    bpb_png = plot_curves(bpb, out / "heldout_bpb.png", "Held-out bits per byte per corpus",
                           "bits per byte", log_y=True) if bpb else None
     sections.append(Section("heldout-bpb", "Held-out bits per byte per domain",
                             _figure_or_note(bpb_png, "Evaluated on each corpus's held-out split every eval_every steps.",
@@ -189,16 +184,16 @@ def run_sections(workdir: Path, out: Path, prefix: str = "") -> list[Section]:
     else:  # unfinished run: the plan is not recorded, so compare with the latest realised share
         realised = {n: values[-1] for n, (_, values) in shares.items()}
         planned = dict(realised)
-    shares_png = plot_shares(planned, realised, shares, out / f"{prefix}shares.png") if planned else None
+    shares_png = plot_shares(planned, realised, shares, out / "shares.png") if planned else None
     mix_body = _figure_or_note(shares_png, "Token shares per corpus: the plan against what the loader delivered.",
                                "no mix recorded yet")
-    for name, caption in RUN_FIGURES.items():
-        if name == "mix_plan.png" and (workdir / name).exists():
-            mix_body += _image(_copy(workdir / name, out / f"{prefix}{name}"), caption)
+    if (workdir / "mix_plan.png").exists():  # drawn by `dapt mix plan` before training
+        mix_body += _image(_copy(workdir / "mix_plan.png", out / "mix_plan.png"),
+                           "The mix plan made before training: shares over training, epochs per corpus.")
     sections.append(Section("mix", "Planned vs realised mix", mix_body))
 
     perf = series(records, "perf/")
-    perf_png = plot_throughput(records, out / f"{prefix}throughput.png") if perf else None
+    perf_png = plot_throughput(records, out / "throughput.png") if perf else None
     mfu_note = "" if "mfu" in perf else \
         "<p class=note>MFU not recorded: the device's peak FLOP/s is unknown (set train.peak_flops_per_device).</p>"
     sections.append(Section("throughput", "Throughput and MFU",
@@ -208,8 +203,8 @@ def run_sections(workdir: Path, out: Path, prefix: str = "") -> list[Section]:
     tokenizer_png = workdir / "tokenizer_eval.png"
     if tokenizer_png.exists():
         sections.append(Section("tokenizer", "Tokenizer comparison",
-                                _image(_copy(tokenizer_png, out / f"{prefix}tokenizer_eval.png"),
-                                       RUN_FIGURES["tokenizer_eval.png"])))
+                                _image(_copy(tokenizer_png, out / "tokenizer_eval.png"),
+                                       "Tokenizers side by side on held-out text (dapt tokenizer eval).")))
     tasks_file = workdir / "eval_tasks.json"
     if tasks_file.exists():
         sections.append(Section("tasks", "Downstream few-shot tasks", tasks_table(json.loads(tasks_file.read_text()))))

@@ -31,7 +31,7 @@ def run_workdir(tmp_path_factory, built_experiment):
     folder = tmp_path_factory.mktemp("run")
     path = experiment_file(folder, built_experiment, steps=6)
     config = yaml.safe_load(path.read_text())
-    config["train"]["eval_every"] = 3
+    config["train"] |= {"eval_every": 3, "peak_flops_per_device": 1.0e11}  # a stated peak: MFU is recorded on CPU too
     path.write_text(yaml.safe_dump(config))
     train(path)
     corpora = built_experiment  # the run reads the session's stores; the sources are beside them
@@ -82,7 +82,9 @@ def test_run_report_has_every_section_and_its_images_load(run_workdir, tmp_path)
     results = json.loads((run_workdir / "results.json").read_text())
     for name, row in results["corpora"].items():
         assert f"<td>{name}</td><td>{row['bpb_before']:,.4f}</td><td>{row['bpb_after']:,.4f}</td>" in html
-    assert "headline_sentiment" in html and "MFU not recorded" in html
+    assert "headline_sentiment" in html and "MFU not recorded" not in html
+    records = [json.loads(line) for line in (run_workdir / "metrics.jsonl").read_text().splitlines()]
+    assert sum("perf/mfu" in r for r in records) == 6
 
 
 def test_sweep_report_has_the_table_plots_and_proposal(run_workdir, tmp_path):
