@@ -117,6 +117,8 @@ while kill -0 "$srun_pid" 2>/dev/null; do  # the trap interrupts `wait`: wait fo
   status=$?
 done
 
+# The outcome is read from the checkpoints, not from srun's status: torchrun exits 1 after
+# forwarding a signal even when every rank saved its checkpoint and exited 0.
 if [ "$(cat "$latest" 2>/dev/null)" = "$final_checkpoint" ]; then
   echo "dapt: $(date -u +%FT%TZ) training finished: checkpoint $final_checkpoint"
   exit 0
