@@ -29,7 +29,7 @@ stop() {
 if [ "$action" = stop ]; then stop; exit 0; fi
 [ "$action" = start ] || fail "unknown action '$action' (start or stop)"
 
-for program in munged mungekey slurmctld slurmd scontrol sbatch; do
+for program in munged mungekey slurmctld slurmd scontrol sinfo sbatch; do
   command -v "$program" >/dev/null || fail "'$program' is not installed (apt-get install slurm-wlm munge)"
 done
 if [ "$(id -u)" != 0 ]; then  # the daemons need root; client commands then work for this user too
