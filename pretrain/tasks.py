@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -177,21 +178,42 @@ def evaluate_tasks(task_files: list[Path], model_dir: Path, workdir: Path, shots
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    output = simple_evaluate(
-        model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32"}, tasks=list(tasks),
-        device="cuda" if _cuda() else "cpu", batch_size=batch_size, log_samples=False, verbosity="WARNING",
-        task_manager=TaskManager(include_path=folders, include_defaults=False),
-    )
+    truncated = _TruncationCounter()
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    hf_logger.addFilter(truncated)
+    try:
+        output = simple_evaluate(
+            model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32"}, tasks=list(tasks),
+            device="cuda" if _cuda() else "cpu", batch_size=batch_size, log_samples=False, verbosity="WARNING",
+            task_manager=TaskManager(include_path=folders, include_defaults=False),
+        )
+    finally:
+        hf_logger.removeFilter(truncated)
     rows = []
     for name, task in tasks.items():
         scores = output["results"][name]
         rows.append({"task": task.name, "shots": task.shots, "items": output["n-samples"][name]["effective"],
                      "accuracy": scores["acc,none"], "macro_f1": scores["f1,none"], "chance": chances[task.name],
                      "labels": task.label_words})
-    results = {"model": str(model_dir), "tasks": rows}
+    results = {"model": str(model_dir), "tasks": rows, "truncated_prompts": truncated.count}
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "eval_tasks.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     return results
+
+
+class _TruncationCounter(logging.Filter):
+    """lm-eval warns once per scored option whose prompt is longer than the model's context
+    (and cut from the left); counted here and reported once, instead of a line each."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "exceeds model's maximum length" in record.getMessage():
+            self.count += 1
+            return False
+        return True
 
 
 def _cuda() -> bool:
@@ -221,4 +243,7 @@ def format_tasks(results: dict) -> str:
     for row in results["tasks"]:
         lines.append(f"{row['task']:<24}{row['shots']:>6}{row['items']:>7}{row['accuracy']:>10.3f}"
                      f"{row['macro_f1']:>10.3f}{row['chance']:>8.3f}")
+    if results.get("truncated_prompts"):
+        lines.append(f"note: {results['truncated_prompts']} scored options had a prompt longer than the model's context; "
+                     f"lm-eval cut them from the left (fewer --shots avoids it)")
     return "\n".join(lines)
