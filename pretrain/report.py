@@ -213,8 +213,11 @@ def run_sections(workdir: Path, out: Path) -> list[Section]:
 
 def tasks_table(results: dict) -> str:
     rows = [[t["task"], t["shots"], t["items"], t["accuracy"], t["macro_f1"], t["chance"]] for t in results["tasks"]]
+    cut = results.get("truncated_prompts")
+    note = f"<p class=note>{cut} scored options had a prompt longer than the model's context, cut from the left.</p>"
     return (f"<p>model {html.escape(str(results['model']))}</p>"
-            + _table(["task", "shots", "test items", "accuracy", "macro-F1", "chance (majority label)"], rows))
+            + _table(["task", "shots", "test items", "accuracy", "macro-F1", "chance (majority label)"], rows)
+            + (note if cut else ""))
 
 
 def sweep_sections(sweep_dir: Path, out: Path) -> list[Section]:
