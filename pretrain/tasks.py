@@ -165,6 +165,8 @@ def evaluate_tasks(task_files: list[Path], model_dir: Path, workdir: Path, shots
         task = load_task(Path(path))
         if shots is not None:
             task = task.model_copy(update={"shots": shots})
+        if task.name in chances:
+            raise DaptError(f"{path}: name: {task.name!r} is already the name of another task given; names must be unique")
         train, test = split_examples(task, read_examples(task))
         folder = workdir / "eval_tasks" / task.name
         tasks[write_lm_eval_task(task, train, test, folder)] = task

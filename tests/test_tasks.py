@@ -113,6 +113,16 @@ def test_a_bad_task_file_names_the_field(tmp_path):
         load_task(write_task(tmp_path, "", label_word="x"))
 
 
+def test_two_tasks_of_one_name_are_refused(tmp_path):
+    from pretrain.tasks import evaluate_tasks
+
+    rows = "".join(json.dumps({"text": f"shares {verb} {n}%", "label": label}) + "\n"
+                   for n in range(10) for verb, label in (("rose", "up"), ("fell", "down")))
+    task = write_task(tmp_path, rows, shots=1)
+    with pytest.raises(DaptError, match=r"task.yaml: name: 'toy' is already the name of another task given"):
+        evaluate_tasks([task, task], tmp_path, tmp_path)
+
+
 def test_dapt_eval_tasks_reports_a_bad_row_as_one_line(tmp_path, capsys):
     from launch.cli import main
     from tests.conftest import DEMO_CONFIG
