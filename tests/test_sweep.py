@@ -102,7 +102,8 @@ def test_proxy_run_is_a_complete_experiment_on_the_shared_tokenizer_and_stores(t
 
 
 @pytest.mark.parametrize("law, model", [(lambda x: 1.0 + x @ [2.0, -1.0, 0.5], "linear"),
-                                        (lambda x: np.exp(x @ [1.2, 0.1, 0.6]), "log-linear")])
+                                        (lambda x: np.exp(x @ [1.2, 0.1, 0.6]), "log-linear"),
+                                        (lambda x: 2.0 * (x[:, 0] + 1e-3) ** -0.3 * (x[:, 1] + 1e-3) ** 0.1, "log-log")])
 def test_fit_picks_the_law_the_runs_follow_and_predicts_held_out_runs(law, model):
     shares = np.random.default_rng(0).dirichlet(np.ones(3), size=8)
     fit = fit_domain("d", shares, law(shares))
