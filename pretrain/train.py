@@ -3,8 +3,8 @@
 In: the experiment, its tokenizer and token stores (built by `dapt tokenizer
 train` and `dapt data build`). Out: checkpoints, `metrics.jsonl`, a W&B run and
 `results.json` (per corpus: held-out BPB before and after, tokens seen, planned vs
-realised share). The step loop only sequences; the math of one step, evaluation,
-checkpointing and tracking live in their own functions and modules.
+realised share). `Trainer.fit` only sequences; the math of one step, evaluation,
+checkpointing, safety and tracking live in their own functions and modules.
 """
 
 from __future__ import annotations
@@ -84,127 +84,181 @@ def step_metrics(sums: torch.Tensor, names: list[str], engine, lr: float, second
 def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) -> dict | None:
     """Train on this rank, resuming from the workdir's latest checkpoint unless `resume` is off;
     rank 0 returns the results it wrote (None on a stop by signal)."""
-    dist_env = discover()
-    export_for_torch(dist_env)
+    return Trainer(experiment, yaml_text, resume).fit()
+
+
+def init_distributed(dist_env) -> torch.device:
+    """NCCL on GPUs, gloo on CPU; this rank's device."""
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
-    from transformers import AutoTokenizer
 
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
-    device = torch.device("cuda", dist_env.local_rank) if on_gpu else torch.device("cpu")
-    if on_gpu:
-        torch.cuda.set_device(device)
-    train, mix, names = experiment.train, experiment.mix, experiment.corpus_names()
+    if not on_gpu:
+        return torch.device("cpu")
+    device = torch.device("cuda", dist_env.local_rank)
+    torch.cuda.set_device(device)
+    return device
 
-    tokenizer = AutoTokenizer.from_pretrained(experiment.tokenizer_dir)
-    expected = tokenizer_hash(experiment.tokenizer_dir)
-    train_stores = open_stores(experiment.stores_dir, experiment.corpora, "train", expected)
-    heldout_stores = open_stores(experiment.stores_dir, experiment.corpora, "heldout", expected)
-    batches = train.batch_sizes()
-    schedule = build_schedule(experiment.corpora, mix, experiment.seed, train_stores, batches, train.steps)
-    loader = MixLoader(schedule, [train_stores[n] for n in names], mix.seq_len, train.micro_batch_size,
-                       batches, dist_env.rank, dist_env.world_size, num_workers=train.loader_workers)
-    ledger = MixLedger(names, mix.seq_len)
-    guard = StepGuard(train.max_skipped_in_a_row, train.spike_window, train.spike_threshold)
 
-    model = build_model(experiment.model, tokenizer, experiment.seed, train.activation_checkpointing)
-    model_flops, peak = flops_per_token(model, mix.seq_len), peak_flops(train.peak_flops_per_device)
-    ds_config = resolve_deepspeed_config(experiment.deepspeed, train, dist_env.world_size, on_gpu)
-    checkpoints = experiment.checkpoints_dir
-    saved_world = saved_world_size(checkpoints) if resume else None
-    universal = saved_world is not None and saved_world != dist_env.world_size
-    if universal:  # ZeRO shards written by another number of processes must be re-partitioned
-        ds_config["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
-    state = load_latest(engine, checkpoints, universal) if resume and saved_world is not None else None
-    if state is not None:
-        loader.load_state_dict(state["loader"])
-        ledger.load_state_dict(state["ledger"])
-        guard.load_state_dict(state["guard"])
+class Trainer:
+    """One rank's run: the constructor builds the data side, the engine and the tracker and
+    restores a checkpoint; `fit` sequences steps, evaluations and checkpoints."""
+
+    def __init__(self, experiment: Experiment, yaml_text: str, resume: bool):
+        self.experiment, self.yaml_text = experiment, yaml_text
+        self.train, self.mix, self.names = experiment.train, experiment.mix, experiment.corpus_names()
+        self.checkpoints = experiment.checkpoints_dir
+        self.env = discover()
+        export_for_torch(self.env)
+        self.device = init_distributed(self.env)
+        self._build_data()
+        state = self._build_engine(resume)
+        self._restore(state)
+        self._start_tracking(state)
+        self.first_step = state["step"] if state else 0
+        self.bpb_before = state["bpb_before"] if state else self.evaluate(step=0)
+        self.first_loss, self.loss = (state["first_loss"], state["last_loss"]) if state else (None, None)
+
+    def _build_data(self) -> None:
+        from transformers import AutoTokenizer
+
+        experiment, train = self.experiment, self.train
+        self.tokenizer = AutoTokenizer.from_pretrained(experiment.tokenizer_dir)
+        expected = tokenizer_hash(experiment.tokenizer_dir)
+        train_stores = open_stores(experiment.stores_dir, experiment.corpora, "train", expected)
+        self.heldout_stores = open_stores(experiment.stores_dir, experiment.corpora, "heldout", expected)
+        self.batches = train.batch_sizes()
+        self.schedule = build_schedule(experiment.corpora, self.mix, experiment.seed, train_stores, self.batches,
+                                       train.steps)
+        self.loader = MixLoader(self.schedule, [train_stores[n] for n in self.names], self.mix.seq_len,
+                                train.micro_batch_size, self.batches, self.env.rank, self.env.world_size,
+                                num_workers=train.loader_workers)
+        self.ledger = MixLedger(self.names, self.mix.seq_len)
+        self.guard = StepGuard(train.max_skipped_in_a_row, train.spike_window, train.spike_threshold)
+
+    def _build_engine(self, resume: bool) -> dict | None:
+        """The DeepSpeed engine, loaded from the latest checkpoint when resuming; returns its client state."""
+        import deepspeed
+
+        train = self.train
+        model = build_model(self.experiment.model, self.tokenizer, self.experiment.seed, train.activation_checkpointing)
+        self.model_flops, self.peak = flops_per_token(model, self.mix.seq_len), peak_flops(train.peak_flops_per_device)
+        self.ds_config = resolve_deepspeed_config(self.experiment.deepspeed, train, self.env.world_size,
+                                                  torch.cuda.is_available())
+        self.saved_world = saved_world_size(self.checkpoints) if resume else None
+        self.universal = self.saved_world is not None and self.saved_world != self.env.world_size
+        if self.universal:  # ZeRO shards written by another number of processes must be re-partitioned
+            self.ds_config["checkpoint"] = {"load_universal": True}
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=self.ds_config)
+        return load_latest(self.engine, self.checkpoints, self.universal) if self.saved_world is not None else None
+
+    def _restore(self, state: dict | None) -> None:
+        if state is None:
+            return
+        self.loader.load_state_dict(state["loader"])
+        self.ledger.load_state_dict(state["ledger"])
+        self.guard.load_state_dict(state["guard"])
         restore_rng_states(state["rng"])
-    tracker = Tracker(experiment.workpath, experiment.wandb, experiment.name,
-                      {"experiment": experiment.model_dump(), "deepspeed": ds_config}, dist_env.is_main,
-                      run_id=state and state["wandb_run_id"], resume_step=state and state["step"])
-    if dist_env.is_main:
-        _save_model_recipe(engine.module, experiment.tokenizer_dir, checkpoints)
-        if state is not None:
-            moved = f" (written by {saved_world} processes, now {dist_env.world_size})" if universal else ""
-            print(f"resuming from {checkpoints / latest_tag(checkpoints)} at step {state['step']}{moved}", flush=True)
-        else:
-            rows = plan(schedule, experiment.corpora, mix, batches, train.steps)
-            tracker.table("mix/plan", ["corpus", "group", "share", "tokens_available", "tokens_drawn", "epochs"],
-                          [[r.corpus, r.group, r.share, r.available_samples * mix.seq_len, r.samples * mix.seq_len,
-                            r.epochs] for r in rows])
 
-    def evaluate(step: int) -> dict[str, float]:
-        bpb = heldout_bpb(engine.module, heldout_stores, mix.seq_len, train.eval_max_tokens, train.micro_batch_size, device)
-        tracker.log({f"eval/bpb/{name}": value for name, value in bpb.items()}, step=step)
+    def _start_tracking(self, state: dict | None) -> None:
+        experiment, mix = self.experiment, self.mix
+        self.tracker = Tracker(experiment.workpath, experiment.wandb, experiment.name,
+                               {"experiment": experiment.model_dump(), "deepspeed": self.ds_config}, self.env.is_main,
+                               run_id=state and state["wandb_run_id"], resume_step=state and state["step"])
+        if not self.env.is_main:
+            return
+        _save_model_recipe(self.engine.module, experiment.tokenizer_dir, self.checkpoints)
+        if state is not None:
+            moved = f" (written by {self.saved_world} processes, now {self.env.world_size})" if self.universal else ""
+            print(f"resuming from {self.checkpoints / latest_tag(self.checkpoints)} at step {state['step']}{moved}",
+                  flush=True)
+        else:
+            rows = plan(self.schedule, experiment.corpora, mix, self.batches, self.train.steps)
+            self.tracker.table("mix/plan", ["corpus", "group", "share", "tokens_available", "tokens_drawn", "epochs"],
+                               [[r.corpus, r.group, r.share, r.available_samples * mix.seq_len,
+                                 r.samples * mix.seq_len, r.epochs] for r in rows])
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        train = self.train
+        bpb = heldout_bpb(self.engine.module, self.heldout_stores, self.mix.seq_len, train.eval_max_tokens,
+                          train.micro_batch_size, self.device)
+        self.tracker.log({f"eval/bpb/{name}": value for name, value in bpb.items()}, step=step)
         return bpb
 
-    def checkpoint(step: int) -> str:
-        client = {"step": step, "loader": loader.state_dict(), "ledger": ledger.state_dict(), "guard": guard.state_dict(),
-                  "rng": gather_rng_states(),
-                  "wandb_run_id": tracker.run_id, "bpb_before": bpb_before, "first_loss": first_loss, "last_loss": loss,
-                  "experiment_hash": experiment_hash(yaml_text), "experiment_yaml": yaml_text}
-        return save_checkpoint(engine, checkpoints, step, client, train.keep_checkpoints)
+    def checkpoint(self, step: int) -> str:
+        client = {"step": step, "loader": self.loader.state_dict(), "ledger": self.ledger.state_dict(),
+                  "guard": self.guard.state_dict(), "rng": gather_rng_states(), "wandb_run_id": self.tracker.run_id,
+                  "bpb_before": self.bpb_before, "first_loss": self.first_loss, "last_loss": self.loss,
+                  "experiment_hash": experiment_hash(self.yaml_text), "experiment_yaml": self.yaml_text}
+        return save_checkpoint(self.engine, self.checkpoints, step, client, self.train.keep_checkpoints)
 
-    bpb_before = state["bpb_before"] if state else evaluate(step=0)
-    first_loss, loss = (state["first_loss"], state["last_loss"]) if state else (None, None)
-    stop = StopRequest(device)
-    progress = Progress(train.steps, state["step"] if state else 0, train.log_every, dist_env.is_main)
-    inject_nan_at = injected_nan_steps(dist_env.rank)
-    started = time.perf_counter()
-    for batch in loader.iterate(train.steps):
-        done = batch.step + 1
+    def step(self, batch: StepBatch, seconds_since: float, inject_nan: bool) -> tuple[dict[str, float], bool]:
+        """One optimizer step: its metrics (logged) and whether its update was applied."""
+        engine, done = self.engine, batch.step + 1
         lr = engine.get_lr()[0]  # the rate this step uses; the scheduler moves on inside it
-        if engine.train_batch_size() != batches.size(batch.step):
-            engine.set_train_batch_size(batches.size(batch.step))  # more micro-batches per step, same micro size
-        sums, applied = train_step(engine, batch, len(names), device, inject_nan=done in inject_nan_at)
-        ledger.record(batch.global_corpus_ids)
-        metrics = step_metrics(sums, names, engine, lr, time.perf_counter() - started, mix.seq_len, model_flops, peak)
-        metrics |= ledger.metrics()
-        loss = metrics["train/loss"]
-        first_loss = loss if first_loss is None else first_loss
-        metrics |= guard.record(loss, applied)
-        tracker.log(metrics, step=done)
-        if not applied and dist_env.is_main:
-            progress.write(f"step {done}: non-finite loss or gradient norm, update skipped ({guard.skipped} so far)")
-        elif "train/loss_spike" in metrics and dist_env.is_main:
-            progress.write(f"step {done}: loss spike {loss:.4f} (z-score {metrics['train/loss_zscore']:.1f})")
-        if guard.exhausted:
-            progress.close()
-            tracker.close()
-            tag = latest_tag(checkpoints)
-            raise guard.stop_error(done, tag and str(checkpoints / tag))
-        progress.update(done, loss, metrics["train/lr"], metrics["perf/tokens_per_s"])
-        if stop.agreed():
-            progress.close()
-            tag = checkpoint(done)
-            if dist_env.is_main:
-                print(f"stopped by a signal after step {done}; checkpoint {tag} saved, rerun to resume", flush=True)
-            tracker.close()
-            return None
-        if train.eval_every and done % train.eval_every == 0 and done != train.steps:
-            evaluate(step=done)
-        if train.checkpoint_every and done % train.checkpoint_every == 0 and done != train.steps:
-            checkpoint(done)
-        started = time.perf_counter()  # after evaluation and checkpoints, so that throughput is training alone
-    progress.close()
-    bpb_after = evaluate(step=train.steps)
-    tag = checkpoint(train.steps)
+        if engine.train_batch_size() != self.batches.size(batch.step):
+            engine.set_train_batch_size(self.batches.size(batch.step))  # more micro-batches per step, same micro size
+        sums, applied = train_step(engine, batch, len(self.names), self.device, inject_nan)
+        self.ledger.record(batch.global_corpus_ids)
+        metrics = step_metrics(sums, self.names, engine, lr, time.perf_counter() - seconds_since, self.mix.seq_len,
+                               self.model_flops, self.peak)
+        metrics |= self.ledger.metrics()
+        self.loss = metrics["train/loss"]
+        self.first_loss = self.loss if self.first_loss is None else self.first_loss
+        metrics |= self.guard.record(self.loss, applied)
+        self.tracker.log(metrics, step=done)
+        return metrics, applied
 
-    results = None
-    if dist_env.is_main:
-        total = batches.first_sample(train.steps)
-        planned = schedule.counts_before(total) / total
-        results = _results(names, planned.tolist(), ledger, bpb_before, bpb_after, first_loss, loss, tag, tracker)
-        results |= {"skipped_steps": guard.skipped, "loss_spikes": guard.spikes}
-        experiment.results_file.write_text(json.dumps(results, indent=1))
-    tracker.close(summary={"final_loss": loss})
-    dist.barrier()
-    return results
+    def fit(self) -> dict | None:
+        train, guard, main = self.train, self.guard, self.env.is_main
+        stop = StopRequest(self.device)
+        progress = Progress(train.steps, self.first_step, train.log_every, main)
+        inject_nan_at = injected_nan_steps(self.env.rank)
+        started = time.perf_counter()
+        for batch in self.loader.iterate(train.steps):
+            done = batch.step + 1
+            metrics, applied = self.step(batch, started, inject_nan=done in inject_nan_at)
+            if not applied and main:
+                progress.write(f"step {done}: non-finite loss or gradient norm, update skipped ({guard.skipped} so far)")
+            elif "train/loss_spike" in metrics and main:
+                progress.write(f"step {done}: loss spike {self.loss:.4f} (z-score {metrics['train/loss_zscore']:.1f})")
+            if guard.exhausted:
+                progress.close()
+                self.tracker.close()
+                tag = latest_tag(self.checkpoints)
+                raise guard.stop_error(done, tag and str(self.checkpoints / tag))
+            progress.update(done, self.loss, metrics["train/lr"], metrics["perf/tokens_per_s"])
+            if stop.agreed():
+                progress.close()
+                tag = self.checkpoint(done)
+                if main:
+                    print(f"stopped by a signal after step {done}; checkpoint {tag} saved, rerun to resume", flush=True)
+                self.tracker.close()
+                return None
+            if train.eval_every and done % train.eval_every == 0 and done != train.steps:
+                self.evaluate(step=done)
+            if train.checkpoint_every and done % train.checkpoint_every == 0 and done != train.steps:
+                self.checkpoint(done)
+            started = time.perf_counter()  # after evaluation and checkpoints, so that throughput is training alone
+        progress.close()
+        return self._finish()
+
+    def _finish(self) -> dict | None:
+        bpb_after = self.evaluate(step=self.train.steps)
+        tag = self.checkpoint(self.train.steps)
+        results = None
+        if self.env.is_main:
+            total = self.batches.first_sample(self.train.steps)
+            planned = self.schedule.counts_before(total) / total
+            results = _results(self.names, planned.tolist(), self.ledger, self.bpb_before, bpb_after, self.first_loss,
+                               self.loss, tag, self.tracker)
+            results |= {"skipped_steps": self.guard.skipped, "loss_spikes": self.guard.spikes}
+            self.experiment.results_file.write_text(json.dumps(results, indent=1))
+        self.tracker.close(summary={"final_loss": self.loss})
+        dist.barrier()
+        return results
 
 
 def _save_model_recipe(module, tokenizer_dir: Path, checkpoints: Path) -> None:
