@@ -148,7 +148,8 @@ class Trainer:
         self.ds_config = resolve_deepspeed_config(self.experiment.deepspeed, train, self.env.world_size,
                                                   torch.cuda.is_available())
         self.saved_world = saved_world_size(self.checkpoints) if resume else None
-        self.universal = self.saved_world is not None and self.saved_world != self.env.world_size
+        sharded = self.ds_config["zero_optimization"].get("stage", 0) > 0  # without ZeRO every rank saves it all
+        self.universal = sharded and self.saved_world is not None and self.saved_world != self.env.world_size
         if self.universal:  # ZeRO shards written by another number of processes must be re-partitioned
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=self.ds_config)
@@ -171,7 +172,8 @@ class Trainer:
             return
         _save_model_recipe(self.engine.module, experiment.tokenizer_dir, self.checkpoints)
         if state is not None:
-            moved = f" (written by {self.saved_world} processes, now {self.env.world_size})" if self.universal else ""
+            moved = (f" (written by {self.saved_world} processes, now {self.env.world_size})"
+                     if self.saved_world != self.env.world_size else "")
             print(f"resuming from {self.checkpoints / latest_tag(self.checkpoints)} at step {state['step']}{moved}",
                   flush=True)
         else:

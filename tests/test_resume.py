@@ -6,6 +6,7 @@ import subprocess
 import time
 
 import pytest
+import yaml
 
 from launch.experiment import load_experiment
 from launch.local import torchrun_command
@@ -45,9 +46,12 @@ def losses(workdir) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
-def run_then_rewind_to_step_3(tmp_path, built_experiment):
-    """Train 6 steps, then undo what came after step 3's checkpoint, as a crash there would have."""
+def run_then_rewind_to_step_3(tmp_path, built_experiment, stage: int = 2):
+    """Train 6 steps at ZeRO `stage`, then undo what came after step 3's checkpoint, as a crash there would have."""
     path = experiment_file(tmp_path, built_experiment, steps=6)
+    config = yaml.safe_load(path.read_text())
+    config["deepspeed"] = {"zero_optimization": {"stage": stage}}
+    path.write_text(yaml.safe_dump(config))
     train(path)
     uninterrupted = losses(tmp_path)
     first = json.loads((tmp_path / "results.json").read_text())
@@ -89,8 +93,9 @@ def test_sigusr1_checkpoints_and_the_rerun_finishes(tmp_path, built_experiment):
     assert sorted(losses(tmp_path)) == list(range(1, 61))
 
 
-def test_resume_at_another_world_size_keeps_the_data_order(tmp_path, built_experiment):
-    path, experiment, uninterrupted, first = run_then_rewind_to_step_3(tmp_path, built_experiment)
+@pytest.mark.parametrize("stage", [2, 0])
+def test_resume_at_another_world_size_keeps_the_data_order(tmp_path, built_experiment, stage):
+    path, experiment, uninterrupted, first = run_then_rewind_to_step_3(tmp_path, built_experiment, stage)
     result = subprocess.run(torchrun_command(path, 1), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "written by 2 processes, now 1" in result.stdout
