@@ -50,9 +50,19 @@ class Experiment(StrictModel):
         return Path(self.workdir)
 
     @property
-    def tokenizer_dir(self) -> Path:
-        """The tokenizer in use: the given one, or where `dapt tokenizer train` writes."""
+    def domain_tokenizer_dir(self) -> Path:
+        """The given tokenizer, or where `dapt tokenizer train` writes."""
         return Path(self.tokenizer.path) if self.tokenizer.path else self.workpath / "tokenizer"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """The tokenizer in use: the domain tokenizer, or with `model.embeddings: extend` the base one extended by it."""
+        return self.workpath / "tokenizer-extended" if self.model.embeddings == "extend" else self.domain_tokenizer_dir
+
+    @property
+    def base_tokenizer_dir(self) -> Path | None:
+        """The base model's own tokenizer (Hugging Face convention: beside its weights)."""
+        return Path(self.model.base_tokenizer or self.model.path) if self.model.path else None
 
     @property
     def stores_dir(self) -> Path:
@@ -238,6 +248,8 @@ def _resolve_paths(experiment: Experiment, base: Path) -> Experiment:
         tokenizer = tokenizer.model_copy(update={"path": absolute(tokenizer.path)})
     if model.path is not None:
         model = model.model_copy(update={"path": absolute(model.path)})
+    if model.base_tokenizer is not None:
+        model = model.model_copy(update={"base_tokenizer": absolute(model.base_tokenizer)})
     stores = absolute(experiment.stores) if experiment.stores else None
     sweep = experiment.sweep
     if sweep is not None and sweep.proxy.model is not None and sweep.proxy.model.path is not None:

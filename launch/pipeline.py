@@ -18,17 +18,43 @@ from data_mix.sources import CorpusReader
 from data_mix.store import open_stores, tokenizer_hash
 from launch.base import DaptError
 from launch.experiment import Experiment
+from tokenizer.evaluate import load_tokenizer
 from tokenizer.train import draw_sample, train_from_sample
+from tokenizer.transplant import extend_tokenizer
 
 RECIPE = "dapt-recipe.json"
+# Text drawn (by mix share) to rank domain pieces for `extend` when the tokenizer was given, not trained.
+EXTEND_SAMPLE_BYTES = 1e8
 
 
 def train_tokenizer(experiment: Experiment) -> Path:
-    """Train the experiment's tokenizer, unless one trained from the same recipe exists."""
-    out_dir = experiment.tokenizer_dir
+    """Train the experiment's tokenizer, unless one trained from the same recipe exists; with
+    `model.embeddings: extend`, extend the base model's tokenizer by it. Returns the tokenizer in use."""
+    domain_dir = _domain_tokenizer(experiment)
+    if experiment.model.embeddings != "extend":
+        return domain_dir
+    out_dir, base_dir = experiment.tokenizer_dir, experiment.base_tokenizer_dir
+    load_tokenizer(base_dir)  # a base tokenizer that does not load is named before any work
+    stamp = {"base": tokenizer_hash(base_dir), "domain": tokenizer_hash(domain_dir), "pieces": experiment.model.extend_pieces}
+    if (out_dir / RECIPE).exists() and json.loads((out_dir / RECIPE).read_text()).get("stamp") == stamp:
+        print(f"tokenizer: extended tokenizer up to date in {out_dir}")
+        return out_dir
+    config = experiment.tokenizer.train
+    lines = draw_sample(experiment.corpora, _mix_shares(experiment), experiment.heldout,
+                        config.sample_bytes if config else EXTEND_SAMPLE_BYTES)
+    added = extend_tokenizer(base_dir, domain_dir, lines, experiment.model.extend_pieces, out_dir)
+    (out_dir / RECIPE).write_text(json.dumps({"stamp": stamp}, indent=1))
+    print(f"tokenizer: {base_dir} extended by {len(added):,} domain pieces (e.g. {', '.join(map(repr, added[:5]))}) "
+          f"in {out_dir}")
+    return out_dir
+
+
+def _domain_tokenizer(experiment: Experiment) -> Path:
+    out_dir = experiment.domain_tokenizer_dir
     if experiment.tokenizer.train is None:
         if not (out_dir / "tokenizer.json").exists():
             raise DaptError(f"tokenizer.path: {out_dir} has no tokenizer.json; give a Hugging Face tokenizer directory")
+        load_tokenizer(out_dir)
         print(f"tokenizer: using {out_dir}")
         return out_dir
     sources = [c.model_dump() for c in experiment.corpora]
@@ -38,18 +64,19 @@ def train_tokenizer(experiment: Experiment) -> Path:
     if (out_dir / RECIPE).exists() and json.loads((out_dir / RECIPE).read_text()).get("stamp") == stamp:
         print(f"tokenizer: up to date in {out_dir}")
         return out_dir
-    sizes = {c.name: sum(len(d.encode("utf-8")) for d in CorpusReader(c).documents()) for c in experiment.corpora}
-    shares = target_shares(experiment.mix, experiment.corpora, sizes, experiment.mix.temperature)
     config = experiment.tokenizer.train
     print(f"tokenizer: training {config.backend} {config.model} (vocab {config.vocab_size:,}) "
           f"on up to {config.sample_bytes:,.0f} bytes drawn by mix share")
-    lines = draw_sample(experiment.corpora, shares, experiment.heldout, config.sample_bytes)
+    lines = draw_sample(experiment.corpora, _mix_shares(experiment), experiment.heldout, config.sample_bytes)
     train_from_sample(lines, config, out_dir)
     (out_dir / RECIPE).write_text(json.dumps({"stamp": stamp, "recipe": recipe}, indent=1))
-    from transformers import AutoTokenizer
-
-    print(f"tokenizer: {len(AutoTokenizer.from_pretrained(out_dir)):,} pieces written to {out_dir}")
+    print(f"tokenizer: {len(load_tokenizer(out_dir)):,} pieces written to {out_dir}")
     return out_dir
+
+
+def _mix_shares(experiment: Experiment) -> dict[str, float]:
+    sizes = {c.name: sum(len(d.encode("utf-8")) for d in CorpusReader(c).documents()) for c in experiment.corpora}
+    return target_shares(experiment.mix, experiment.corpora, sizes, experiment.mix.temperature)
 
 
 def prepare_data(experiment: Experiment, as_json: bool = False) -> list[dict]:

@@ -16,11 +16,23 @@ class ModelConfig(StrictModel):
     config: dict[str, Any] | None = None
     """A Hugging Face model config (e.g. `model_type: llama`) to build a new model from;
     `vocab_size` and the special token ids are taken from the tokenizer."""
+    embeddings: Literal["transplant", "extend"] | None = None
+    """How the model at `path` meets a tokenizer other than its own. `transplant`: the
+    experiment's tokenizer replaces the vocabulary; `extend`: the base tokenizer plus the
+    `extend_pieces` domain pieces it lacks becomes the experiment's tokenizer. Rows of shared
+    pieces are copied, new rows are the mean of the base rows of their text's base pieces.
+    Unset: the tokenizer must be the model's own."""
+    base_tokenizer: str | None = None
+    """The base model's own tokenizer directory (default: `path`, the Hugging Face convention)."""
+    extend_pieces: int = Field(default=8000, gt=0)
+    """extend: how many domain pieces to add, the most frequent in the tokenizer sample first."""
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         if (self.path is None) == (self.config is None):
             raise ValueError("give exactly one of `path` (an existing model) or `config` (a new one)")
+        if self.embeddings is not None and self.path is None:
+            raise ValueError(f"embeddings: {self.embeddings} carries a base model over; it needs `path`, not `config`")
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("config: needs `model_type` (e.g. llama)")
         return self

@@ -8,6 +8,8 @@ import torch
 
 from launch.base import DaptError
 from pretrain.config import ModelConfig
+from tokenizer.evaluate import load_tokenizer
+from tokenizer.transplant import carry_over
 
 
 def build_model(config: ModelConfig, tokenizer, seed: int, activation_checkpointing: bool):
@@ -31,11 +33,25 @@ def build_model(config: ModelConfig, tokenizer, seed: int, activation_checkpoint
         if not (Path(config.path) / "config.json").exists():
             raise DaptError(f"model.path: {config.path} is not a Hugging Face model directory (no config.json)")
         model = AutoModelForCausalLM.from_pretrained(config.path, attn_implementation="sdpa", dtype=torch.float32)
-        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        if config.embeddings is not None:
+            # Before DeepSpeed sees the model: every rank carries the full weights over the same
+            # way, and ZeRO-3 then partitions rows that already follow the new vocabulary.
+            base_tokenizer = load_tokenizer(Path(config.base_tokenizer or config.path))
+            print(carry_over(model, base_tokenizer, tokenizer).summary(), flush=True)
+        elif _own_vocabulary(Path(config.base_tokenizer or config.path)) not in (None, tokenizer.get_vocab()):
+            raise DaptError(f"model.path: {config.path} was trained with another tokenizer than the experiment's; set "
+                            f"`model.embeddings: transplant` (or `extend`) to carry it over, or use its own tokenizer")
+        elif model.get_input_embeddings().num_embeddings < len(tokenizer):
             raise DaptError(
                 f"model.path: the model has {model.get_input_embeddings().num_embeddings} embeddings but the tokenizer "
-                f"has {len(tokenizer)} pieces; use the model's own tokenizer (`tokenizer.path`)"
+                f"has {len(tokenizer)} pieces; use the model's own tokenizer (`tokenizer.path`), or carry the model "
+                f"over to this one with `model.embeddings: transplant` (or `extend`)"
             )
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _own_vocabulary(folder: Path) -> dict[str, int] | None:
+    """The vocabulary of the tokenizer saved beside a model, if there is one."""
+    return load_tokenizer(folder).get_vocab() if (folder / "tokenizer.json").exists() else None

@@ -1,0 +1,141 @@
+"""Carrying a base model over to a domain tokenizer: rows copied or averaged as planned, the
+untied head too, extended tokenizers that round-trip, and held-out bits-per-byte at step 0."""
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from launch.base import DaptError
+from pretrain.config import ModelConfig
+from pretrain.model import build_model
+from tokenizer.config import TokenizerTrainConfig
+from tokenizer.evaluate import heldout_texts
+from tokenizer.train import draw_sample, train_from_sample
+from tokenizer.transplant import carry_over, extend_tokenizer, plan_rows
+
+HIDDEN = 64
+
+
+def tiny_llama(tokenizer, tied: bool):
+    config = AutoConfig.for_model("llama", hidden_size=HIDDEN, intermediate_size=192, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                                  tie_word_embeddings=tied, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def heldout_bpb(model, tokenizer, texts: list[str]) -> float:
+    """Bits per UTF-8 byte with every token predicted (after BOS), so tokenizers compare fairly."""
+    nats = total_bytes = 0.0
+    model.eval()
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]])
+            nats += model(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            total_bytes += len(text.encode("utf-8"))
+    return nats / math.log(2) / total_bytes
+
+
+@pytest.fixture(scope="module")
+def base_and_domain(built_experiment, tmp_path_factory):
+    """A general base tokenizer and model (public text with a little finance, as general corpora
+    have) saved as a Hugging Face folder, and a domain tokenizer trained on the experiment's mix."""
+    experiment = built_experiment
+    folder = tmp_path_factory.mktemp("transplant")
+    general = {c.name: 0.4 if c.group == "public" else 0.05 for c in experiment.corpora}
+    general_lines = draw_sample(experiment.corpora, general, experiment.heldout, 4.0e5)
+    domain_lines = draw_sample(experiment.corpora, {c.name: 0.25 for c in experiment.corpora}, experiment.heldout, 4.0e5)
+    train_from_sample(general_lines, TokenizerTrainConfig(vocab_size=800), folder / "base")
+    domain_dir = train_from_sample(domain_lines, TokenizerTrainConfig(vocab_size=800), folder / "domain")
+    base_tokenizer = AutoTokenizer.from_pretrained(folder / "base")
+    torch.manual_seed(0)
+    model = tiny_llama(base_tokenizer, tied=False)
+    ids = torch.tensor([i for line in general_lines for i in [*base_tokenizer(line, add_special_tokens=False)["input_ids"],
+                                                               base_tokenizer.eos_token_id]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(150):  # enough for embeddings that mean something (loss ~7 → ~1)
+        starts = torch.randint(0, len(ids) - 65, (16,), generator=generator)
+        batch = torch.stack([ids[s:s + 64] for s in starts])
+        model(batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder / "base")
+    financial = [t for c in experiment.corpora if c.group == "financial" for t in heldout_texts(c, experiment.heldout)[:15]]
+    return folder / "base", domain_dir, domain_lines, financial
+
+
+def test_same_vocabulary_is_an_exact_copy(base_and_domain):
+    base_dir, _, _, texts = base_and_domain
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    carried = copy.deepcopy(model)
+    plan = carry_over(carried, tokenizer, tokenizer)
+    assert plan.averaged == [] and len(plan.copied) == len(tokenizer)
+    assert torch.equal(carried.lm_head.weight, model.lm_head.weight)
+    assert heldout_bpb(carried, tokenizer, texts[:3]) == pytest.approx(heldout_bpb(model, tokenizer, texts[:3]))
+
+
+def test_transplant_is_closer_to_the_base_model_than_random_rows(base_and_domain):
+    base_dir, domain_dir, _, texts = base_and_domain
+    base_tokenizer, domain = AutoTokenizer.from_pretrained(base_dir), AutoTokenizer.from_pretrained(domain_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    base = heldout_bpb(model, base_tokenizer, texts)
+    carried = copy.deepcopy(model)
+    plan = carry_over(carried, base_tokenizer, domain)
+    assert len(plan.copied) > len(plan.averaged) > 0
+    transplanted = heldout_bpb(carried, domain, texts)
+    new_rows = torch.tensor(plan.averaged)
+    torch.manual_seed(0)
+    with torch.no_grad():  # the alternative: new rows drawn as the model's initializer draws them
+        for weight in (carried.get_input_embeddings().weight, carried.get_output_embeddings().weight):
+            weight[new_rows] = torch.randn(len(new_rows), HIDDEN) * model.config.initializer_range
+    random_rows = heldout_bpb(carried, domain, texts)
+    print(f"held-out financial BPB at step 0: base {base:.3f}, transplant {transplanted:.3f}, random new rows {random_rows:.3f}")
+    assert abs(transplanted - base) < 0.95 * abs(random_rows - base)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_new_rows_are_means_of_their_pieces_in_both_matrices(base_and_domain, tied):
+    base_dir, domain_dir, _, _ = base_and_domain
+    base_tokenizer, domain = AutoTokenizer.from_pretrained(base_dir), AutoTokenizer.from_pretrained(domain_dir)
+    model = tiny_llama(base_tokenizer, tied)
+    carried = copy.deepcopy(model)
+    plan = carry_over(carried, base_tokenizer, domain)
+    _, sources = plan_rows(base_tokenizer, domain)
+    assert carried.get_input_embeddings().num_embeddings == len(domain) == carried.config.vocab_size
+    assert (carried.lm_head.weight is carried.model.embed_tokens.weight) == tied
+    for index in [plan.copied[300], plan.averaged[0], plan.averaged[-1]]:
+        for new, old in ((carried.model.embed_tokens, model.model.embed_tokens), (carried.lm_head, model.lm_head)):
+            assert torch.allclose(new.weight[index], old.weight[sources[index]].mean(0), atol=1e-6)
+    piece = domain.convert_ids_to_tokens(plan.copied[300])
+    assert base_tokenizer.convert_ids_to_tokens(sources[plan.copied[300]][0]) == piece
+
+
+def test_extended_tokenizer_keeps_base_ids_and_round_trips(base_and_domain, tmp_path):
+    base_dir, domain_dir, lines, texts = base_and_domain
+    added = extend_tokenizer(base_dir, domain_dir, lines, 30, tmp_path / "extended")
+    base, extended = AutoTokenizer.from_pretrained(base_dir), AutoTokenizer.from_pretrained(tmp_path / "extended")
+    assert len(added) == 30 and len(extended) == len(base) + 30
+    assert all(extended.convert_tokens_to_ids(piece) == index for piece, index in base.get_vocab().items())
+    for text in texts:
+        assert extended.decode(extended(text, add_special_tokens=False)["input_ids"]) == text
+    assert sum(map(len, (extended.tokenize(t) for t in texts))) < sum(map(len, (base.tokenize(t) for t in texts)))
+
+
+def test_model_and_tokenizer_mismatches_are_named(base_and_domain, tmp_path):
+    base_dir, domain_dir, _, _ = base_and_domain
+    domain = AutoTokenizer.from_pretrained(domain_dir)
+    with pytest.raises(DaptError, match=r"another tokenizer than the experiment's; set `model.embeddings: transplant`"):
+        build_model(ModelConfig(path=str(base_dir)), domain, seed=0, activation_checkpointing=False)
+    small = tiny_llama(domain, tied=True)
+    small.resize_token_embeddings(100)
+    small.save_pretrained(tmp_path / "small")
+    with pytest.raises(DaptError, match=r"has 100 embedding rows but its tokenizer has 800 pieces; set `model.base_tokenizer`"):
+        build_model(ModelConfig(path=str(tmp_path / "small"), embeddings="transplant", base_tokenizer=str(domain_dir)),
+                    domain, seed=0, activation_checkpointing=False)
+    with pytest.raises(ValueError, match="embeddings: transplant carries a base model over; it needs `path`"):
+        ModelConfig(config={"model_type": "llama"}, embeddings="transplant")
