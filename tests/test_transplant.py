@@ -2,6 +2,7 @@
 untied head too, extended tokenizers that round-trip, and held-out bits-per-byte at step 0."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -15,6 +16,8 @@ from tokenizer.config import TokenizerTrainConfig
 from tokenizer.evaluate import heldout_texts
 from tokenizer.train import draw_sample, train_from_sample
 from tokenizer.transplant import carry_over, extend_tokenizer, plan_rows
+from tests.conftest import write_experiment
+from tests.test_cli import assert_one_line_error, dapt
 
 HIDDEN = 64
 
@@ -139,3 +142,20 @@ def test_model_and_tokenizer_mismatches_are_named(base_and_domain, tmp_path):
                     domain, seed=0, activation_checkpointing=False)
     with pytest.raises(ValueError, match="embeddings: transplant carries a base model over; it needs `path`"):
         ModelConfig(config={"model_type": "llama"}, embeddings="transplant")
+
+
+def test_bad_tokenizer_input_through_the_command(tmp_path, small_corpora):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{not json")
+    path = write_experiment(tmp_path, {"tokenizer": {"path": "broken"}})
+    assert_one_line_error(dapt("tokenizer", "train", str(path)), "broken is not a tokenizer directory AutoTokenizer can load")
+    path = write_experiment(tmp_path, {"corpora": [{"name": "filings", "paths": [str(small_corpora / "data/filings/*.jsonl")]}],
+                                       "mix": {"seq_len": 64}, "model": {"path": "broken", "embeddings": "extend"}})
+    assert_one_line_error(dapt("tokenizer", "train", str(path)), "broken is not a tokenizer directory AutoTokenizer can load")
+    # One document, held out (its hash is below the fraction): nothing is left to train on.
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": "Revenue rose 3 percent."}) + "\n")
+    path = write_experiment(tmp_path, {"corpora": [{"name": "filings", "paths": ["one.jsonl"]}], "mix": {"seq_len": 64},
+                                       "heldout": {"fraction": 0.5}})
+    assert_one_line_error(dapt("tokenizer", "train", str(path)),
+                          "the training sample is empty: 1 document(s) read from the corpora with a mix share, 1 of them held out")

@@ -37,7 +37,9 @@ def load_tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise DaptError(f"{path} is not a tokenizer directory AutoTokenizer can load ({str(err).splitlines()[0]})") from None
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise DaptError(f"{path} is not a tokenizer directory AutoTokenizer can load ({reason}); give a folder written by "
+                        f"`save_pretrained` (tokenizer.json, tokenizer_config.json)") from None
 
 
 def tokenizer_statistics(tokenizer, texts: list[str]) -> dict[str, float]:

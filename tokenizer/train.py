@@ -37,6 +37,7 @@ def draw_sample(corpora: list[CorpusConfig], shares: dict[str, float], heldout: 
     threshold first), so the sample does not depend on file order.
     """
     lines: list[str] = []
+    read = held_out = 0
     for corpus in corpora:
         budget = shares[corpus.name] * sample_bytes
         if budget <= 0:
@@ -44,15 +45,21 @@ def draw_sample(corpora: list[CorpusConfig], shares: dict[str, float], heldout: 
         documents = list(CorpusReader(corpus).documents())
         hashes = np.array([content_hash(d) for d in documents])
         threshold = heldout_threshold(hashes, heldout)
+        read += len(documents)
         taken = 0
         for index in np.argsort(hashes):
             if hashes[index] < threshold:
+                held_out += 1
                 continue
             if taken >= budget:
                 break
             text = documents[index]
             taken += len(text.encode("utf-8"))
             lines.extend(line for line in text.split("\n") if line)
+    if not lines:
+        raise DaptError(f"tokenizer.train: the training sample is empty: {read} document(s) read from the corpora with a "
+                        f"mix share, {held_out} of them held out (heldout.fraction {heldout.fraction}); give more "
+                        f"documents, or lower `heldout.fraction`")
     return lines
 
 
