@@ -91,7 +91,8 @@ def merge_models(models: list[bytes], weights: list[float], vocab_size: int) -> 
     """One unigram model from several: size-weighted piece probabilities, pruned to `vocab_size`.
 
     Control, user-defined and byte pieces are kept as the first model has them (same ids);
-    every single character learnt by any chunk is kept, so no chunk's alphabet is lost.
+    single characters learnt by any chunk are kept first (the most probable, should they
+    outnumber `vocab_size`), so no chunk's alphabet is lost.
     """
     from sentencepiece import sentencepiece_model_pb2 as pb
 
@@ -110,9 +111,9 @@ def merge_models(models: list[bytes], weights: list[float], vocab_size: int) -> 
     template = protos[0]
     fixed = [piece for piece in template.pieces if piece.type != normal]
     budget = max(0, vocab_size - len(fixed))
-    characters = [p for p in merged if len(p) == 1]
-    words = sorted((p for p in merged if len(p) > 1), key=lambda p: (-merged[p], p))
-    kept = characters + words[: max(0, budget - len(characters))]
+    by_probability = sorted(merged, key=lambda p: (-merged[p], p))
+    characters = [p for p in by_probability if len(p) == 1][:budget]
+    kept = characters + [p for p in by_probability if len(p) > 1][: budget - len(characters)]
     norm = sum(merged[p] for p in kept)
     del template.pieces[:]
     template.pieces.extend(fixed)
