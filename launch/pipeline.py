@@ -44,7 +44,9 @@ def train_tokenizer(experiment: Experiment) -> Path:
                         config.sample_bytes if config else EXTEND_SAMPLE_BYTES)
     added = extend_tokenizer(base_dir, domain_dir, lines, experiment.model.extend_pieces, out_dir)
     (out_dir / RECIPE).write_text(json.dumps({"stamp": stamp}, indent=1))
-    print(f"tokenizer: {base_dir} extended by {len(added):,} domain pieces (e.g. {', '.join(map(repr, added[:5]))}) "
+    asked = experiment.model.extend_pieces
+    short = f" (of {asked:,} asked: the domain tokenizer has no more that the base lacks)" if len(added) < asked else ""
+    print(f"tokenizer: {base_dir} extended by {len(added):,} domain pieces{short} (e.g. {', '.join(map(repr, added[:5]))}) "
           f"in {out_dir}")
     return out_dir
 

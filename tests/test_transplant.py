@@ -159,3 +159,56 @@ def test_bad_tokenizer_input_through_the_command(tmp_path, small_corpora):
                                        "heldout": {"fraction": 0.5}})
     assert_one_line_error(dapt("tokenizer", "train", str(path)),
                           "the training sample is empty: 1 document(s) read from the corpora with a mix share, 1 of them held out")
+
+
+def test_extend_through_the_tokenizer_stage_and_build_model(base_and_domain, small_corpora, tmp_path):
+    from launch.experiment import load_experiment
+    from launch.pipeline import train_tokenizer
+
+    base_dir, _, _, _ = base_and_domain
+    model = {"path": str(base_dir), "embeddings": "extend", "extend_pieces": 3}
+    path = write_experiment(tmp_path, {"corpora": [{**c, "paths": [str(small_corpora / p) for p in c["paths"]]}
+                                                   for c in _demo_corpora()],
+                                       "tokenizer": {"train": {"vocab_size": 600, "sample_bytes": 2.0e5}}, "model": model})
+    experiment, _ = load_experiment(path)
+    assert train_tokenizer(experiment) == experiment.tokenizer_dir == tmp_path / "tokenizer-extended"
+    tokenizer = AutoTokenizer.from_pretrained(experiment.tokenizer_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = build_model(experiment.model, tokenizer, seed=0, activation_checkpointing=False)
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer) == len(AutoTokenizer.from_pretrained(base_dir)) + 3
+    assert torch.equal(model.get_input_embeddings().weight[:800], base.get_input_embeddings().weight)
+
+
+def _demo_corpora() -> list[dict]:
+    import yaml
+
+    from tests.conftest import DEMO_CONFIG
+
+    return yaml.safe_load(DEMO_CONFIG.read_text())["corpora"]
+
+
+@pytest.mark.slow
+def test_zero3_trains_from_the_transplanted_weights(base_and_domain, built_experiment, tmp_path):
+    """ZeRO-3 partitions the model after `build_model` carried it over: its step-0 held-out BPB
+    equals that of the same transplant done in this process."""
+    import yaml
+
+    from launch.experiment import load_experiment
+    from pretrain.evaluate import evaluate_model_dir
+    from tests.test_resume import experiment_file, train
+
+    base_dir, _, _, _ = base_and_domain
+    path = experiment_file(tmp_path, built_experiment, steps=2)
+    config = yaml.safe_load(path.read_text())
+    config["model"] = {"path": str(base_dir), "embeddings": "transplant"}
+    config["deepspeed"] = {"zero_optimization": {"stage": 3}}
+    config["train"].update(checkpoint_every=0)
+    path.write_text(yaml.safe_dump(config))
+    train(path)
+    experiment, _ = load_experiment(path)
+    carried = AutoModelForCausalLM.from_pretrained(base_dir)
+    carry_over(carried, AutoTokenizer.from_pretrained(base_dir), AutoTokenizer.from_pretrained(experiment.tokenizer_dir))
+    carried.save_pretrained(tmp_path / "carried")
+    results = json.loads((tmp_path / "results.json").read_text())
+    for name, bpb in evaluate_model_dir(experiment, tmp_path / "carried").items():
+        assert bpb == pytest.approx(results["corpora"][name]["bpb_before"], rel=1e-4), name
