@@ -252,6 +252,8 @@ def _resolve_paths(experiment: Experiment, base: Path) -> Experiment:
         model = model.model_copy(update={"base_tokenizer": absolute(model.base_tokenizer)})
     stores = absolute(experiment.stores) if experiment.stores else None
     sweep = experiment.sweep
+    if sweep is not None and sweep.tasks:
+        sweep = sweep.model_copy(update={"tasks": [absolute(task) for task in sweep.tasks]})
     if sweep is not None and sweep.proxy.model is not None and sweep.proxy.model.path is not None:
         proxy_model = sweep.proxy.model.model_copy(update={"path": absolute(sweep.proxy.model.path)})
         sweep = sweep.model_copy(update={"proxy": sweep.proxy.model_copy(update={"model": proxy_model})})

@@ -231,6 +231,9 @@ def run_sweep(config_path: Path, only: list[str] | None = None, nproc: int | Non
     statuses = submit_to_slurm(experiment, chosen) if slurm else train_here(experiment, chosen, nproc)
     if statuses is None:
         return None
+    for run in chosen:
+        if statuses[run.name] != "failed" and experiment.sweep.tasks:
+            score_tasks(experiment, run)
     summary = write_results(experiment, runs, base)
     failed = [name for name, status in statuses.items() if status == "failed"]
     if failed:
@@ -256,6 +259,23 @@ def train_here(experiment: Experiment, runs: list[ProxyRun], nproc: int | None) 
             log = run_dir(experiment, run) / "train.log"
             print(f"[{number}/{len(runs)}] {run.name}: FAILED, log: {log}; the sweep goes on", flush=True)
     return statuses
+
+
+def score_tasks(experiment: Experiment, run: ProxyRun) -> None:
+    """The sweep's few-shot tasks on a finished run's final model (exported once), unless scored already."""
+    from pretrain.export import export_checkpoint
+    from pretrain.tasks import evaluate_tasks
+
+    folder = run_dir(experiment, run)
+    if (folder / "eval_tasks.json").exists():
+        return
+    proxy, _ = load_experiment(folder / "experiment.yaml")
+    model_dir = proxy.export_dir
+    if not (model_dir / "config.json").exists():
+        export_checkpoint(proxy.checkpoints_dir, model_dir)
+    results = evaluate_tasks([Path(task) for task in experiment.sweep.tasks], model_dir, folder)
+    scores = ", ".join(f"{row['task']} accuracy {row['accuracy']:.3f}" for row in results["tasks"])
+    print(f"  {run.name}: {scores}", flush=True)
 
 
 def submit_to_slurm(experiment: Experiment, runs: list[ProxyRun]) -> dict[str, str] | None:

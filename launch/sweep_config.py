@@ -83,6 +83,9 @@ class SweepConfig(StrictModel):
     seed: int = 0
     """Seed of the random mixes."""
     objective: ObjectiveConfig = ObjectiveConfig()
+    tasks: list[str] = []
+    """Few-shot task files (as for `dapt eval --tasks`) scored on every finished proxy run;
+    their accuracy and macro-F1 join the results table."""
 
     @model_validator(mode="after")
     def _one_design(self) -> SweepConfig:

@@ -41,7 +41,8 @@ def collect(experiment: Experiment, runs: list[ProxyRun]) -> list[dict]:
     for run in runs:
         folder = run_dir(experiment, run)
         results = folder / "results.json"
-        row = {"run": run.name, "weights": run.weights, "bpb": {}, "dir": str(folder), "log": str(folder / "train.log")}
+        row = {"run": run.name, "weights": run.weights, "bpb": {}, "tasks": task_scores(folder), "dir": str(folder),
+               "log": str(folder / "train.log")}
         if results.exists():
             corpora = json.loads(results.read_text())["corpora"]
             row["bpb"] = {domain: float(np.mean([corpora[name]["bpb_after"] for name in members]))
@@ -53,24 +54,42 @@ def collect(experiment: Experiment, runs: list[ProxyRun]) -> list[dict]:
     return rows
 
 
+def task_scores(folder: Path) -> dict[str, float]:
+    """`<task>/accuracy` and `<task>/macro_f1` of a run scored on the sweep's tasks (none if not scored)."""
+    scored = folder / "eval_tasks.json"
+    if not scored.exists():
+        return {}
+    rows = json.loads(scored.read_text())["tasks"]
+    return {f"{row['task']}/{metric}": row[metric] for row in rows for metric in ("accuracy", "macro_f1")}
+
+
+def task_columns(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(name for row in rows for name in row["tasks"]))
+
+
 def format_table(rows: list[dict], weight_names: list[str], domain_names: list[str]) -> str:
-    width = max(10, *(len(n) + 4 for n in weight_names + domain_names))
+    tasks = task_columns(rows)
+    width = max(10, *(len(n) + 4 for n in weight_names + domain_names + tasks))
     name_width = max(6, *(len(row["run"]) + 2 for row in rows))
     header = f"{'run':<{name_width}}{'status':<9}" + "".join(f"{'w:' + n:>{width}}" for n in weight_names)
-    lines = [header + "".join(f"{n:>{width}}" for n in domain_names)]
+    lines = [header + "".join(f"{n:>{width}}" for n in domain_names + tasks)]
     for row in rows:
         line = f"{row['run']:<{name_width}}{row['status']:<9}" + "".join(f"{row['weights'][n]:>{width}.3f}" for n in weight_names)
-        lines.append(line + "".join(f"{row['bpb'][d]:>{width}.4f}" if row["bpb"] else f"{'-':>{width}}" for d in domain_names))
+        line += "".join(f"{row['bpb'][d]:>{width}.4f}" if row["bpb"] else f"{'-':>{width}}" for d in domain_names)
+        lines.append(line + "".join(f"{row['tasks'][t]:>{width}.3f}" if t in row["tasks"] else f"{'-':>{width}}"
+                                    for t in tasks))
     return "\n".join(lines)
 
 
 def write_csv(rows: list[dict], weight_names: list[str], domain_names: list[str], path: Path) -> Path:
+    tasks = task_columns(rows)
     with open(path, "w", newline="", encoding="utf-8") as out:
         writer = csv.writer(out)
-        writer.writerow(["run", "status", *(f"weight:{n}" for n in weight_names), *(f"bpb:{d}" for d in domain_names)])
+        writer.writerow(["run", "status", *(f"weight:{n}" for n in weight_names), *(f"bpb:{d}" for d in domain_names),
+                         *(f"task:{t}" for t in tasks)])
         for row in rows:
             writer.writerow([row["run"], row["status"], *(row["weights"][n] for n in weight_names),
-                             *(row["bpb"].get(d, "") for d in domain_names)])
+                             *(row["bpb"].get(d, "") for d in domain_names), *(row["tasks"].get(t, "") for t in tasks)])
     return path
 
 

@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from launch.sweep_results import write_results
 from tests.conftest import write_experiment
 from tests.test_cli import assert_one_line_error, dapt
 
+TASK_FILE = Path(__file__).parents[1] / "configs" / "tasks" / "headline_sentiment.yaml"
 TINY_PROXY = {
     "model": {"config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
                          "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 128,
@@ -136,6 +138,8 @@ def test_results_table_csv_plot_and_a_proposal_that_loads(tmp_path):
         folder.mkdir(parents=True)
         corpora = {name: {"bpb_after": 3.0 - gain * run.weights[name]} for name, gain in own_share_gain.items()}
         (folder / "results.json").write_text(json.dumps({"corpora": corpora}))
+    scored = {"tasks": [{"task": "sentiment", "accuracy": 0.75, "macro_f1": 0.5}]}
+    (run_dir(experiment, runs[0]) / "eval_tasks.json").write_text(json.dumps(scored))
     run_dir(experiment, runs[6]).mkdir(parents=True)
     (run_dir(experiment, runs[6]) / "train.log").write_text("torchrun: exit code 1\n")
 
@@ -143,6 +147,8 @@ def test_results_table_csv_plot_and_a_proposal_that_loads(tmp_path):
     folder = sweep_dir(experiment)
     rows = list(csv.DictReader(open(folder / "results.csv")))
     assert [r["status"] for r in rows] == ["done"] * 6 + ["failed"] and rows[6]["bpb:web"] == ""
+    assert (rows[0]["task:sentiment/accuracy"], rows[0]["task:sentiment/macro_f1"]) == ("0.75", "0.5")
+    assert rows[1]["task:sentiment/accuracy"] == "", "a run not scored has an empty cell"
     assert float(rows[0]["bpb:financial"]) == pytest.approx(
         3.0 - (1.0 * runs[0].weights["filings"] + 0.8 * runs[0].weights["news"]) / 2)
     assert (folder / "bpb_vs_share.png").stat().st_size > 10_000
@@ -175,7 +181,8 @@ def share_sweep(tmp_path_factory, built_experiment):
     """A real sweep over the financial share 0.1 / 0.5 / 0.9: first one run alone, then
     the whole sweep, which must keep that run and train the other two."""
     folder = tmp_path_factory.mktemp("sweep")
-    sweep = {"grid": {"group": "financial", "shares": [0.1, 0.5, 0.9]}, "proxy": TINY_PROXY}
+    sweep = {"grid": {"group": "financial", "shares": [0.1, 0.5, 0.9]}, "proxy": TINY_PROXY,
+             "tasks": [str(TASK_FILE)]}
     path = sweep_experiment(folder, sweep, built_experiment, wandb={"project": "dapt-sweep-test", "mode": "offline"})
     experiment, _ = load_experiment(path)
 
@@ -203,6 +210,8 @@ def test_sweep_resumes_after_one_finished_run(share_sweep):
     assert [(r["run"], r["status"]) for r in rows] == [("financial-0.10", "done"), ("financial-0.50", "done"),
                                                       ("financial-0.90", "done")]
     assert "fit: a fit needs at least 4 finished runs" in second
+    assert all(0.0 <= float(r["task:headline_sentiment/accuracy"]) <= 1.0 for r in rows), "every run was scored"
+    assert first.count("headline_sentiment accuracy") == 1 and second.count("headline_sentiment accuracy") == 2
     assert (sweep_dir(experiment) / "bpb_vs_share.png").exists()
 
 
