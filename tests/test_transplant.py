@@ -129,6 +129,18 @@ def test_extended_tokenizer_keeps_base_ids_and_round_trips(base_and_domain, tmp_
     assert sum(map(len, (extended.tokenize(t) for t in texts))) < sum(map(len, (base.tokenize(t) for t in texts)))
 
 
+def test_extending_a_byte_level_tokenizer_adds_whole_words(base_and_domain, tmp_path):
+    base_dir, domain_dir, lines, texts = base_and_domain
+    byte_level = train_from_sample(lines, TokenizerTrainConfig(backend="huggingface", model="byte_level", vocab_size=500),
+                                   tmp_path / "byte_level")
+    added = extend_tokenizer(byte_level, domain_dir, lines, 20, tmp_path / "extended")
+    base, extended = AutoTokenizer.from_pretrained(byte_level), AutoTokenizer.from_pretrained(tmp_path / "extended")
+    assert len(added) == 20 and all(text.startswith(" ") and text[1:].isalnum() for text in added)
+    for text in texts:
+        assert extended.decode(extended(text, add_special_tokens=False)["input_ids"]) == text
+    assert sum(map(len, (extended.tokenize(t) for t in texts))) < sum(map(len, (base.tokenize(t) for t in texts)))
+
+
 def test_model_and_tokenizer_mismatches_are_named(base_and_domain, tmp_path):
     base_dir, domain_dir, _, _ = base_and_domain
     domain = AutoTokenizer.from_pretrained(domain_dir)

@@ -158,26 +158,35 @@ def extend_tokenizer(base_dir: Path, domain_dir: Path, lines: list[str], pieces:
 
     The base ids stay where they are, so every base row is copied. On a unigram base the pieces
     join the model's vocabulary with their log-frequency as score, so they compete with the base
-    pieces as unigram pieces do; on other models they become added tokens, matched before the model.
+    pieces as unigram pieces do; on other models whole domain words become added tokens.
     """
     from tokenizers import AddedToken, Tokenizer
 
     from tokenizer.evaluate import load_tokenizer
 
     base, domain = load_tokenizer(base_dir), load_tokenizer(domain_dir)
-    known = set(piece_keys(base).values())
-    domain_keys = piece_keys(domain)
-    counts = domain_piece_counts(domain, lines)
-    total = sum(counts.values())
-    candidates = [(index, count) for index, count in counts.most_common()
-                  if domain_keys.get(index, ("special",))[0] == "text" and domain_keys[index] not in known
-                  and len(domain_keys[index][1]) > 1]
-    chosen = [(domain_keys[index][1].decode("utf-8"), count) for index, count in candidates[:pieces]]
     state = json.loads(base.backend_tokenizer.to_str())
     model = state["model"]
     highest_added = max((token["id"] for token in state.get("added_tokens", [])), default=-1)
     byte_level = "ByteLevel" in json.dumps(state.get("decoder"))
-    if model["type"] == "Unigram" and not byte_level and highest_added < len(model["vocab"]):
+    into_vocabulary = model["type"] == "Unigram" and not byte_level and highest_added < len(model["vocab"])
+    # Added tokens are matched before the model, anywhere in the text: there only whole domain
+    # words with their space (` million`) are added, which seldom cut through a longer word.
+    words = set() if into_vocabulary else {word for line in lines for word in re.findall(r"\w+", line)}
+    known = set(piece_keys(base).values())
+    domain_keys = piece_keys(domain)
+    counts = domain_piece_counts(domain, lines)
+    total = sum(counts.values())
+    candidates = []
+    for index, count in counts.most_common():
+        kind, value = domain_keys.get(index, ("special", None))
+        if kind != "text" or len(value) < 2 or (kind, value) in known:
+            continue
+        text = value.decode("utf-8", errors="replace")
+        if into_vocabulary or (text[:1] == " " and text[1:] in words):
+            candidates.append((text, count))
+    chosen = candidates[:pieces]
+    if into_vocabulary:
         model["vocab"].extend([text.replace(" ", "▁"), math.log(count / total)] for text, count in chosen)
         backend = Tokenizer.from_str(json.dumps(state))
     else:
