@@ -8,7 +8,6 @@ launcher sets (see launch/env.py).
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 from pathlib import Path
@@ -52,10 +51,9 @@ def deepspeed_command(config_path: Path, hostfile: Path, hosts: dict[str, int], 
 
 def run_deepspeed(config_path: Path, hostfile: Path, launcher: str = "pdsh", resume: bool = True) -> None:
     hosts = read_hostfile(hostfile)
-    # As torchrun does: without it every rank starts a thread per core, and on CPU the ranks
-    # fight over the cores (measured here: 2 ranks, 30x slower steps).
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     command = deepspeed_command(config_path, hostfile, hosts, launcher, resume=resume)
     processes = sum(hosts.values())
+    # One OpenMP thread per rank unless set, as torchrun does: without it every rank starts a
+    # thread per core, and on CPU the ranks fight over the cores (measured here: 2 ranks, 30x slower steps).
     run_training_command(command, f"{processes} training processes on {len(hosts)} host(s) with the deepspeed launcher",
-                         "deepspeed")
+                         "deepspeed", OMP_NUM_THREADS="1")

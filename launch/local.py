@@ -31,17 +31,20 @@ def torchrun_command(config_path: Path, nproc: int, resume: bool = True) -> list
     ]
 
 
-def training_environment() -> dict[str, str]:
+def training_environment(**defaults: str) -> dict[str, str]:
+    """This process's environment for the launcher, with `defaults` where the user set nothing."""
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
+    for name, value in defaults.items():
+        env.setdefault(name, value)
     return env
 
 
-def run_training_command(command: list[str], what: str, launcher: str) -> None:
+def run_training_command(command: list[str], what: str, launcher: str, **env_defaults: str) -> None:
     """Run a launcher in the foreground; its failure is the user's to read above, not a traceback here."""
     print(f"launching {what}: {' '.join(command[1:])}", flush=True)
-    completed = subprocess.run(command, env=training_environment())
+    completed = subprocess.run(command, env=training_environment(**env_defaults))
     if completed.returncode != 0:
         raise DaptError(f"training failed ({launcher} exit code {completed.returncode}); the messages above say why")
 

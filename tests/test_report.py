@@ -95,8 +95,10 @@ def test_sweep_report_has_the_table_plots_and_proposal(run_workdir, tmp_path):
     for name, share in (("financial-0.2", 0.2), ("financial-0.8", 0.8)):
         shutil.copytree(run_workdir, sweep / "runs" / name, ignore=shutil.ignore_patterns("checkpoints", "stores", "report"))
         rows.append({"run": name, "status": "done", "weights": {"financial": share, "public": 1 - share},
-                     "bpb": {"financial": 3.0 - share, "public": 2.0 + share, "average": 2.5}})
-    rows.append({"run": "financial-0.5", "status": "failed", "weights": {"financial": 0.5, "public": 0.5}, "bpb": {}})
+                     "bpb": {"financial": 3.0 - share, "public": 2.0 + share, "average": 2.5},
+                     "tasks": {"headline_sentiment/accuracy": share}})
+    rows.append({"run": "financial-0.5", "status": "failed", "weights": {"financial": 0.5, "public": 0.5}, "bpb": {},
+                 "tasks": {}})
     write_csv(rows, ["financial", "public"], ["financial", "public", "average"], sweep / "results.csv")
     plot(rows, ["financial"], ["financial", "public", "average"], [], sweep / "bpb_vs_share.png")
     (sweep / "results.json").write_text(json.dumps({"runs": rows, "fit": {
@@ -111,4 +113,5 @@ def test_sweep_report_has_the_table_plots_and_proposal(run_workdir, tmp_path):
     html = page.read_text()
     assert html.count("<tr>") == 1 + 3 + 1 + 1  # results header + 3 runs, fit header + 1 domain
     assert "<td>failed</td>" in html and "financial: 0.7" in html
+    assert "task:headline_sentiment/accuracy" in html, "the sweep's task scores are in its table"
     assert (sweep / "report" / "sweep_heldout_bpb.png").exists() and (sweep / "report" / "bpb_vs_share.png").exists()
