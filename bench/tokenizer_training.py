@@ -9,7 +9,7 @@
    bytes per token on all held-out text, peak resident memory of the training
    process (for split-and-merge: the largest chunk process), wall time.
 
-    python bench/tokenizer.py [--scale 4] [--vocab 800] [--chunks 4]
+    python bench/tokenizer_training.py [--scale 4] [--vocab 800] [--chunks 4]
 
 Each ratio is dapt ÷ the baseline named on its row, both measured in this run.
 """
