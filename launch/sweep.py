@@ -214,6 +214,7 @@ def run_sweep(config_path: Path, only: list[str] | None = None, nproc: int | Non
     if experiment.sweep is None:
         raise DaptError(f"{config_path}: no `sweep:` section; add one with `grid:`, `mixes:` or `random:` "
                         "(see the README, Data-mix experiments)")
+    check_tasks(experiment)
     print(f"== sweep {experiment.name}: everything goes to {sweep_dir(experiment)}")
     print("== tokenizer (shared by every run)", flush=True)
     train_tokenizer(experiment)
@@ -259,6 +260,17 @@ def train_here(experiment: Experiment, runs: list[ProxyRun], nproc: int | None) 
             log = run_dir(experiment, run) / "train.log"
             print(f"[{number}/{len(runs)}] {run.name}: FAILED, log: {log}; the sweep goes on", flush=True)
     return statuses
+
+
+def check_tasks(experiment: Experiment) -> None:
+    """The sweep's task files are read before anything trains, so that a bad one stops the sweep at once."""
+    from pretrain.tasks import load_task, read_examples
+
+    for path in experiment.sweep.tasks:
+        try:
+            read_examples(load_task(Path(path)))
+        except DaptError as err:
+            raise DaptError(f"sweep.tasks: {err}") from None
 
 
 def score_tasks(experiment: Experiment, run: ProxyRun) -> None:

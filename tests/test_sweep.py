@@ -71,6 +71,8 @@ def test_dapt_sweep_reports_bad_input_in_one_line(tmp_path):
     path = sweep_experiment(tmp_path, {"mixes": [{"weights": {"filings": 1, "bonds": 1}}]})
     assert_one_line_error(dapt("sweep", str(path)), "sweep.mixes[0].weights.bonds: unknown corpus 'bonds'")
     assert_one_line_error(dapt("sweep", str(write_experiment(tmp_path))), "no `sweep:` section; add one")
+    path = sweep_experiment(tmp_path, {"grid": {"group": "financial", "shares": [0.2, 0.8]}, "tasks": ["sentiment.yaml"]})
+    assert_one_line_error(dapt("sweep", str(path)), f"sweep.tasks: task file {tmp_path / 'sentiment.yaml'} does not exist")
 
 
 def test_grid_keeps_the_other_groups_proportions_and_random_mixes_follow_the_seed(tmp_path):
