@@ -18,6 +18,7 @@ from data_mix.batches import BatchSizes
 from data_mix.blend import MixSchedule
 from data_mix.config import CorpusConfig, MixConfig
 from launch.base import DaptError
+from launch.figures import pyplot, save_figure
 
 DIMINISHING_EPOCHS = 4.0
 
@@ -98,10 +99,7 @@ def format_plan(rows: list[PlanRow], seq_len: int) -> str:
 
 
 def plot_plan(schedule: MixSchedule, rows: list[PlanRow], batches: BatchSizes, steps: int, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, (shares_axis, epochs_axis) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     starts = [batches.step_of(stage.start) for stage in schedule.stages] + [steps]
@@ -120,7 +118,4 @@ def plot_plan(schedule: MixSchedule, rows: list[PlanRow], batches: BatchSizes, s
     epochs_axis.invert_yaxis()
     epochs_axis.set(xlabel="epochs (times each corpus is seen)", title="Repetition per corpus")
     epochs_axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from launch.experiment import Experiment, load_experiment
+from launch.figures import pyplot, save_figure
 from launch.mix_fit import enough_runs, fit_domain, propose
 from launch.sweep import ProxyRun, components, run_dir, sweep_dir, with_mix
 
@@ -95,10 +96,7 @@ def write_csv(rows: list[dict], weight_names: list[str], domain_names: list[str]
 
 def plot(rows: list[dict], x_names: list[str], domain_names: list[str], corpus_names: list[str], path: Path) -> Path:
     """BPB per domain against each varied weight (one panel per weight); corpora solid, groups dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     done = [row for row in rows if row["bpb"]]
     figure, axes = plt.subplots(1, len(x_names), figsize=(5.5 * len(x_names), 4), squeeze=False)
@@ -113,10 +111,7 @@ def plot(rows: list[dict], x_names: list[str], domain_names: list[str], corpus_n
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
     figure.suptitle("held-out BPB per domain against the mix")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def fit_and_propose(experiment: Experiment, rows: list[dict], weight_names: list[str], base: dict[str, float]) -> dict:

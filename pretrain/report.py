@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.base import DaptError
+from launch.figures import pyplot, save_figure
 
 @dataclass
 class Section:
@@ -49,26 +50,10 @@ def series(records: list[dict], prefix: str) -> dict[str, tuple[list[int], list[
     return out
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(figure, path: Path) -> Path:
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    _pyplot().close(figure)
-    return path
-
-
 def plot_curves(curves: dict[str, tuple[list, list]], path: Path, title: str, ylabel: str,
                 total: tuple[list, list] | None = None, log_y: bool = False) -> Path:
     """One line per corpus (or run) over steps; `total` drawn dashed in black (e.g. the overall loss)."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(8, 4.2))
     for index, (name, (steps, values)) in enumerate(curves.items()):
         axis.plot(steps, values, color=f"C{index}", label=name, marker="o" if len(steps) < 12 else None)
@@ -83,13 +68,13 @@ def plot_curves(curves: dict[str, tuple[list, list]], path: Path, title: str, yl
     axis.set(xlabel="training step", ylabel=ylabel, title=title)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_shares(planned: dict[str, float], realised: dict[str, float],
                 over_steps: dict[str, tuple[list, list]], path: Path) -> Path:
     """Planned vs realised share per corpus, and the realised share as training went."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, (bars, lines) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2, 3]})
     names = list(planned)
     positions = range(len(names))
@@ -107,12 +92,12 @@ def plot_shares(planned: dict[str, float], realised: dict[str, float],
     lines.set(xlabel="training step", ylabel="share of tokens so far", title="Realised share over training (dotted: plan)")
     lines.grid(alpha=0.3)
     lines.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_throughput(records: list[dict], path: Path) -> Path:
     """Tokens/s per step, and MFU beside it where the peak FLOP/s was known."""
-    plt = _pyplot()
+    plt = pyplot()
     perf = series(records, "perf/")
     has_mfu = "mfu" in perf
     figure, axes = plt.subplots(1, 2 if has_mfu else 1, figsize=(12 if has_mfu else 8, 4), squeeze=False)
@@ -125,7 +110,7 @@ def plot_throughput(records: list[dict], path: Path) -> Path:
         axes[0][1].plot(steps, [100 * v for v in values], color="C1")
         axes[0][1].set(xlabel="training step", ylabel="MFU (%)", title="Model FLOPs utilisation")
         axes[0][1].grid(alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _image(path: Path, caption: str) -> str:

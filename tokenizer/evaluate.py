@@ -18,6 +18,7 @@ from data_mix.config import CorpusConfig, HeldoutConfig
 from data_mix.sources import CorpusReader
 from data_mix.split import split_position
 from launch.base import DaptError
+from launch.figures import pyplot, save_figure
 
 BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 SPACE_MARKERS = " ▁Ġ"  # how sentencepiece-style and byte-level tokenizers write a space
@@ -88,10 +89,7 @@ def format_evaluation(rows: list[dict]) -> str:
 
 
 def plot_evaluation(rows: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     corpora = list(dict.fromkeys(r["corpus"] for r in rows))
     tokenizers = list(dict.fromkeys(r["tokenizer"] for r in rows))
@@ -103,7 +101,4 @@ def plot_evaluation(rows: list[dict], path: Path) -> Path:
     axis.set_xticks([i + width * (len(tokenizers) - 1) / 2 for i in range(len(corpora))], corpora)
     axis.set(ylabel="bytes per token (higher: better compression)", title="Tokenizers on held-out text")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
