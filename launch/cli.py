@@ -63,10 +63,11 @@ def cmd_mix_plan(args) -> None:
 
 def cmd_train(args) -> None:
     from launch.experiment import load_experiment
-    from pretrain.train import run_training
+    from pretrain.train import train_one_after_another
 
-    experiment, text = load_experiment(args.config)
-    run_training(experiment, text, resume=not args.no_resume)
+    for config in args.configs:  # every file is checked before the first run starts
+        load_experiment(config)
+    train_one_after_another([Path(config) for config in args.configs], resume=not args.no_resume)
 
 
 def cmd_launch_local(args) -> None:
@@ -221,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     mix = commands.add_parser("mix", help="mix stages").add_subparsers(dest="sub", required=True, metavar="STAGE")
     command(mix, "plan", cmd_mix_plan, "print samples, tokens and epochs per corpus for the run")
 
-    train = command(commands, "train", cmd_train, "train on this rank (what launchers start on every process)")
+    train = command(commands, "train", cmd_train, "train on this rank (what launchers start on every process); "
+                    "several experiment files train one after another in the same processes", config=False)
+    train.add_argument("configs", nargs="+", metavar="config", help="experiment YAML file(s)")
     launch = commands.add_parser("launch", help="start training processes").add_subparsers(dest="sub", required=True, metavar="HOW")
     local = command(launch, "local", cmd_launch_local, "torchrun on this machine")
     local.add_argument("--nproc", type=int, help="processes (default: launch.nproc_per_node, GPUs, or 2)")

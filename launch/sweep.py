@@ -4,7 +4,9 @@ In: an experiment with a `sweep:` section. The tokenizer and token stores are bu
 once, in the experiment's workdir, and every proxy run reads them, so the runs differ
 only in their mix (and BPB, being per byte, compares them fairly). Each run is a
 complete experiment of its own under `<workdir>/sweep/runs/<run>/experiment.yaml`
-(rerun it alone with `dapt launch local`), trained one after another by torchrun.
+(rerun it alone with `dapt launch local`). The runs train one after another in one set of
+torchrun processes, so that process start, imports and the process group are paid once per
+sweep; a run that fails takes its processes down, and the runs after it start in new ones.
 Out: the runs' `results.json`, then the table, CSV, plot, fit and proposal written by
 `launch.sweep_results`.
 
@@ -30,6 +32,7 @@ from data_mix.store import open_stores, tokenizer_hash
 from launch.base import DaptError
 from launch.experiment import Experiment, load_experiment
 from launch.local import default_nproc, torchrun_command, training_environment
+from pretrain.train import RUN_MARKER
 
 
 @dataclass(frozen=True)
@@ -150,18 +153,36 @@ def check_unchanged(experiment: Experiment, runs: list[ProxyRun]) -> None:
                             f"changed); remove {config.parent} to rerun it, or give this sweep another workdir")
 
 
-def launch_proxy(config: Path, nproc: int, log: Path, on_line: Callable[[str], None]) -> int:
-    """torchrun for one proxy run; every line goes to `log` and to `on_line`. Returns the exit code."""
-    command = torchrun_command(config, nproc)
-    with open(log, "a", encoding="utf-8") as out:
-        out.write(f"$ {' '.join(command)}\n")
-        out.flush()
+def launch_proxies(pending: list[tuple[ProxyRun, Path]], folder_of: Callable[[ProxyRun], Path], nproc: int,
+                   on_line: Callable[[ProxyRun, str], None]) -> tuple[int, list[ProxyRun]]:
+    """One torchrun training the pending runs one after another in the same processes (`dapt
+    train` with several files), so that process start, imports and the process group are paid
+    once per sweep, not once per run. Each line goes to the log of the run it belongs to (rank 0
+    names each run as it starts) and to `on_line`. Returns the exit code and the runs it started."""
+    command = torchrun_command(pending[0][1], nproc)
+    command[command.index(str(pending[0][1])) + 1:1] = [str(config) for _, config in pending[1:]]
+    runs = {str(config): run for run, config in pending}
+    started: list[ProxyRun] = []
+    current, log = pending[0][0], None
+    try:
         process = subprocess.Popen(command, env=training_environment(), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in process.stdout:
-            out.write(line)
-            on_line(line)
-        return process.wait()
+            if line.startswith(RUN_MARKER):
+                current = runs[line.rstrip("\n").split(": ", 1)[1]]
+                started.append(current)
+            if log is None or log.name != str(folder_of(current) / "train.log"):
+                if log is not None:
+                    log.close()
+                log = open(folder_of(current) / "train.log", "a", encoding="utf-8")
+                log.write(f"$ {' '.join(command)}\n")
+            log.write(line)
+            log.flush()
+            on_line(current, line)
+        return process.wait(), started
+    finally:
+        if log is not None:
+            log.close()
 
 
 def prepare_proxy(experiment: Experiment, run: ProxyRun) -> Path | None:
@@ -181,26 +202,6 @@ def prepare_proxy(experiment: Experiment, run: ProxyRun) -> Path | None:
             print(f"dapt: error: {err}")
             return None
     return config
-
-
-def run_proxy(experiment: Experiment, run: ProxyRun, nproc: int | None,
-              on_line: Callable[[str], None] | None = None) -> str:
-    """Train one proxy run unless it is done; returns its status: done, kept or failed.
-    Each line the run prints goes to its log and to `on_line` (default: progress lines to the terminal)."""
-    folder = run_dir(experiment, run)
-    if (folder / "results.json").exists():
-        return "kept"
-    config = prepare_proxy(experiment, run)
-    if config is None:
-        return "failed"
-
-    def show_progress(line: str) -> None:
-        if line.startswith(("step ", "resuming ")):
-            print(f"  {run.name}: {line.rstrip()}", flush=True)
-
-    nproc = nproc or default_nproc(load_experiment(config)[0])
-    code = launch_proxy(config, nproc, folder / "train.log", on_line or show_progress)
-    return "done" if code == 0 and (folder / "results.json").exists() else "failed"
 
 
 def run_sweep(config_path: Path, only: list[str] | None = None, nproc: int | None = None,
@@ -233,7 +234,7 @@ def run_sweep(config_path: Path, only: list[str] | None = None, nproc: int | Non
     if statuses is None:
         return None
     for run in chosen:
-        if statuses[run.name] != "failed" and experiment.sweep.tasks:
+        if statuses.get(run.name) in ("done", "kept") and experiment.sweep.tasks:
             score_tasks(experiment, run)
     summary = write_results(experiment, runs, base)
     failed = [name for name, status in statuses.items() if status == "failed"]
@@ -244,21 +245,64 @@ def run_sweep(config_path: Path, only: list[str] | None = None, nproc: int | Non
     return summary
 
 
-def train_here(experiment: Experiment, runs: list[ProxyRun], nproc: int | None) -> dict[str, str]:
-    """The runs one after another on this machine; a failure is reported and the next run starts."""
-    statuses = {}
+def prepare_pending(experiment: Experiment, runs: list[ProxyRun]) -> tuple[dict[str, str], list[tuple[ProxyRun, Path]]]:
+    """The statuses of runs that will not train (finished earlier: kept; mix plan refused: failed)
+    and the others with their experiment files, written and checked."""
+    statuses, pending = {}, []
     for number, run in enumerate(runs, 1):
-        shares = ", ".join(f"{name} {share:.3f}" for name, share in run.weights.items())
-        print(f"[{number}/{len(runs)}] {run.name}: {shares}", flush=True)
-        started = time.perf_counter()
-        statuses[run.name] = status = run_proxy(experiment, run, nproc)
-        if status == "kept":
+        if (run_dir(experiment, run) / "results.json").exists():
+            statuses[run.name] = "kept"
             print(f"[{number}/{len(runs)}] {run.name}: finished earlier, kept")
-        elif status == "done":
-            print(f"[{number}/{len(runs)}] {run.name}: done in {time.perf_counter() - started:.0f} s")
+            continue
+        config = prepare_proxy(experiment, run)
+        if config is None:
+            statuses[run.name] = "failed"
+            print(f"[{number}/{len(runs)}] {run.name}: its mix plan is refused, log: {run_dir(experiment, run) / 'train.log'}")
         else:
-            log = run_dir(experiment, run) / "train.log"
-            print(f"[{number}/{len(runs)}] {run.name}: FAILED, log: {log}; the sweep goes on", flush=True)
+            pending.append((run, config))
+    return statuses, pending
+
+
+def train_here(experiment: Experiment, runs: list[ProxyRun], nproc: int | None,
+               on_line: Callable[[ProxyRun, str], None] | None = None) -> dict[str, str]:
+    """The runs one after another on this machine, in one set of training processes. A failed
+    run is reported, and the runs after it start again in new processes."""
+    statuses, pending = prepare_pending(experiment, runs)
+    if not pending:
+        return statuses
+    nproc = nproc or default_nproc(load_experiment(pending[0][1])[0])
+    numbers = {run.name: number for number, run in enumerate(runs, 1)}
+    started_at: dict[str, float] = {}
+
+    def show_progress(run: ProxyRun, line: str) -> None:
+        if line.startswith(RUN_MARKER):
+            started_at[run.name] = time.perf_counter()
+            shares = ", ".join(f"{name} {share:.3f}" for name, share in run.weights.items())
+            print(f"[{numbers[run.name]}/{len(runs)}] {run.name}: {shares}", flush=True)
+        elif line.startswith(("step ", "resuming ")):
+            print(f"  {run.name}: {line.rstrip()}", flush=True)
+
+    def report(run: ProxyRun) -> None:
+        if (run_dir(experiment, run) / "results.json").exists():
+            statuses[run.name] = "done"
+            seconds = time.perf_counter() - started_at.get(run.name, time.perf_counter())
+            print(f"[{numbers[run.name]}/{len(runs)}] {run.name}: done in {seconds:.0f} s", flush=True)
+        else:
+            statuses[run.name] = "failed"
+            print(f"[{numbers[run.name]}/{len(runs)}] {run.name}: FAILED, log: {run_dir(experiment, run) / 'train.log'}; "
+                  "the sweep goes on", flush=True)
+
+    while pending:
+        code, started = launch_proxies(pending, lambda run: run_dir(experiment, run), nproc,
+                                       on_line or show_progress)
+        for run in started:
+            report(run)
+        if code == 0 and len(started) < len(pending):
+            break  # stopped by a signal; the runs not started have no status and start on the next `dapt sweep`
+        if not started:  # the processes failed before the first run began: it is the one reported
+            report(pending[0][0])
+            started = [pending[0][0]]
+        pending = pending[len(started):]
     return statuses
 
 
@@ -295,18 +339,8 @@ def submit_to_slurm(experiment: Experiment, runs: list[ProxyRun]) -> dict[str, s
     submit, the statuses, so that the results are written."""
     from launch.sweep_slurm import submit_array
 
-    statuses, configs = {}, []
-    for run in runs:
-        if (run_dir(experiment, run) / "results.json").exists():
-            statuses[run.name] = "kept"
-            continue
-        config = prepare_proxy(experiment, run)
-        if config is None:
-            statuses[run.name] = "failed"
-            print(f"{run.name}: its mix plan is refused, not submitted; log: {run_dir(experiment, run) / 'train.log'}")
-        else:
-            configs.append(config)
-    if not configs:
+    statuses, pending = prepare_pending(experiment, runs)
+    if not pending:
         return statuses
-    submit_array(experiment, configs)
+    submit_array(experiment, [config for _, config in pending])
     return None

@@ -9,6 +9,7 @@ checkpointing, safety and tracking live in their own functions and modules.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -81,10 +82,34 @@ def step_metrics(sums: torch.Tensor, names: list[str], engine, lr: float, second
     return metrics
 
 
-def run_training(experiment: Experiment, yaml_text: str, resume: bool = True) -> dict | None:
-    """Train on this rank, resuming from the workdir's latest checkpoint unless `resume` is off;
-    rank 0 returns the results it wrote (None on a stop by signal)."""
-    return Trainer(experiment, yaml_text, resume).fit()
+# Rank 0 prints this before each run of `train_one_after_another`, so that whoever reads the
+# job's output (`dapt sweep`) can tell which run a line belongs to.
+RUN_MARKER = "== training run "
+
+# Held-out BPB before training, per start (see `Trainer.evaluate_start`): the runs of a sweep
+# trained in one process all start from the same weights, so it is measured once.
+_BPB_AT_START: dict[str, dict[str, float]] = {}
+
+
+def train_one_after_another(configs: list[Path], resume: bool = True) -> None:
+    """Train each experiment on this rank, resuming from its workdir's latest checkpoint unless
+    `resume` is off. Several experiments (the proxy runs of a sweep) train one after another in
+    these processes: process start, imports and the process group are paid once, not per run,
+    and each run is exactly what it would be alone (same seed, data order and checkpoints).
+    A stop by signal ends the sequence; its run resumes on the next start."""
+    from launch.experiment import load_experiment
+
+    for number, config in enumerate(configs, 1):
+        experiment, text = load_experiment(config)
+        if discover().is_main:
+            print(f"{RUN_MARKER}{number}/{len(configs)}: {config}", flush=True)
+        trainer = Trainer(experiment, text, resume)
+        try:
+            trainer.fit()
+        finally:
+            trainer.release()
+        if trainer.stopped:
+            return
 
 
 def init_distributed(dist_env) -> torch.device:
@@ -118,7 +143,8 @@ class Trainer:
         self._restore(state)
         self._start_tracking(state)
         self.first_step = state["step"] if state else 0
-        self.bpb_before = state["bpb_before"] if state else self.evaluate(step=0)
+        self.bpb_before = state["bpb_before"] if state else self.evaluate_start()
+        self.stopped = False
         self.first_loss, self.loss = (state["first_loss"], state["last_loss"]) if state else (None, None)
 
     def _build_data(self) -> None:
@@ -189,6 +215,22 @@ class Trainer:
         self.tracker.log({f"eval/bpb/{name}": value for name, value in bpb.items()}, step=step)
         return bpb
 
+    def evaluate_start(self) -> dict[str, float]:
+        """Held-out BPB of the initial weights (step 0). It depends only on what builds those
+        weights and on the held-out evaluation, so runs that differ in nothing else (a sweep's
+        mixes) share one measurement within a process."""
+        experiment = self.experiment
+        start = experiment_hash(json.dumps([
+            experiment.model.model_dump(mode="json"), experiment.seed, experiment.deepspeed,
+            tokenizer_hash(experiment.tokenizer_dir), str(experiment.stores_dir), self.names, self.mix.seq_len,
+            self.train.eval_max_tokens, self.train.micro_batch_size, self.train.activation_checkpointing,
+        ], sort_keys=True, default=str))
+        if start not in _BPB_AT_START:
+            _BPB_AT_START[start] = self.evaluate(step=0)
+        else:
+            self.tracker.log({f"eval/bpb/{name}": value for name, value in _BPB_AT_START[start].items()}, step=0)
+        return _BPB_AT_START[start]
+
     def checkpoint(self, step: int) -> str:
         client = {"step": step, "loader": self.loader.state_dict(), "ledger": self.ledger.state_dict(),
                   "guard": self.guard.state_dict(), "rng": gather_rng_states(), "wandb_run_id": self.tracker.run_id,
@@ -238,6 +280,7 @@ class Trainer:
                 if main:
                     print(f"stopped by a signal after step {done}; checkpoint {tag} saved, rerun to resume", flush=True)
                 self.tracker.close()
+                self.stopped = True
                 return None
             if train.eval_every and done % train.eval_every == 0 and done != train.steps:
                 self.evaluate(step=done)
@@ -261,6 +304,14 @@ class Trainer:
         self.tracker.close(summary={"final_loss": self.loss})
         dist.barrier()
         return results
+
+    def release(self) -> None:
+        """Free the engine (its hooks, optimizer and buffers), so that another run can follow in this process."""
+        self.engine.destroy()
+        del self.engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _save_model_recipe(module, tokenizer_dir: Path, checkpoints: Path) -> None:

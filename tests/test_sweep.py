@@ -15,7 +15,7 @@ import pytest
 from launch.base import DaptError
 from launch.experiment import load_experiment
 from launch.mix_fit import fit_domain, propose
-from launch.sweep import ProxyRun, design, proxy_yaml, run_dir, run_sweep, sweep_dir
+from launch.sweep import ProxyRun, design, proxy_yaml, run_dir, run_sweep, sweep_dir, train_here
 from launch.sweep_results import write_results
 from tests.conftest import write_experiment
 from tests.test_cli import assert_one_line_error, dapt
@@ -241,6 +241,46 @@ def test_financial_bpb_falls_and_public_bpb_rises_with_the_financial_share(share
     for corpus, group in (("filings", "financial"), ("news", "financial"), ("encyclopedia", "public"), ("web", "public")):
         ends = runs[0]["bpb"][corpus], runs[2]["bpb"][corpus]
         assert (ends[0] > ends[1]) == (group == "financial"), (corpus, ends)
+
+
+def _kill_one_rank_of(config: Path) -> None:
+    """SIGKILL the rank-1 process training `config`, as an out-of-memory kill would."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline", "environ"]):
+        if str(config) in " ".join(process.info["cmdline"] or []) and (process.info["environ"] or {}).get("LOCAL_RANK") == "1":
+            process.kill()
+
+
+@pytest.mark.slow
+def test_runs_share_one_process_group_and_a_killed_run_fails_alone(tmp_path, built_experiment, capsys):
+    same = {"group_weights": {"financial": 0.5, "public": 0.5}}
+    sweep = {"mixes": [same, same, {"group_weights": {"financial": 0.8, "public": 0.2}},
+                       {"group_weights": {"financial": 0.2, "public": 0.8}}], "proxy": TINY_PROXY}
+    experiment, _ = load_experiment(sweep_experiment(tmp_path, sweep, built_experiment))
+    runs = design(experiment, {"financial": 0.5, "public": 0.5})
+    victim = run_dir(experiment, runs[2]) / "experiment.yaml"
+
+    def kill_the_third_run_at_step_10(run: ProxyRun, line: str) -> None:
+        if run == runs[2] and line.startswith("step 10/"):
+            _kill_one_rank_of(victim)
+
+    statuses = train_here(experiment, runs, nproc=2, on_line=kill_the_third_run_at_step_10)
+    assert statuses == {"mix-00": "done", "mix-01": "done", "mix-02": "failed", "mix-03": "done"}
+    assert "mix-02: FAILED" in capsys.readouterr().out
+
+    def losses(run: ProxyRun) -> list[float]:
+        lines = (run_dir(experiment, run) / "metrics.jsonl").read_text().splitlines()
+        return [record["train/loss"] for record in map(json.loads, lines) if "train/loss" in record]
+
+    assert len(losses(runs[0])) == 40 and losses(runs[1]) == losses(runs[0]), \
+        "a run trained after another in the same processes is the run trained alone"
+    logs = [(run_dir(experiment, run) / "train.log").read_text() for run in runs]
+    first_start = "launch.cli train " + " ".join(str(run_dir(experiment, run) / "experiment.yaml") for run in runs)
+    assert first_start in logs[0] and "training run 2/4" not in logs[0], "each run's lines go to its own log"
+    assert "training run 3/4" in logs[2] and "step 40/" not in logs[2]
+    assert f"launch.cli train {run_dir(experiment, runs[3]) / 'experiment.yaml'}\n" in logs[3], \
+        "the run after the failed one starts in new processes"
 
 
 def test_slurm_array_runs_each_proxy_run_with_its_own_launch_script(tmp_path, built_experiment):
