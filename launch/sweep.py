@@ -276,16 +276,19 @@ def train_here(experiment: Experiment, runs: list[ProxyRun], nproc: int | None,
 
     def show_progress(run: ProxyRun, line: str) -> None:
         if line.startswith(RUN_MARKER):
-            started_at[run.name] = time.perf_counter()
             shares = ", ".join(f"{name} {share:.3f}" for name, share in run.weights.items())
             print(f"[{numbers[run.name]}/{len(runs)}] {run.name}: {shares}", flush=True)
         elif line.startswith(("step ", "resuming ")):
             print(f"  {run.name}: {line.rstrip()}", flush=True)
 
+    def on_output(run: ProxyRun, line: str) -> None:
+        started_at.setdefault(run.name, time.perf_counter())  # its first line: for the first run, the launch
+        (on_line or show_progress)(run, line)
+
     def report(run: ProxyRun) -> None:
         if (run_dir(experiment, run) / "results.json").exists():
             statuses[run.name] = "done"
-            seconds = time.perf_counter() - started_at.get(run.name, time.perf_counter())
+            seconds = time.perf_counter() - started_at[run.name]
             print(f"[{numbers[run.name]}/{len(runs)}] {run.name}: done in {seconds:.0f} s", flush=True)
         else:
             statuses[run.name] = "failed"
@@ -293,8 +296,7 @@ def train_here(experiment: Experiment, runs: list[ProxyRun], nproc: int | None,
                   "the sweep goes on", flush=True)
 
     while pending:
-        code, started = launch_proxies(pending, lambda run: run_dir(experiment, run), nproc,
-                                       on_line or show_progress)
+        code, started = launch_proxies(pending, lambda run: run_dir(experiment, run), nproc, on_output)
         for run in started:
             report(run)
         if code == 0 and len(started) < len(pending):

@@ -85,6 +85,7 @@ def step_metrics(sums: torch.Tensor, names: list[str], engine, lr: float, second
 # Rank 0 prints this before each run of `train_one_after_another`, so that whoever reads the
 # job's output (`dapt sweep`) can tell which run a line belongs to.
 RUN_MARKER = "== training run "
+ALL_RUNS_DONE = "== training runs done: "
 
 # Held-out BPB before training, per start (see `Trainer.evaluate_start`): the runs of a sweep
 # trained in one process all start from the same weights, so it is measured once.
@@ -110,6 +111,8 @@ def train_one_after_another(configs: list[Path], resume: bool = True) -> None:
             trainer.release()
         if trainer.stopped:
             return
+    if discover().is_main:
+        print(f"{ALL_RUNS_DONE}{len(configs)}", flush=True)
 
 
 def init_distributed(dist_env) -> torch.device:
