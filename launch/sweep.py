@@ -272,6 +272,7 @@ def train_here(experiment: Experiment, runs: list[ProxyRun], nproc: int | None,
         return statuses
     nproc = nproc or default_nproc(load_experiment(pending[0][1])[0])
     numbers = {run.name: number for number, run in enumerate(runs, 1)}
+    by_name = {run.name: run for run in runs}
     started_at: dict[str, float] = {}
 
     def show_progress(run: ProxyRun, line: str) -> None:
@@ -282,7 +283,10 @@ def train_here(experiment: Experiment, runs: list[ProxyRun], nproc: int | None,
             print(f"  {run.name}: {line.rstrip()}", flush=True)
 
     def on_output(run: ProxyRun, line: str) -> None:
-        started_at.setdefault(run.name, time.perf_counter())  # its first line: for the first run, the launch
+        if run.name not in started_at:  # its first line (for the first run: the launch)
+            for earlier in started_at.keys() - statuses.keys():
+                report(by_name[earlier])  # the run before it has ended
+            started_at[run.name] = time.perf_counter()
         (on_line or show_progress)(run, line)
 
     def report(run: ProxyRun) -> None:
@@ -298,7 +302,8 @@ def train_here(experiment: Experiment, runs: list[ProxyRun], nproc: int | None,
     while pending:
         code, started = launch_proxies(pending, lambda run: run_dir(experiment, run), nproc, on_output)
         for run in started:
-            report(run)
+            if run.name not in statuses:
+                report(run)
         if code == 0 and len(started) < len(pending):
             break  # stopped by a signal; the runs not started have no status and start on the next `dapt sweep`
         if not started:  # the processes failed before the first run began: it is the one reported
