@@ -18,7 +18,10 @@ go on.
 from __future__ import annotations
 
 import contextlib
+import re
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +35,8 @@ from data_mix.store import open_stores, tokenizer_hash
 from launch.base import DaptError
 from launch.experiment import Experiment, load_experiment
 from launch.local import default_nproc, torchrun_command, training_environment
-from pretrain.train import RUN_MARKER
+from pretrain.stop import SIGNALS as STOP_SIGNALS
+from pretrain.train import RUN_MARKER, RUNS_STOPPED
 
 
 @dataclass(frozen=True)
@@ -153,24 +157,45 @@ def check_unchanged(experiment: Experiment, runs: list[ProxyRun]) -> None:
                             f"changed); remove {config.parent} to rerun it, or give this sweep another workdir")
 
 
+@dataclass
+class Launch:
+    """How one set of training processes for the pending runs ended."""
+
+    code: int
+    started: list[ProxyRun]
+    """The runs it started, in order; the last may have failed or been stopped."""
+    stopped: bool
+    """Rank 0 said a signal stopped the sequence (its run keeps a checkpoint to resume from)."""
+
+
+STARTED_RUN = re.compile(re.escape(RUN_MARKER) + r"\d+/\d+: (.+)$")
+
+
 def launch_proxies(pending: list[tuple[ProxyRun, Path]], folder_of: Callable[[ProxyRun], Path], nproc: int,
-                   on_line: Callable[[ProxyRun, str], None]) -> tuple[int, list[ProxyRun]]:
+                   on_line: Callable[[ProxyRun, str], None]) -> Launch:
     """One torchrun training the pending runs one after another in the same processes (`dapt
     train` with several files), so that process start, imports and the process group are paid
     once per sweep, not once per run. Each line goes to the log of the run it belongs to (rank 0
-    names each run as it starts) and to `on_line`. Returns the exit code and the runs it started."""
+    names each run as it starts) and to `on_line`. SIGTERM or SIGUSR1 sent to this process is
+    passed on to torchrun, so that the run in progress checkpoints and the sweep stops."""
     command = torchrun_command(pending[0][1], nproc)
     command[command.index(str(pending[0][1])) + 1:1] = [str(config) for _, config in pending[1:]]
     runs = {str(config): run for run, config in pending}
     started: list[ProxyRun] = []
+    stopped = False
     current, log = pending[0][0], None
+    process = subprocess.Popen(command, env=training_environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, bufsize=1)
+    forwarding = threading.current_thread() is threading.main_thread()  # only there can handlers be set
+    previous = {number: signal.signal(number, lambda number, _frame: process.send_signal(number))
+                for number in STOP_SIGNALS} if forwarding else {}
     try:
-        process = subprocess.Popen(command, env=training_environment(), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in process.stdout:
-            if line.startswith(RUN_MARKER):
-                current = runs[line.rstrip("\n").split(": ", 1)[1]]
+            marker = STARTED_RUN.search(line.rstrip("\n"))
+            if marker and marker.group(1) in runs:
+                current = runs[marker.group(1)]
                 started.append(current)
+            stopped = stopped or RUNS_STOPPED in line
             if log is None or log.name != str(folder_of(current) / "train.log"):
                 if log is not None:
                     log.close()
@@ -179,8 +204,13 @@ def launch_proxies(pending: list[tuple[ProxyRun, Path]], folder_of: Callable[[Pr
             log.write(line)
             log.flush()
             on_line(current, line)
-        return process.wait(), started
+        return Launch(process.wait(), started, stopped)
     finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if process.poll() is None:  # this process is leaving early (an exception): leave no training behind
+            process.terminate()
+            process.wait()
         if log is not None:
             log.close()
 
@@ -236,12 +266,15 @@ def run_sweep(config_path: Path, only: list[str] | None = None, nproc: int | Non
     for run in chosen:
         if statuses.get(run.name) in ("done", "kept") and experiment.sweep.tasks:
             score_tasks(experiment, run)
-    summary = write_results(experiment, runs, base)
+    summary = write_results(experiment, runs, base, statuses)
     failed = [name for name, status in statuses.items() if status == "failed"]
     if failed:
         logs = ", ".join(str(run_dir(experiment, ProxyRun(name, {})) / "train.log") for name in failed)
         raise DaptError(f"{len(failed)} of {len(chosen)} proxy run(s) failed ({', '.join(failed)}); logs: {logs}; "
                         "rerun `dapt sweep` to retry them (finished runs are kept)")
+    if "stopped" in statuses.values():
+        raise DaptError("the sweep was stopped by a signal; rerun `dapt sweep` to resume it (finished runs are kept, "
+                        "the stopped run resumes from its checkpoint)")
     return summary
 
 
@@ -289,27 +322,34 @@ def train_here(experiment: Experiment, runs: list[ProxyRun], nproc: int | None,
             started_at[run.name] = time.perf_counter()
         (on_line or show_progress)(run, line)
 
-    def report(run: ProxyRun) -> None:
+    def report(run: ProxyRun, stopped: bool = False) -> None:
+        number = f"[{numbers[run.name]}/{len(runs)}] {run.name}"
         if (run_dir(experiment, run) / "results.json").exists():
             statuses[run.name] = "done"
-            seconds = time.perf_counter() - started_at[run.name]
-            print(f"[{numbers[run.name]}/{len(runs)}] {run.name}: done in {seconds:.0f} s", flush=True)
+            print(f"{number}: done in {time.perf_counter() - started_at[run.name]:.0f} s", flush=True)
+        elif stopped:
+            statuses[run.name] = "stopped"
+            print(f"{number}: stopped by a signal, its checkpoint kept; rerun `dapt sweep` to resume it", flush=True)
         else:
             statuses[run.name] = "failed"
-            print(f"[{numbers[run.name]}/{len(runs)}] {run.name}: FAILED, log: {run_dir(experiment, run) / 'train.log'}; "
-                  "the sweep goes on", flush=True)
+            print(f"{number}: FAILED, log: {run_dir(experiment, run) / 'train.log'}; the sweep goes on", flush=True)
 
     while pending:
-        code, started = launch_proxies(pending, lambda run: run_dir(experiment, run), nproc, on_output)
-        for run in started:
+        launch = launch_proxies(pending, lambda run: run_dir(experiment, run), nproc, on_output)
+        for run in launch.started:
             if run.name not in statuses:
+                report(run, stopped=launch.stopped)
+        if launch.stopped:
+            break
+        if not launch.started:  # the processes failed before the first run began: no run is to blame,
+            for run, _ in pending:  # and a new start would fail the same way
                 report(run)
-        if code == 0 and len(started) < len(pending):
-            break  # stopped by a signal; the runs not started have no status and start on the next `dapt sweep`
-        if not started:  # the processes failed before the first run began: it is the one reported
-            report(pending[0][0])
-            started = [pending[0][0]]
-        pending = pending[len(started):]
+            print(f"the training processes failed before the first run started; see {run_dir(experiment, pending[0][0])}"
+                  "/train.log", flush=True)
+            break
+        pending = pending[len(launch.started):]
+    for run in runs:
+        statuses.setdefault(run.name, "not run")
     return statuses
 
 

@@ -36,8 +36,9 @@ def domains(experiment: Experiment) -> dict[str, list[str]]:
     return out
 
 
-def collect(experiment: Experiment, runs: list[ProxyRun]) -> list[dict]:
-    """One row per run: its status, weights and BPB per domain (none unless it finished)."""
+def collect(experiment: Experiment, runs: list[ProxyRun], statuses: dict[str, str] | None = None) -> list[dict]:
+    """One row per run: its status (from `statuses` where this sweep trained it, else from its
+    files), weights and BPB per domain (none unless it finished)."""
     rows = []
     for run in runs:
         folder = run_dir(experiment, run)
@@ -50,7 +51,7 @@ def collect(experiment: Experiment, runs: list[ProxyRun]) -> list[dict]:
                           for domain, members in domains(experiment).items()}
             row["status"] = "done"
         else:
-            row["status"] = "failed" if (folder / "train.log").exists() else "not run"
+            row["status"] = (statuses or {}).get(run.name) or ("failed" if (folder / "train.log").exists() else "not run")
         rows.append(row)
     return rows
 
@@ -168,13 +169,14 @@ def format_fit(summary: dict, weight_names: list[str]) -> str:
                               f"ready to run: {proposal['file']}"])
 
 
-def write_results(experiment: Experiment, runs: list[ProxyRun], base: dict[str, float]) -> dict:
+def write_results(experiment: Experiment, runs: list[ProxyRun], base: dict[str, float],
+                  statuses: dict[str, str] | None = None) -> dict:
     """Table, CSV, JSON, plot and fit of the sweep as it stands; printed and written."""
     folder = sweep_dir(experiment)
     folder.mkdir(parents=True, exist_ok=True)
     weight_names = components(experiment)
     domain_names = list(domains(experiment))
-    rows = collect(experiment, runs)
+    rows = collect(experiment, runs, statuses)
     grid = experiment.sweep.grid
     varied = [grid.group] if grid is not None else [n for n in weight_names if len({r["weights"][n] for r in rows}) > 1]
     table = format_table(rows, weight_names, domain_names)

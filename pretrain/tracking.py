@@ -26,10 +26,15 @@ def _metrics_file(path: Path, resume_step: int | None):
     return open(path, "w", encoding="utf-8")
 
 
+_USER_WANDB_DATA_DIR = os.environ.get("WANDB_DATA_DIR")
+
+
 def _init_wandb(workdir: Path, settings: WandbConfig, **init):
     # Environment, not init(mode=...): only then does offline W&B make no network call at all.
     os.environ["WANDB_MODE"] = settings.mode
-    os.environ.setdefault("WANDB_DATA_DIR", str(workdir / "wandb-data"))
+    # Each run's staging folder in its own workdir unless the user chose one: a process that
+    # trains several runs (a sweep) must not stage later runs under the first one's folder.
+    os.environ["WANDB_DATA_DIR"] = _USER_WANDB_DATA_DIR or str(workdir / "wandb-data")
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 

@@ -13,6 +13,7 @@ import gc
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -82,10 +83,11 @@ def step_metrics(sums: torch.Tensor, names: list[str], engine, lr: float, second
     return metrics
 
 
-# Rank 0 prints this before each run of `train_one_after_another`, so that whoever reads the
-# job's output (`dapt sweep`) can tell which run a line belongs to.
+# Rank 0 prints these lines, so that whoever reads the job's output (`dapt sweep`) can tell
+# which run a line belongs to and how the sequence ended.
 RUN_MARKER = "== training run "
 ALL_RUNS_DONE = "== training runs done: "
+RUNS_STOPPED = "== training stopped by a signal"
 
 # Held-out BPB before training, per start (see `Trainer.evaluate_start`): the runs of a sweep
 # trained in one process all start from the same weights, so it is measured once.
@@ -100,19 +102,33 @@ def train_one_after_another(configs: list[Path], resume: bool = True) -> None:
     A stop by signal ends the sequence; its run resumes on the next start."""
     from launch.experiment import load_experiment
 
+    env = discover()
+    export_for_torch(env)
+    # One stop request for the whole sequence: a signal that arrives between two runs still stops it.
+    stop = StopRequest(init_distributed(env))
     for number, config in enumerate(configs, 1):
+        if number > 1 and stop.agreed():
+            break
         experiment, text = load_experiment(config)
-        if discover().is_main:
-            print(f"{RUN_MARKER}{number}/{len(configs)}: {config}", flush=True)
-        trainer = Trainer(experiment, text, resume)
+        _say(env, f"{RUN_MARKER}{number}/{len(configs)}: {config}")
+        trainer = Trainer(experiment, text, resume, stop)
         try:
             trainer.fit()
         finally:
             trainer.release()
         if trainer.stopped:
-            return
-    if discover().is_main:
-        print(f"{ALL_RUNS_DONE}{len(configs)}", flush=True)
+            break
+    else:
+        _say(env, f"{ALL_RUNS_DONE}{len(configs)}")
+        return
+    _say(env, RUNS_STOPPED)
+
+
+def _say(env, line: str) -> None:
+    """One line from rank 0, written whole, so that other ranks' output cannot split it."""
+    if env.is_main:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 def init_distributed(dist_env) -> torch.device:
@@ -134,8 +150,8 @@ class Trainer:
     """One rank's run: the constructor builds the data side, the engine and the tracker and
     restores a checkpoint; `fit` sequences steps, evaluations and checkpoints."""
 
-    def __init__(self, experiment: Experiment, yaml_text: str, resume: bool):
-        self.experiment, self.yaml_text = experiment, yaml_text
+    def __init__(self, experiment: Experiment, yaml_text: str, resume: bool, stop: StopRequest):
+        self.experiment, self.yaml_text, self.stop = experiment, yaml_text, stop
         self.train, self.mix, self.names = experiment.train, experiment.mix, experiment.corpus_names()
         self.checkpoints = experiment.checkpoints_dir
         self.env = discover()
@@ -225,7 +241,8 @@ class Trainer:
         experiment = self.experiment
         start = experiment_hash(json.dumps([
             experiment.model.model_dump(mode="json"), experiment.seed, experiment.deepspeed,
-            tokenizer_hash(experiment.tokenizer_dir), str(experiment.stores_dir), self.names, self.mix.seq_len,
+            self.train.precision, tokenizer_hash(experiment.tokenizer_dir), str(experiment.stores_dir), self.names,
+            self.mix.seq_len,
             self.train.eval_max_tokens, self.train.micro_batch_size, self.train.activation_checkpointing,
         ], sort_keys=True, default=str))
         if start not in _BPB_AT_START:
@@ -260,7 +277,7 @@ class Trainer:
 
     def fit(self) -> dict | None:
         train, guard, main = self.train, self.guard, self.env.is_main
-        stop = StopRequest(self.device)
+        stop = self.stop
         progress = Progress(train.steps, self.first_step, train.log_every, main)
         inject_nan_at = injected_nan_steps(self.env.rank)
         started = time.perf_counter()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -281,6 +283,25 @@ def test_runs_share_one_process_group_and_a_killed_run_fails_alone(tmp_path, bui
     assert "training run 3/4" in logs[2] and "step 40/" not in logs[2]
     assert f"launch.cli train {run_dir(experiment, runs[3]) / 'experiment.yaml'}\n" in logs[3], \
         "the run after the failed one starts in new processes"
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_sweep_stops_it_and_a_rerun_resumes_the_stopped_run(tmp_path, built_experiment):
+    sweep = {"grid": {"group": "financial", "shares": [0.2, 0.5, 0.8]}, "proxy": TINY_PROXY}
+    experiment, _ = load_experiment(sweep_experiment(tmp_path, sweep, built_experiment))
+    runs = design(experiment, {"financial": 0.5, "public": 0.5})
+
+    def signal_the_sweep_during_the_second_run(run: ProxyRun, line: str) -> None:
+        if run == runs[1] and line.startswith("step 10/"):
+            os.kill(os.getpid(), signal.SIGUSR1)  # as Slurm signals a job before its time limit
+
+    statuses = train_here(experiment, runs, nproc=2, on_line=signal_the_sweep_during_the_second_run)
+    assert statuses == {"financial-0.20": "done", "financial-0.50": "stopped", "financial-0.80": "not run"}
+    assert not (run_dir(experiment, runs[2]) / "metrics.jsonl").exists(), "no run starts after the stop"
+    lines: list[str] = []
+    statuses = train_here(experiment, runs, nproc=2, on_line=lambda run, line: lines.append(f"{run.name}: {line}"))
+    assert statuses == {"financial-0.20": "kept", "financial-0.50": "done", "financial-0.80": "done"}
+    assert any(line.startswith("financial-0.50: resuming from ") for line in lines), "the stopped run resumed"
 
 
 def test_slurm_array_runs_each_proxy_run_with_its_own_launch_script(tmp_path, built_experiment):
