@@ -26,7 +26,7 @@ from data_mix.ledger import MixLedger
 from data_mix.loader import MixLoader, StepBatch
 from data_mix.plan import plan
 from data_mix.store import open_stores, tokenizer_hash
-from launch.env import discover, export_for_torch
+from launch.env import DistributedEnv, discover, export_for_torch
 from launch.experiment import Experiment, experiment_hash
 from pretrain.checkpoint import latest_tag, save_checkpoint, saved_world_size
 from pretrain.ds_config import resolve_deepspeed_config
@@ -111,7 +111,7 @@ def train_one_after_another(configs: list[Path], resume: bool = True) -> None:
             break
         experiment, text = load_experiment(config)
         _say(env, f"{RUN_MARKER}{number}/{len(configs)}: {config}")
-        trainer = Trainer(experiment, text, resume, stop)
+        trainer = Trainer(experiment, text, resume, env, stop)
         try:
             trainer.fit()
         finally:
@@ -147,16 +147,15 @@ def init_distributed(dist_env) -> torch.device:
 
 
 class Trainer:
-    """One rank's run: the constructor builds the data side, the engine and the tracker and
-    restores a checkpoint; `fit` sequences steps, evaluations and checkpoints."""
+    """One rank's run in a process whose group is up (`train_one_after_another`): the constructor
+    builds the data side, the engine and the tracker and restores a checkpoint; `fit` sequences
+    steps, evaluations and checkpoints."""
 
-    def __init__(self, experiment: Experiment, yaml_text: str, resume: bool, stop: StopRequest):
+    def __init__(self, experiment: Experiment, yaml_text: str, resume: bool, env: DistributedEnv, stop: StopRequest):
         self.experiment, self.yaml_text, self.stop = experiment, yaml_text, stop
         self.train, self.mix, self.names = experiment.train, experiment.mix, experiment.corpus_names()
         self.checkpoints = experiment.checkpoints_dir
-        self.env = discover()
-        export_for_torch(self.env)
-        self.device = init_distributed(self.env)
+        self.env, self.device = env, stop.device
         self._build_data()
         state = self._build_engine(resume)
         self._restore(state)
@@ -227,10 +226,11 @@ class Trainer:
                                [[r.corpus, r.group, r.share, r.available_samples * mix.seq_len,
                                  r.samples * mix.seq_len, r.epochs] for r in rows])
 
-    def evaluate(self, step: int) -> dict[str, float]:
+    def evaluate(self, step: int, measured: dict[str, float] | None = None) -> dict[str, float]:
+        """Held-out BPB per corpus, logged at `step`; `measured` when the same weights were evaluated already."""
         train = self.train
-        bpb = heldout_bpb(self.engine.module, self.heldout_stores, self.mix.seq_len, train.eval_max_tokens,
-                          train.micro_batch_size, self.device)
+        bpb = measured or heldout_bpb(self.engine.module, self.heldout_stores, self.mix.seq_len,
+                                      train.eval_max_tokens, train.micro_batch_size, self.device)
         self.tracker.log({f"eval/bpb/{name}": value for name, value in bpb.items()}, step=step)
         return bpb
 
@@ -242,13 +242,9 @@ class Trainer:
         start = experiment_hash(json.dumps([
             experiment.model.model_dump(mode="json"), experiment.seed, experiment.deepspeed,
             self.train.precision, tokenizer_hash(experiment.tokenizer_dir), str(experiment.stores_dir), self.names,
-            self.mix.seq_len,
-            self.train.eval_max_tokens, self.train.micro_batch_size, self.train.activation_checkpointing,
+            self.mix.seq_len, self.train.eval_max_tokens, self.train.micro_batch_size, self.train.activation_checkpointing,
         ], sort_keys=True, default=str))
-        if start not in _BPB_AT_START:
-            _BPB_AT_START[start] = self.evaluate(step=0)
-        else:
-            self.tracker.log({f"eval/bpb/{name}": value for name, value in _BPB_AT_START[start].items()}, step=0)
+        _BPB_AT_START[start] = self.evaluate(step=0, measured=_BPB_AT_START.get(start))
         return _BPB_AT_START[start]
 
     def checkpoint(self, step: int) -> str:
