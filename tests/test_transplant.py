@@ -22,24 +22,51 @@ from tests.test_cli import assert_one_line_error, dapt
 HIDDEN = 64
 
 
-def tiny_llama(tokenizer, tied: bool):
-    config = AutoConfig.for_model("llama", hidden_size=HIDDEN, intermediate_size=192, num_hidden_layers=2,
+def tiny_llama(tokenizer, tied: bool, hidden: int = HIDDEN, layers: int = 2):
+    config = AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                                   tie_word_embeddings=tied, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return AutoModelForCausalLM.from_config(config)
 
 
-def heldout_bpb(model, tokenizer, texts: list[str]) -> float:
-    """Bits per UTF-8 byte with every token predicted (after BOS), so tokenizers compare fairly."""
+def train_base_model(model, tokenizer, lines: list[str], steps: int) -> None:
+    """A stand-in for a pretrained base model: `steps` AdamW steps on random windows of `lines`."""
+    ids = torch.tensor([i for line in lines for i in [*tokenizer(line, add_special_tokens=False)["input_ids"],
+                                                      tokenizer.eos_token_id]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (16,), generator=generator)
+        batch = torch.stack([ids[s:s + 64] for s in starts])
+        model(batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def heldout_bpb(model, tokenizer, texts: list[str], window: int | None = None) -> float:
+    """Bits per UTF-8 byte with every token predicted once (after BOS), so tokenizers compare fairly;
+    a text longer than `window` tokens is read in consecutive windows."""
     nats = total_bytes = 0.0
     model.eval()
     with torch.no_grad():
         for text in texts:
-            ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]])
-            nats += model(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+            step = window or len(ids)
+            for start in range(0, len(ids) - 1, step):
+                chunk = torch.tensor([ids[start:start + step + 1]], device=model.device)
+                nats += model(chunk, labels=chunk).loss.float().item() * (chunk.shape[1] - 1)
             total_bytes += len(text.encode("utf-8"))
     return nats / math.log(2) / total_bytes
+
+
+def draw_new_rows(model, rows: list[int], std: float, seed: int = 0) -> None:
+    """The alternative to carrying over: `rows` of the embeddings and output head drawn from N(0, std²)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for weight in {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}.values():
+            drawn = torch.randn(len(rows), weight.shape[1], generator=generator) * std
+            weight[torch.tensor(rows)] = drawn.to(weight.device, weight.dtype)
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +83,7 @@ def base_and_domain(built_experiment, tmp_path_factory):
     base_tokenizer = AutoTokenizer.from_pretrained(folder / "base")
     torch.manual_seed(0)
     model = tiny_llama(base_tokenizer, tied=False)
-    ids = torch.tensor([i for line in general_lines for i in [*base_tokenizer(line, add_special_tokens=False)["input_ids"],
-                                                               base_tokenizer.eos_token_id]])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(150):  # enough for embeddings that mean something (loss ~7 → ~1)
-        starts = torch.randint(0, len(ids) - 65, (16,), generator=generator)
-        batch = torch.stack([ids[s:s + 64] for s in starts])
-        model(batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_base_model(model, base_tokenizer, general_lines, steps=150)  # embeddings that mean something (loss ~7 → ~1)
     model.save_pretrained(folder / "base")
     financial = [t for c in experiment.corpora if c.group == "financial" for t in heldout_texts(c, experiment.heldout)[:15]]
     return folder / "base", domain_dir, domain_lines, financial
@@ -91,11 +109,7 @@ def test_transplant_is_closer_to_the_base_model_than_random_rows(base_and_domain
     plan = carry_over(carried, base_tokenizer, domain)
     assert len(plan.copied) > len(plan.averaged) > 0
     transplanted = heldout_bpb(carried, domain, texts)
-    new_rows = torch.tensor(plan.averaged)
-    torch.manual_seed(0)
-    with torch.no_grad():  # the alternative: new rows drawn as the model's initializer draws them
-        for weight in (carried.get_input_embeddings().weight, carried.get_output_embeddings().weight):
-            weight[new_rows] = torch.randn(len(new_rows), HIDDEN) * model.config.initializer_range
+    draw_new_rows(carried, plan.averaged, model.config.initializer_range)  # as the model's initializer draws them
     random_rows = heldout_bpb(carried, domain, texts)
     print(f"held-out financial BPB at step 0: base {base:.3f}, transplant {transplanted:.3f}, random new rows {random_rows:.3f}")
     assert abs(transplanted - base) < 0.95 * abs(random_rows - base)

@@ -1,0 +1,156 @@
+"""Held-out bits-per-byte at step 0 of a base model carried over to a domain tokenizer
+(`model.embeddings: transplant`), against the same model with its new rows drawn at random.
+
+For each setting, on financial held-out text, before any training:
+  base         the base model with its own tokenizer
+  transplant   carried over by dapt: shared pieces copied, new rows the mean of their pieces' base rows
+  random       the same, but the new rows drawn as the model's initializer draws them (N(0, initializer_range²))
+  resize draw  the same, but the new rows drawn as `resize_token_embeddings` draws them by default
+               (a normal with the trained rows' mean and covariance)
+  ratio        (transplant − base) ÷ (random − base): the share of the random rows' loss the carry-over keeps
+               (and the same against the resize draw)
+
+Without arguments it builds its settings from the demo corpora: a general base tokenizer and a
+small Llama trained on public text with a little finance (the tests' stand-in for a pretrained
+model), and a domain tokenizer trained on the demo's mix, for two tokenizer models and two
+model sizes. With `--base-model`, it measures one real model instead:
+
+    python bench/transplant.py
+    python bench/transplant.py --base-model DIR --domain-tokenizer DIR --texts held_out.txt [--window 2048]
+
+(`--texts`: one document per line; the base tokenizer is read from the model's folder.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data_mix.demo_corpora import write_demo_corpora  # noqa: E402
+from tests.conftest import write_experiment  # noqa: E402
+from tests.test_transplant import draw_new_rows, heldout_bpb, tiny_llama, train_base_model  # noqa: E402
+from tokenizer.config import TokenizerTrainConfig  # noqa: E402
+from tokenizer.transplant import carry_over  # noqa: E402
+
+
+@dataclass
+class Setting:
+    name: str
+    tokenizer: dict
+    base_financial_weight: float  # each financial corpus's weight in the base tokenizer's and model's text (public: 0.4 each)
+    hidden: int
+    layers: int
+    steps: int
+
+
+SETTINGS = [
+    Setting("test's setting: unigram 800, Llama 64x2, 150 steps", {"vocab_size": 800}, 0.05, 64, 2, 150),
+    Setting("unigram 800, Llama 256x4, 300 steps", {"vocab_size": 800}, 0.05, 256, 4, 300),
+    Setting("BPE 1500, Llama 64x2, 600 steps", {"vocab_size": 1500, "model": "bpe"}, 0.03, 64, 2, 600),
+    Setting("BPE 1500, Llama 256x4, 600 steps", {"vocab_size": 1500, "model": "bpe"}, 0.03, 256, 4, 600),
+]
+
+
+def resize_draw(base_model, count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` new input and output rows as transformers' `resize_token_embeddings` draws them by default."""
+    grown = copy.deepcopy(base_model)
+    torch.manual_seed(seed)
+    grown.resize_token_embeddings(base_model.get_input_embeddings().num_embeddings + count)
+    return grown.get_input_embeddings().weight[-count:].detach(), grown.get_output_embeddings().weight[-count:].detach()
+
+
+def measure(base_model, base_tokenizer, domain_tokenizer, texts: list[str], window: int | None) -> dict:
+    """The step-0 figures of one base model, tokenizer pair and held-out text."""
+    figures = {"base": heldout_bpb(base_model, base_tokenizer, texts, window)}
+    carried = copy.deepcopy(base_model)
+    plan = carry_over(carried, base_tokenizer, domain_tokenizer)
+    new = set(plan.averaged)
+    tokens = [i for text in texts for i in domain_tokenizer(text, add_special_tokens=False)["input_ids"]]
+    figures.update(new_rows=len(new), rows=len(domain_tokenizer), new_share=sum(i in new for i in tokens) / len(tokens))
+    figures["transplant"] = heldout_bpb(carried, domain_tokenizer, texts, window)
+    drawn_in, drawn_out = resize_draw(base_model, len(plan.averaged))
+    with torch.no_grad():
+        carried.get_input_embeddings().weight[plan.averaged] = drawn_in
+        if carried.get_output_embeddings().weight is not carried.get_input_embeddings().weight:
+            carried.get_output_embeddings().weight[plan.averaged] = drawn_out
+    figures["resize draw"] = heldout_bpb(carried, domain_tokenizer, texts, window)
+    draw_new_rows(carried, plan.averaged, base_model.config.initializer_range)
+    figures["random"] = heldout_bpb(carried, domain_tokenizer, texts, window)
+    for baseline in ("random", "resize draw"):
+        figures[f"ratio to {baseline}"] = (figures["transplant"] - figures["base"]) / (figures[baseline] - figures["base"])
+    return figures
+
+
+def demo_setting(setting: Setting, experiment, folder: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    from tokenizer.evaluate import heldout_texts
+    from tokenizer.train import draw_sample, train_from_sample
+
+    general = {c.name: 0.4 if c.group == "public" else setting.base_financial_weight for c in experiment.corpora}
+    general_lines = draw_sample(experiment.corpora, general, experiment.heldout, 4.0e5)
+    domain_lines = draw_sample(experiment.corpora, {c.name: 0.25 for c in experiment.corpora}, experiment.heldout, 4.0e5)
+    train_from_sample(general_lines, TokenizerTrainConfig(**setting.tokenizer), folder / "base")
+    train_from_sample(domain_lines, TokenizerTrainConfig(**setting.tokenizer), folder / "domain")
+    base_tokenizer, domain_tokenizer = (AutoTokenizer.from_pretrained(folder / name) for name in ("base", "domain"))
+    torch.manual_seed(0)
+    model = tiny_llama(base_tokenizer, tied=False, hidden=setting.hidden, layers=setting.layers)
+    train_base_model(model, base_tokenizer, general_lines, setting.steps)
+    financial = [t for c in experiment.corpora if c.group == "financial" for t in heldout_texts(c, experiment.heldout)[:15]]
+    return measure(model, base_tokenizer, domain_tokenizer, financial, window=None)
+
+
+def print_table(rows: list[tuple[str, dict]]) -> None:
+    print("step-0 held-out BPB after carrying a base model over to a domain tokenizer; "
+          "baseline: the same model with its new rows drawn as its initializer draws them")
+    print(f"{'setting':52s} {'new rows':>10s} {'new tokens':>10s} {'base':>6s} {'transplant':>10s} "
+          f"{'random':>7s} {'resize draw':>11s} {'ratio':>6s} {'ratio to resize draw':>20s}")
+    for name, f in rows:
+        print(f"{name:52s} {f['new_rows']:>4}/{f['rows']:<5} {100 * f['new_share']:9.1f}% {f['base']:6.3f} "
+              f"{f['transplant']:10.3f} {f['random']:7.3f} {f['resize draw']:11.3f} {f['ratio to random']:6.2f} {f['ratio to resize draw']:20.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-model", type=Path, help="a Hugging Face causal LM folder with its tokenizer")
+    parser.add_argument("--domain-tokenizer", type=Path)
+    parser.add_argument("--texts", type=Path, help="held-out text, one document per line")
+    parser.add_argument("--window", type=int, default=2048, help="tokens per forward pass for --base-model")
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    if args.base_model:
+        if not (args.domain_tokenizer and args.texts):
+            parser.error("--base-model needs --domain-tokenizer and --texts")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        texts = [line for line in args.texts.read_text(encoding="utf-8").splitlines() if line.strip()]
+        figures = measure(model.to(device), AutoTokenizer.from_pretrained(args.base_model),
+                          AutoTokenizer.from_pretrained(args.domain_tokenizer), texts, args.window)
+        print_table([(args.base_model.name, figures)])
+        return
+    from launch.experiment import load_experiment
+
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        write_demo_corpora(root / "data", seed=7, scale=0.1)
+        experiment, _ = load_experiment(write_experiment(root))
+        rows = []
+        for index, setting in enumerate(SETTINGS):
+            rows.append((setting.name, demo_setting(setting, experiment, root / f"setting{index}")))
+            print(f"measured: {setting.name}", flush=True)
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
