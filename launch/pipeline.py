@@ -72,7 +72,12 @@ def _domain_tokenizer(experiment: Experiment) -> Path:
     lines = draw_sample(experiment.corpora, _mix_shares(experiment), experiment.heldout, config.sample_bytes)
     train_from_sample(lines, config, out_dir)
     (out_dir / RECIPE).write_text(json.dumps({"stamp": stamp, "recipe": recipe}, indent=1))
-    print(f"tokenizer: {len(load_tokenizer(out_dir)):,} pieces written to {out_dir}")
+    pieces = len(load_tokenizer(out_dir))
+    # The trainers stop early rather than invent pieces the sample does not support; say so, or a
+    # user who asked for 32k would find out only from the model's embedding size.
+    short = (f" (fewer than the {config.vocab_size:,} of `tokenizer.train.vocab_size`: this sample supports no "
+             f"more; a larger `sample_bytes` or more varied text does)") if pieces < config.vocab_size else ""
+    print(f"tokenizer: {pieces:,} pieces written to {out_dir}{short}")
     return out_dir
 
 

@@ -67,3 +67,20 @@ def test_bad_tokenizer_settings_are_named(tmp_path, sample_and_heldout):
         train_from_sample([], TokenizerTrainConfig(), tmp_path / "tok")
     with pytest.raises(ValueError, match=r"byte_level needs `backend: huggingface`"):
         TokenizerTrainConfig(model="byte_level")
+
+
+def test_a_vocabulary_the_sample_cannot_fill_is_reported(small_corpora, tmp_path, capsys):
+    from launch.experiment import load_experiment
+    from launch.pipeline import train_tokenizer
+    from tests.conftest import write_experiment
+    from tests.test_transplant import _demo_corpora
+
+    path = write_experiment(tmp_path, {"corpora": [{**c, "paths": [str(small_corpora / p) for p in c["paths"]]}
+                                                   for c in _demo_corpora()],
+                                       "tokenizer": {"train": {"vocab_size": 20000, "sample_bytes": 2.0e5}}})
+    experiment, _ = load_experiment(path)
+    out = train_tokenizer(experiment)
+    pieces = len(AutoTokenizer.from_pretrained(out))
+    assert pieces < 20000
+    assert (f"tokenizer: {pieces:,} pieces written to {out} (fewer than the 20,000 of `tokenizer.train.vocab_size`"
+            in capsys.readouterr().out)
