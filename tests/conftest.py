@@ -51,6 +51,13 @@ def write_experiment(folder: Path, overrides: dict | None = None, text: str | No
     return path
 
 
+def small_corpora_section(small_corpora: Path) -> list[dict]:
+    """The demo's `corpora:` section with its paths pointing into `small_corpora`, for an
+    experiment file written anywhere else."""
+    corpora = yaml.safe_load(DEMO_CONFIG.read_text())["corpora"]
+    return [{**corpus, "paths": [str(small_corpora / p) for p in corpus["paths"]]} for corpus in corpora]
+
+
 @pytest.fixture(scope="session")
 def built_experiment(small_corpora: Path):
     """The small corpora with a trained tokenizer and built stores (no training)."""

@@ -72,11 +72,9 @@ def test_bad_tokenizer_settings_are_named(tmp_path, sample_and_heldout):
 def test_a_vocabulary_the_sample_cannot_fill_is_reported(small_corpora, tmp_path, capsys):
     from launch.experiment import load_experiment
     from launch.pipeline import train_tokenizer
-    from tests.conftest import write_experiment
-    from tests.test_transplant import _demo_corpora
+    from tests.conftest import small_corpora_section, write_experiment
 
-    path = write_experiment(tmp_path, {"corpora": [{**c, "paths": [str(small_corpora / p) for p in c["paths"]]}
-                                                   for c in _demo_corpora()],
+    path = write_experiment(tmp_path, {"corpora": small_corpora_section(small_corpora),
                                        "tokenizer": {"train": {"vocab_size": 20000, "sample_bytes": 2.0e5}}})
     experiment, _ = load_experiment(path)
     out = train_tokenizer(experiment)

@@ -16,7 +16,7 @@ from tokenizer.config import TokenizerTrainConfig
 from tokenizer.evaluate import heldout_texts
 from tokenizer.train import draw_sample, train_from_sample
 from tokenizer.transplant import carry_over, extend_tokenizer, plan_rows
-from tests.conftest import write_experiment
+from tests.conftest import small_corpora_section, write_experiment
 from tests.test_cli import assert_one_line_error, dapt
 
 HIDDEN = 64
@@ -193,8 +193,7 @@ def test_extend_through_the_tokenizer_stage_and_build_model(base_and_domain, sma
 
     base_dir, _, _, _ = base_and_domain
     model = {"path": str(base_dir), "embeddings": "extend", "extend_pieces": 3}
-    path = write_experiment(tmp_path, {"corpora": [{**c, "paths": [str(small_corpora / p) for p in c["paths"]]}
-                                                   for c in _demo_corpora()],
+    path = write_experiment(tmp_path, {"corpora": small_corpora_section(small_corpora),
                                        "tokenizer": {"train": {"vocab_size": 600, "sample_bytes": 2.0e5}}, "model": model})
     experiment, _ = load_experiment(path)
     assert train_tokenizer(experiment) == experiment.tokenizer_dir == tmp_path / "tokenizer-extended"
@@ -203,14 +202,6 @@ def test_extend_through_the_tokenizer_stage_and_build_model(base_and_domain, sma
     model = build_model(experiment.model, tokenizer, seed=0, activation_checkpointing=False)
     assert model.get_input_embeddings().num_embeddings == len(tokenizer) == len(AutoTokenizer.from_pretrained(base_dir)) + 3
     assert torch.equal(model.get_input_embeddings().weight[:800], base.get_input_embeddings().weight)
-
-
-def _demo_corpora() -> list[dict]:
-    import yaml
-
-    from tests.conftest import DEMO_CONFIG
-
-    return yaml.safe_load(DEMO_CONFIG.read_text())["corpora"]
 
 
 @pytest.mark.slow
