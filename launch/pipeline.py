@@ -55,8 +55,12 @@ def _domain_tokenizer(experiment: Experiment) -> Path:
     out_dir = experiment.domain_tokenizer_dir
     if experiment.tokenizer.train is None:
         if not (out_dir / "tokenizer.json").exists():
-            raise DaptError(f"tokenizer.path: {out_dir} has no tokenizer.json; give a Hugging Face tokenizer directory")
-        load_tokenizer(out_dir)
+            held = " holds a model (config.json) but" if (out_dir / "config.json").exists() else ""
+            raise DaptError(f"tokenizer.path: {out_dir}{held} has no tokenizer.json; give a Hugging Face tokenizer "
+                            f"directory (save the model's tokenizer into it with `save_pretrained`)")
+        if load_tokenizer(out_dir).eos_token is None:
+            raise DaptError(f"tokenizer.path: {out_dir} has no end-of-sequence token, which is put between documents; "
+                            f"set `eos_token` in its tokenizer_config.json")
         print(f"tokenizer: using {out_dir}")
         return out_dir
     sources = [c.model_dump() for c in experiment.corpora]

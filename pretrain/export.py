@@ -1,8 +1,10 @@
 """`dapt export CKPT OUT`: a DeepSpeed checkpoint → a plain Hugging Face model directory.
 
 ZeRO shards are consolidated by DeepSpeed's own `zero_to_fp32` helpers; the model
-config and tokenizer saved beside the checkpoints at the start of training make the
-output loadable by `AutoModelForCausalLM` / `AutoTokenizer` with no dapt installed.
+config (with the base model's `generation_config.json`) and the tokenizer files saved
+beside the checkpoints at the start of training make the output loadable by
+`AutoModelForCausalLM` / `AutoTokenizer` with no dapt installed. Only tokenizer files
+are copied from there, so nothing can land over the weights just written.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import torch
 
 from launch.base import DaptError
 from pretrain.checkpoint import latest_tag
+from tokenizer.files import copy_tokenizer_files
+
+GENERATION_CONFIG = "generation_config.json"
 
 
 def export_checkpoint(checkpoints: Path, out_dir: Path, tag: str | None = None) -> Path:
@@ -41,6 +46,7 @@ def export_checkpoint(checkpoints: Path, out_dir: Path, tag: str | None = None) 
     model.tie_weights()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
-    for item in (checkpoints / "tokenizer").iterdir():
-        shutil.copy2(item, out_dir / item.name)
+    if (checkpoints / "model" / GENERATION_CONFIG).exists():  # the base model's, as it was
+        shutil.copy2(checkpoints / "model" / GENERATION_CONFIG, out_dir / GENERATION_CONFIG)
+    copy_tokenizer_files(checkpoints / "tokenizer", out_dir)
     return out_dir

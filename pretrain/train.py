@@ -31,14 +31,16 @@ from launch.experiment import Experiment, experiment_hash
 from pretrain.checkpoint import latest_tag, save_checkpoint, saved_world_size
 from pretrain.ds_config import resolve_deepspeed_config
 from pretrain.evaluate import heldout_bpb
+from pretrain.export import GENERATION_CONFIG
 from pretrain.guard import (StepGuard, engine_checks_overflow, injected_nan_steps, loss_for_backward,
                            step_skipping_nonfinite_gradients)
 from pretrain.metrics import flops_per_token, mfu, peak_flops
-from pretrain.model import build_model
+from pretrain.model import PRECISION_DTYPES, build_model, write_carried_over
 from pretrain.progress import Progress
 from pretrain.resume import gather_rng_states, load_latest, restore_rng_states
 from pretrain.stop import StopRequest
 from pretrain.tracking import Tracker
+from tokenizer.files import copy_tokenizer_files
 
 
 def train_step(engine, batch: StepBatch, num_corpora: int, device: torch.device,
@@ -186,18 +188,36 @@ class Trainer:
         """The DeepSpeed engine, loaded from the latest checkpoint when resuming; returns its client state."""
         import deepspeed
 
-        train = self.train
-        model = build_model(self.experiment.model, self.tokenizer, self.experiment.seed, train.activation_checkpointing)
-        self.model_flops, self.peak = flops_per_token(model, self.mix.seq_len), peak_flops(train.peak_flops_per_device)
-        self.ds_config = resolve_deepspeed_config(self.experiment.deepspeed, train, self.env.world_size,
+        from transformers.integrations import HfDeepSpeedConfig
+
+        experiment, train = self.experiment, self.train
+        self.ds_config = resolve_deepspeed_config(experiment.deepspeed, train, self.env.world_size,
                                                   torch.cuda.is_available())
+        stage = self.ds_config["zero_optimization"].get("stage", 0)
+        # While this lives, transformers builds the model partitioned across the ranks (ZeRO-3).
+        self.zero3_loading = HfDeepSpeedConfig(self.ds_config) if stage == 3 else None
+        self.model_folder = self._base_model_folder()
+        model = build_model(experiment.model, self.tokenizer, experiment.seed, train.activation_checkpointing,
+                            folder=self.model_folder, dtype=PRECISION_DTYPES[train.precision])
+        self.model_flops, self.peak = flops_per_token(model, self.mix.seq_len), peak_flops(train.peak_flops_per_device)
         self.saved_world = saved_world_size(self.checkpoints) if resume else None
-        sharded = self.ds_config["zero_optimization"].get("stage", 0) > 0  # without ZeRO every rank saves it all
+        sharded = stage > 0  # without ZeRO every rank saves it all
         self.universal = sharded and self.saved_world is not None and self.saved_world != self.env.world_size
         if self.universal:  # ZeRO shards written by another number of processes must be re-partitioned
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=self.ds_config)
         return load_latest(self.engine, self.checkpoints, self.universal) if self.saved_world is not None else None
+
+    def _base_model_folder(self) -> Path | None:
+        """The folder every rank loads: `model.path`, or with `model.embeddings` the base model carried
+        over to the experiment's tokenizer, which rank 0 writes (once) while the others wait."""
+        model = self.experiment.model
+        if model.embeddings is None:
+            return Path(model.path) if model.path else None
+        if self.env.is_main:
+            write_carried_over(model, self.experiment.tokenizer_dir, self.experiment.carried_over_dir)
+        dist.barrier()
+        return self.experiment.carried_over_dir
 
     def _restore(self, state: dict | None) -> None:
         if state is None:
@@ -214,7 +234,7 @@ class Trainer:
                                run_id=state and state["wandb_run_id"], resume_step=state and state["step"])
         if not self.env.is_main:
             return
-        _save_model_recipe(self.engine.module, experiment.tokenizer_dir, self.checkpoints)
+        _save_model_recipe(self.engine.module, self.model_folder, experiment.tokenizer_dir, self.checkpoints)
         if state is not None:
             moved = (f" (written by {self.saved_world} processes, now {self.env.world_size})"
                      if self.saved_world != self.env.world_size else "")
@@ -323,18 +343,26 @@ class Trainer:
 
     def release(self) -> None:
         """Free the engine (its hooks, optimizer and buffers), so that another run can follow in this process."""
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
         self.engine.destroy()
         del self.engine
+        self.zero3_loading = None
+        unset_hf_deepspeed_config()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-def _save_model_recipe(module, tokenizer_dir: Path, checkpoints: Path) -> None:
-    """What `dapt export` needs beside the weights: the model config and the tokenizer."""
+def _save_model_recipe(module, model_folder: Path | None, tokenizer_dir: Path, checkpoints: Path) -> None:
+    """What `dapt export` needs beside the weights: the model config with the base model's generation
+    config, and the tokenizer's files (only those: the tokenizer folder is often the base model's)."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     module.config.save_pretrained(checkpoints / "model")
-    shutil.copytree(tokenizer_dir, checkpoints / "tokenizer", dirs_exist_ok=True)
+    if model_folder is not None and (model_folder / GENERATION_CONFIG).exists():
+        shutil.copy2(model_folder / GENERATION_CONFIG, checkpoints / "model" / GENERATION_CONFIG)
+    shutil.rmtree(checkpoints / "tokenizer", ignore_errors=True)
+    copy_tokenizer_files(tokenizer_dir, checkpoints / "tokenizer")
 
 
 def _results(names, planned_shares, ledger: MixLedger, before, after, first_loss, final_loss, tag, tracker) -> dict:

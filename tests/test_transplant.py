@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from launch.base import DaptError
 from pretrain.config import ModelConfig
-from pretrain.model import build_model
+from pretrain.model import build_model, carried_over_model
 from tokenizer.config import TokenizerTrainConfig
 from tokenizer.evaluate import heldout_texts
 from tokenizer.train import draw_sample, train_from_sample
@@ -164,8 +164,8 @@ def test_model_and_tokenizer_mismatches_are_named(base_and_domain, tmp_path):
     small.resize_token_embeddings(100)
     small.save_pretrained(tmp_path / "small")
     with pytest.raises(DaptError, match=r"has 100 embedding rows but its tokenizer has 800 pieces; set `model.base_tokenizer`"):
-        build_model(ModelConfig(path=str(tmp_path / "small"), embeddings="transplant", base_tokenizer=str(domain_dir)),
-                    domain, seed=0, activation_checkpointing=False)
+        carried_over_model(ModelConfig(path=str(tmp_path / "small"), embeddings="transplant", base_tokenizer=str(domain_dir)),
+                           domain)
     with pytest.raises(ValueError, match="embeddings: transplant carries a base model over; it needs `path`"):
         ModelConfig(config={"model_type": "llama"}, embeddings="transplant")
 
@@ -199,7 +199,7 @@ def test_extend_through_the_tokenizer_stage_and_build_model(base_and_domain, sma
     assert train_tokenizer(experiment) == experiment.tokenizer_dir == tmp_path / "tokenizer-extended"
     tokenizer = AutoTokenizer.from_pretrained(experiment.tokenizer_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
-    model = build_model(experiment.model, tokenizer, seed=0, activation_checkpointing=False)
+    model = carried_over_model(experiment.model, tokenizer)
     assert model.get_input_embeddings().num_embeddings == len(tokenizer) == len(AutoTokenizer.from_pretrained(base_dir)) + 3
     assert torch.equal(model.get_input_embeddings().weight[:800], base.get_input_embeddings().weight)
 

@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 
 from launch.base import DaptError
+from tokenizer.files import TOKENIZER_SETTINGS, copy_tokenizer_files
 
 BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-# What an extended tokenizer keeps of the base tokenizer's folder besides tokenizer.json.
-TOKENIZER_SETTINGS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 @dataclass
@@ -195,9 +194,6 @@ def extend_tokenizer(base_dir: Path, domain_dir: Path, lines: list[str], pieces:
     # The base folder as it is (special tokens, settings) with the extended tokenizer.json; a
     # sentencepiece model beside it would describe the old vocabulary, so it is left out.
     shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    for name in TOKENIZER_SETTINGS:
-        if (Path(base_dir) / name).exists():
-            shutil.copy(Path(base_dir) / name, out_dir / name)
+    copy_tokenizer_files(Path(base_dir), out_dir, TOKENIZER_SETTINGS)
     backend.save(str(out_dir / "tokenizer.json"))
     return [text for text, _ in chosen]
