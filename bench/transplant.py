@@ -13,12 +13,14 @@ For each setting, on financial held-out text, before any training:
 Without arguments it builds its settings from the demo corpora: a general base tokenizer and a
 small Llama trained on public text with a little finance (the tests' stand-in for a pretrained
 model), and a domain tokenizer trained on the demo's mix, for two tokenizer models and two
-model sizes. With `--base-model`, it measures one real model instead:
+model sizes. With `--base-model`, it measures one real model instead, carried over to each
+tokenizer given (a domain tokenizer for `transplant`, an extended one for `extend`):
 
     python bench/transplant.py
-    python bench/transplant.py --base-model DIR --domain-tokenizer DIR --texts held_out.txt [--window 2048]
+    python bench/transplant.py --base-model DIR --domain-tokenizer DIR [DIR ...] [--texts held_out.txt] [--window 2048]
 
-(`--texts`: one document per line; the base tokenizer is read from the model's folder.)
+(`--texts`: one document per line, by default the demo corpora's financial held-out documents;
+the base tokenizer is read from the model's folder.)
 """
 
 from __future__ import annotations
@@ -66,9 +68,11 @@ def resize_draw(base_model, count: int, seed: int = 0) -> tuple[torch.Tensor, to
     return grown.get_input_embeddings().weight[-count:].detach(), grown.get_output_embeddings().weight[-count:].detach()
 
 
-def measure(base_model, base_tokenizer, domain_tokenizer, texts: list[str], window: int | None) -> dict:
-    """The step-0 figures of one base model, tokenizer pair and held-out text."""
-    figures = {"base": heldout_bpb(base_model, base_tokenizer, texts, window)}
+def measure(base_model, base_tokenizer, domain_tokenizer, texts: list[str], window: int | None,
+            base_bpb: float | None = None) -> dict:
+    """The step-0 figures of one base model, tokenizer pair and held-out text (`base_bpb`: the base
+    model's own figure on `texts`, when measured already)."""
+    figures = {"base": base_bpb or heldout_bpb(base_model, base_tokenizer, texts, window)}
     carried = copy.deepcopy(base_model)
     plan = carry_over(carried, base_tokenizer, domain_tokenizer)
     new = set(plan.averaged)
@@ -107,6 +111,17 @@ def demo_setting(setting: Setting, experiment, folder: Path) -> dict:
     return measure(model, base_tokenizer, domain_tokenizer, financial, window=None)
 
 
+def demo_financial_texts() -> list[str]:
+    """The financial held-out documents of the demo corpora (full size), as `dapt demo` splits them."""
+    from launch.experiment import load_experiment
+    from tokenizer.evaluate import heldout_texts
+
+    with tempfile.TemporaryDirectory() as scratch:
+        write_demo_corpora(Path(scratch) / "data")
+        experiment, _ = load_experiment(write_experiment(Path(scratch)))
+        return [t for c in experiment.corpora if c.group == "financial" for t in heldout_texts(c, experiment.heldout)]
+
+
 def print_table(rows: list[tuple[str, dict]]) -> None:
     print("step-0 held-out BPB after carrying a base model over to a domain tokenizer; "
           "baseline: the same model with its new rows drawn as its initializer draws them")
@@ -120,7 +135,7 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-model", type=Path, help="a Hugging Face causal LM folder with its tokenizer")
-    parser.add_argument("--domain-tokenizer", type=Path)
+    parser.add_argument("--domain-tokenizer", type=Path, nargs="+", help="tokenizer folder(s) to carry the model over to")
     parser.add_argument("--texts", type=Path, help="held-out text, one document per line")
     parser.add_argument("--window", type=int, default=2048, help="tokens per forward pass for --base-model")
     args = parser.parse_args()
@@ -129,14 +144,20 @@ def main() -> None:
 
     logging.set_verbosity_error()
     if args.base_model:
-        if not (args.domain_tokenizer and args.texts):
-            parser.error("--base-model needs --domain-tokenizer and --texts")
+        if not args.domain_tokenizer:
+            parser.error("--base-model needs --domain-tokenizer")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-        texts = [line for line in args.texts.read_text(encoding="utf-8").splitlines() if line.strip()]
-        figures = measure(model.to(device), AutoTokenizer.from_pretrained(args.base_model),
-                          AutoTokenizer.from_pretrained(args.domain_tokenizer), texts, args.window)
-        print_table([(args.base_model.name, figures)])
+        texts = ([line for line in args.texts.read_text(encoding="utf-8").splitlines() if line.strip()] if args.texts
+                 else demo_financial_texts())
+        base_tokenizer, rows, base_bpb = AutoTokenizer.from_pretrained(args.base_model), [], None
+        for folder in args.domain_tokenizer:
+            figures = measure(model.to(device), base_tokenizer, AutoTokenizer.from_pretrained(folder), texts,
+                              args.window, base_bpb)
+            base_bpb = figures["base"]
+            rows.append((f"{args.base_model.name} → {folder.name}", figures))
+            print(f"measured: {folder}", flush=True)
+        print_table(rows)
         return
     from launch.experiment import load_experiment
 

@@ -168,7 +168,7 @@ def cmd_sweep(args) -> None:
 def cmd_demo(args) -> None:
     from launch.demo import prepare_demo
 
-    config = prepare_demo(Path(args.workdir))
+    config = prepare_demo(Path(args.workdir), Path(args.base_model) if args.base_model else None)
     print(f"running: dapt run {config}", flush=True)
     run_flow(config, args.nproc, resume=not args.no_resume)
 
@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command(commands, "demo", cmd_demo, "write the built-in demo corpora and run the whole flow on them", config=False)
     demo.add_argument("--workdir", default="runs/demo", help="where the demo writes everything (default: runs/demo)")
     demo.add_argument("--nproc", type=int, help="training processes (default: GPUs, or 2 on CPU)")
+    demo.add_argument("--base-model", metavar="DIR",
+                      help="continue pretraining this Hugging Face model (weights and tokenizer) instead of a tiny new one")
     run = command(commands, "run", cmd_run, "the whole flow: tokenizer, stores, mix plan, training, export")
     run.add_argument("--nproc", type=int, help="training processes (default: launch.nproc_per_node, GPUs, or 2)")
 

@@ -194,9 +194,9 @@ class Trainer:
         self.ds_config = resolve_deepspeed_config(experiment.deepspeed, train, self.env.world_size,
                                                   torch.cuda.is_available())
         stage = self.ds_config["zero_optimization"].get("stage", 0)
+        self.model_folder = self._base_model_folder()  # before the next line: a carry-over needs the whole model
         # While this lives, transformers builds the model partitioned across the ranks (ZeRO-3).
         self.zero3_loading = HfDeepSpeedConfig(self.ds_config) if stage == 3 else None
-        self.model_folder = self._base_model_folder()
         model = build_model(experiment.model, self.tokenizer, experiment.seed, train.activation_checkpointing,
                             folder=self.model_folder, dtype=PRECISION_DTYPES[train.precision])
         self.model_flops, self.peak = flops_per_token(model, self.mix.seq_len), peak_flops(train.peak_flops_per_device)

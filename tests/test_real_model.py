@@ -1,0 +1,73 @@
+"""The whole flow on a real pretrained model (SmolLM2-135M from a Hugging Face folder holding its
+weights and tokenizer), as a user continuing pretraining runs it: `dapt run` with ZeRO-3 in 2
+processes, then the export loaded with transformers alone. Once with the model's own tokenizer,
+once carried over (`extend`) to a domain tokenizer trained by dapt on the demo corpora."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from launch.experiment import load_experiment
+from pretrain.evaluate import evaluate_model_dir
+from tests.conftest import small_corpora_section, write_experiment
+
+pytestmark = pytest.mark.slow
+
+STEPS = 3
+
+
+def real_model_run(folder, small_corpora, smollm2, tokenizer: dict, model: dict):
+    path = write_experiment(folder, {
+        "workdir": str(folder), "corpora": small_corpora_section(small_corpora), "tokenizer": tokenizer,
+        "model": model, "mix": {"seq_len": 64, "group_weights": {"financial": 0.5, "public": 0.5}},
+        "train": {"steps": STEPS, "global_batch_size": 4, "micro_batch_size": 1, "lr": 1e-4, "warmup_steps": 1,
+                  "precision": "fp32", "eval_max_tokens": 256, "log_every": 1},
+        "deepspeed": {"zero_optimization": {"stage": 3}}, "launch": {"nproc_per_node": 2},
+    })
+    result = subprocess.run([sys.executable, "-m", "launch.cli", "run", str(path)], capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    experiment, _ = load_experiment(path)
+    return experiment, json.loads(experiment.results_file.read_text()), result.stdout
+
+
+def assert_export_loads_generates_and_matches(experiment, results):
+    out = experiment.export_dir
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    inputs = tokenizer("Total revenue for the quarter was", return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+    for name, bpb in evaluate_model_dir(experiment, out).items():
+        assert bpb == pytest.approx(results["corpora"][name]["bpb_after"], abs=1e-4), name
+
+
+def test_continued_pretraining_of_a_real_model_with_its_own_tokenizer(tmp_path, small_corpora, smollm2):
+    experiment, results, _ = real_model_run(tmp_path, small_corpora, smollm2, {"path": str(smollm2)},
+                                            {"path": str(smollm2)})
+    assert_export_loads_generates_and_matches(experiment, results)
+    corpora = results["corpora"].values()
+    assert all(1.0 < row["bpb_before"] < 3.0 for row in corpora), results  # a pretrained model, not a random one
+    assert all(row["bpb_after"] < row["bpb_before"] for row in corpora), results
+    base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).state_dict()
+    exported = AutoModelForCausalLM.from_pretrained(experiment.export_dir, dtype=torch.float32).state_dict()
+    assert not torch.equal(base["model.embed_tokens.weight"], exported["model.embed_tokens.weight"])
+    assert (experiment.export_dir / "chat_template.jinja").read_text() == (smollm2 / "chat_template.jinja").read_text()
+
+
+def test_a_real_model_extended_by_a_domain_tokenizer(tmp_path, small_corpora, smollm2):
+    experiment, results, output = real_model_run(
+        # A 600-piece unigram of these corpora has no word SmolLM2's 49k pieces lack; a 3,000-piece BPE has ~70.
+        tmp_path, small_corpora, smollm2, {"train": {"model": "bpe", "vocab_size": 3000, "sample_bytes": 2.0e5}},
+        {"path": str(smollm2), "embeddings": "extend", "extend_pieces": 300})
+    assert "embeddings: 49,152 rows copied from the base model" in output
+    extended = AutoTokenizer.from_pretrained(experiment.export_dir)
+    assert len(extended) > len(AutoTokenizer.from_pretrained(smollm2))
+    assert_export_loads_generates_and_matches(experiment, results)
+    # Every rank trained from the folder rank 0 carried over: the step-0 figure is that folder's.
+    for name, bpb in evaluate_model_dir(experiment, experiment.carried_over_dir).items():
+        assert bpb == pytest.approx(results["corpora"][name]["bpb_before"], abs=1e-4), name
