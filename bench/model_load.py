@@ -1,16 +1,18 @@
-"""Host memory of each rank while a base model is loaded and the ZeRO-3 engine built, dapt against
+"""Host memory of the ranks while a base model is loaded and the ZeRO-3 engine built, dapt against
 every rank loading the whole model in fp32 (what dapt did before, and what a plain
-`from_pretrained` + `deepspeed.initialize` script does).
+`from_pretrained(dtype=torch.float32)` + `deepspeed.initialize` script does).
 
     python bench/model_load.py --base-model DIR [--nproc 2] [--precision bf16] [--domain-tokenizer DIR]
 
-Each rank samples its own anonymous resident memory (`RssAnon`: what the process itself holds;
-memory-mapped weight files are the page cache's, shared by the ranks and given back under
-pressure) every few milliseconds, from after its imports and process group. Reported per way:
-the ranks' peaks added up while the model is built and through `deepspeed.initialize`, as a
-multiple of one fp32 copy of the weights. With `--domain-tokenizer`, a third way: rank 0 carries
-the model over to that tokenizer (`model.embeddings: transplant`) and writes it once, then every
-rank loads the result as dapt's training does.
+Each rank samples its anonymous resident memory (RssAnon: what it has allocated; a memory-mapped
+weight file is the page cache's, shared by the ranks and given back under pressure) every few
+milliseconds, from after its imports and process group. Reported per way: the ranks' peaks added
+up while the model is built, as a multiple of one fp32 copy of the weights, and through
+`deepspeed.initialize` (which adds the optimizer's fp32 master weights and gradient partitions,
+whatever loaded the model). The base model is measured as stored in DIR and saved in bf16, as
+hub models usually are. With `--domain-tokenizer`, a third way: rank 0 carries the model over to
+that tokenizer (`model.embeddings: transplant`) and writes it once, then every rank loads the
+result as dapt's training does.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def anonymous_bytes() -> int:
 
 
 class PeakSampler(threading.Thread):
-    """The highest RssAnon seen since `reset`, sampled every 2 ms."""
+    """The highest RssAnon seen since the last `take`, sampled every 2 ms."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -74,7 +76,7 @@ def worker(way: str, base: Path, precision: str, domain_tokenizer: Path | None, 
     world = dist.get_world_size()
     train = TrainConfig(steps=10, global_batch_size=world, micro_batch_size=1, lr=1e-4, precision=precision)
     ds_config = resolve_deepspeed_config({"zero_optimization": {"stage": 3}}, train, world, on_gpu=False)
-    tokenizer = AutoTokenizer.from_pretrained(domain_tokenizer or base)
+    tokenizer = AutoTokenizer.from_pretrained(domain_tokenizer if way == "carry-over" else base)
     dist.barrier()
     floor = anonymous_bytes()
     sampler = PeakSampler()
@@ -97,12 +99,12 @@ def worker(way: str, base: Path, precision: str, domain_tokenizer: Path | None, 
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps({"load": load - floor, "engine": engine - floor}))
 
 
-def measure(way: str, args, scratch: Path) -> dict[str, int]:
-    out = scratch / way
+def measure(way: str, base: Path, args, scratch: Path) -> dict[str, list[int]]:
+    out = scratch / f"{base.name}-{way}"
     out.mkdir()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               __file__, "--worker", way, "--base-model", str(args.base_model), "--precision", args.precision,
-               "--workdir", str(scratch), "--out", str(out)]
+               __file__, "--worker", way, "--base-model", str(base), "--precision", args.precision,
+               "--workdir", str(out), "--out", str(out)]
     if args.domain_tokenizer:
         command += ["--domain-tokenizer", str(args.domain_tokenizer)]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
@@ -110,6 +112,18 @@ def measure(way: str, args, scratch: Path) -> dict[str, int]:
         raise SystemExit(f"{way} failed:\n{result.stderr[-3000:]}")
     ranks = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
     return {"load": [r["load"] for r in ranks], "engine": [r["engine"] for r in ranks]}
+
+
+def stored_in_bf16(base: Path, scratch: Path) -> Path:
+    """The base model saved in bf16 beside its tokenizer, as the hub ships most models."""
+    from transformers import AutoModelForCausalLM
+
+    from tokenizer.files import copy_tokenizer_files
+
+    folder = scratch / f"{base.name}-stored-bf16"
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(folder)
+    copy_tokenizer_files(base, folder)
+    return folder
 
 
 def main() -> None:
@@ -131,20 +145,21 @@ def main() -> None:
         parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.base_model)).parameters())
     fp32 = parameters * 4
     ways = [w for w in WAYS.items() if w[1] != "carry-over" or args.domain_tokenizer]
-    print(f"host memory (RssAnon) held by {args.nproc} ranks loading {args.base_model.name} ({parameters / 1e6:.1f}M "
-          f"parameters, {fp32 / 2**20:,.0f} MiB in fp32) with ZeRO-3, {args.precision} training; baseline: "
-          f"{ways[0][0]}")
-    print(f"{'way':<34}{'load, MiB per rank':>24}{'load ÷ fp32':>13}{'+ engine, MiB per rank':>26}{'+ engine ÷ fp32':>17}"
-          f"{'load ÷ baseline':>17}")
-    baseline = None
+    print(f"host memory (RssAnon) of {args.nproc} ranks loading {args.base_model.name} ({parameters / 1e6:.1f}M parameters, "
+          f"{fp32 / 2**20:,.0f} MiB in fp32) with ZeRO-3, {args.precision} training; baseline: {ways[0][0]}")
+    print(f"{'stored':<10}{'way':<32}{'load, MiB per rank':>20}{'load ÷ fp32':>13}{'+ engine, MiB per rank':>24}"
+          f"{'+ engine ÷ fp32':>17}{'load ÷ baseline':>17}")
     with tempfile.TemporaryDirectory() as scratch:
-        for label, way in ways:
-            peaks = measure(way, args, Path(scratch))
-            load, engine = sum(peaks["load"]), sum(peaks["engine"])
-            baseline = baseline or load
-            per_rank = lambda values: " + ".join(f"{v / 2**20:,.0f}" for v in values)  # noqa: E731
-            print(f"{label:<34}{per_rank(peaks['load']):>24}{load / fp32:>13.2f}{per_rank(peaks['engine']):>26}"
-                  f"{engine / fp32:>17.2f}{load / baseline:>17.2f}", flush=True)
+        stored = {"as given": args.base_model, "bf16": stored_in_bf16(args.base_model, Path(scratch))}
+        for stored_as, base in stored.items():
+            baseline = None
+            for label, way in ways:
+                peaks = measure(way, base, args, Path(scratch))
+                load, engine = sum(peaks["load"]), sum(peaks["engine"])
+                baseline = baseline or load
+                per_rank = lambda values: " + ".join(f"{v / 2**20:,.0f}" for v in values)  # noqa: E731
+                print(f"{stored_as:<10}{label:<32}{per_rank(peaks['load']):>20}{load / fp32:>13.2f}"
+                      f"{per_rank(peaks['engine']):>24}{engine / fp32:>17.2f}{load / baseline:>17.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -118,13 +118,19 @@ def carry_over(model, base_tokenizer, new_tokenizer) -> Transplant:
         raise DaptError(f"model.path: the base model has {rows:,} embedding rows but its tokenizer has "
                         f"{len(base_tokenizer):,} pieces; set `model.base_tokenizer` to the tokenizer it was trained with")
     plan, sources = plan_rows(base_tokenizer, new_tokenizer)
-    flat = torch.tensor([i for ids in sources for i in ids])
-    owner = torch.repeat_interleave(torch.arange(len(sources)), torch.tensor([len(ids) for ids in sources]))
-    counts = torch.tensor([len(ids) for ids in sources], dtype=torch.float32).unsqueeze(1)
+    # A row that is the mean of every base row is computed once rather than gathered row by row
+    # (a gathered copy of a 49k × 576 matrix for each such piece).
+    whole = torch.tensor([len(ids) == len(base_tokenizer) for ids in sources])
+    parts = [[] if everything else ids for ids, everything in zip(sources, whole.tolist())]
+    flat = torch.tensor([i for ids in parts for i in ids])
+    owner = torch.repeat_interleave(torch.arange(len(parts)), torch.tensor([len(ids) for ids in parts]))
+    counts = torch.tensor([max(len(ids), 1) for ids in parts], dtype=torch.float32).unsqueeze(1)
 
     def mapped(weight: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(len(sources), weight.shape[1], dtype=torch.float32).index_add_(0, owner, weight[flat].float())
-        return (total / counts).to(weight.dtype)
+        total = torch.zeros(len(parts), weight.shape[1], dtype=torch.float32).index_add_(0, owner, weight[flat].float())
+        rows = total / counts
+        rows[whole] = weight[: len(base_tokenizer)].mean(0, dtype=torch.float32)
+        return rows.to(weight.dtype)
 
     input_rows = mapped(model.get_input_embeddings().weight.detach())
     output = model.get_output_embeddings()
