@@ -17,10 +17,12 @@ model sizes. With `--base-model`, it measures one real model instead, carried ov
 tokenizer given (a domain tokenizer for `transplant`, an extended one for `extend`):
 
     python bench/transplant.py
-    python bench/transplant.py --base-model DIR --domain-tokenizer DIR [DIR ...] [--texts held_out.txt] [--window 2048]
+    python bench/transplant.py --base-model DIR [--domain-tokenizer DIR ...] [--texts held_out.txt] [--window 2048]
 
 (`--texts`: one document per line, by default the demo corpora's financial held-out documents;
-the base tokenizer is read from the model's folder.)
+the base tokenizer is read from the model's folder. Without `--domain-tokenizer`, dapt's
+tokenizer stage makes two on the demo corpora, as `dapt tokenizer train` does for an experiment
+with that base model: a domain tokenizer (`transplant`) and the base one extended by it (`extend`).)
 """
 
 from __future__ import annotations
@@ -111,6 +113,23 @@ def demo_setting(setting: Setting, experiment, folder: Path) -> dict:
     return measure(model, base_tokenizer, domain_tokenizer, financial, window=None)
 
 
+DEMO_DOMAIN_TOKENIZER = {"model": "bpe", "vocab_size": 8000, "sample_bytes": 4.0e6}
+DEMO_EXTEND_PIECES = 4000
+
+
+def demo_tokenizers(base_model: Path, scratch: Path) -> list[Path]:
+    """A domain tokenizer trained by dapt on the demo corpora, and `base_model`'s own extended by it."""
+    from launch.experiment import load_experiment
+    from launch.pipeline import train_tokenizer
+
+    write_demo_corpora(scratch / "data")
+    model = {"path": str(base_model.resolve()), "embeddings": "extend", "extend_pieces": DEMO_EXTEND_PIECES}
+    experiment, _ = load_experiment(write_experiment(scratch, {"tokenizer": {"train": DEMO_DOMAIN_TOKENIZER},
+                                                               "model": model}))
+    train_tokenizer(experiment)
+    return [experiment.domain_tokenizer_dir, experiment.tokenizer_dir]
+
+
 def demo_financial_texts() -> list[str]:
     """The financial held-out documents of the demo corpora (full size), as `dapt demo` splits them."""
     from launch.experiment import load_experiment
@@ -144,14 +163,14 @@ def main() -> None:
 
     logging.set_verbosity_error()
     if args.base_model:
-        if not args.domain_tokenizer:
-            parser.error("--base-model needs --domain-tokenizer")
+        scratch = tempfile.TemporaryDirectory()
+        tokenizers = args.domain_tokenizer or demo_tokenizers(args.base_model, Path(scratch.name))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         texts = ([line for line in args.texts.read_text(encoding="utf-8").splitlines() if line.strip()] if args.texts
                  else demo_financial_texts())
         base_tokenizer, rows, base_bpb = AutoTokenizer.from_pretrained(args.base_model), [], None
-        for folder in args.domain_tokenizer:
+        for folder in tokenizers:
             figures = measure(model.to(device), base_tokenizer, AutoTokenizer.from_pretrained(folder), texts,
                               args.window, base_bpb)
             base_bpb = figures["base"]

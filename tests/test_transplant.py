@@ -4,6 +4,7 @@ untied head too, extended tokenizers that round-trip, and held-out bits-per-byte
 import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -229,3 +230,31 @@ def test_zero3_trains_from_the_transplanted_weights(base_and_domain, built_exper
     results = json.loads((tmp_path / "results.json").read_text())
     for name, bpb in evaluate_model_dir(experiment, tmp_path / "carried").items():
         assert bpb == pytest.approx(results["corpora"][name]["bpb_before"], rel=1e-4), name
+
+
+def test_the_carried_over_folder_is_written_once_and_rewritten_when_an_input_changes(base_and_domain, tmp_path, capsys):
+    from data_mix.store import tokenizer_hash
+    from pretrain.model import CARRY_OVER_STAMP, write_carried_over
+
+    base_dir, domain_dir, _, _ = base_and_domain
+    config = ModelConfig(path=str(base_dir), embeddings="transplant")
+    out = tmp_path / "carried-over"
+    write_carried_over(config, domain_dir, out)
+    carried = AutoModelForCausalLM.from_pretrained(out)
+    assert carried.get_input_embeddings().num_embeddings == len(AutoTokenizer.from_pretrained(out))
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(domain_dir).get_vocab()
+    written = (out / "model.safetensors").stat().st_mtime_ns
+    write_carried_over(config, domain_dir, out)
+    assert "carried-over base model up to date" in capsys.readouterr().out
+    assert (out / "model.safetensors").stat().st_mtime_ns == written
+    other = tmp_path / "other-domain"
+    shutil.copytree(domain_dir, other)
+    vocabulary = json.loads((other / "tokenizer.json").read_text())
+    vocabulary["added_tokens"].append({**vocabulary["added_tokens"][-1], "id": len(AutoTokenizer.from_pretrained(domain_dir)),
+                                       "content": "<ticker>"})
+    (other / "tokenizer.json").write_text(json.dumps(vocabulary))
+    write_carried_over(config, other, out)
+    assert "carried over (transplant)" in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().num_embeddings == len(AutoTokenizer.from_pretrained(other))
+    assert json.loads((out / CARRY_OVER_STAMP).read_text())["tokenizer"] == tokenizer_hash(other)
+    assert not out.with_name(out.name + ".tmp").exists()
