@@ -31,6 +31,8 @@ BASE_MODEL_SECTIONS = {
 
 def prepare_demo(workdir: Path, base_model: Path | None = None) -> Path:
     """The demo's data under `workdir/data` and its experiment file as `workdir/demo.yaml`."""
+    if base_model is not None and not (base_model / "config.json").is_file():
+        raise DaptError(f"--base-model: {base_model} is not a Hugging Face model folder (no config.json)")
     workdir.mkdir(parents=True, exist_ok=True)
     written = write_demo_corpora(workdir / "data")
     print(f"demo corpora (synthetic stand-ins for real ones) in {workdir / 'data'}:")
@@ -40,8 +42,6 @@ def prepare_demo(workdir: Path, base_model: Path | None = None) -> Path:
     if base_model is None:
         shutil.copy(DEMO_CONFIG, config)
         return config
-    if not (base_model / "config.json").is_file():
-        raise DaptError(f"--base-model: {base_model} is not a Hugging Face model folder (no config.json)")
     link = workdir / BASE_MODEL_LINK
     if link.is_symlink() or link.exists():
         link.unlink()

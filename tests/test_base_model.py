@@ -131,3 +131,23 @@ def test_checks_a_base_model_needs_before_anything_starts(tmp_path, built_experi
     assert_one_line_error(dapt("tokenizer", "train", str(path)),
                           f"tokenizer.path: {no_eos} has no end-of-sequence token, which is put between documents; "
                           f"set `eos_token` in its tokenizer_config.json")
+
+
+def test_the_demo_on_a_base_model_links_it_and_uses_its_own_tokenizer(tmp_path, built_experiment):
+    from launch.demo import prepare_demo
+
+    base = base_folder(tmp_path / "base", built_experiment.tokenizer_dir, tied=True, sharded=False)
+    config = prepare_demo(tmp_path / "demo", base)
+    experiment, _ = load_experiment(config)
+    assert (tmp_path / "demo" / "base-model").resolve() == base.resolve()
+    assert experiment.model.path == experiment.tokenizer.path == str(tmp_path / "demo" / "base-model")
+    assert experiment.model.embeddings is None and experiment.model.config is None
+    assert_one_line_error(dapt("demo", "--workdir", str(tmp_path / "demo2"), "--base-model", str(tmp_path)),
+                          f"--base-model: {tmp_path} is not a Hugging Face model folder (no config.json)")
+    assert not (tmp_path / "demo2").exists()  # refused before anything is written
+
+
+def test_import_gguf_refuses_what_is_not_a_gguf_file(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert_one_line_error(dapt("model", "import-gguf", str(tmp_path / "model.safetensors"), str(tmp_path / "out")),
+                          f"{tmp_path / 'model.safetensors'} is not a .gguf file")
