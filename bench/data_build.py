@@ -25,8 +25,8 @@ import json, os, resource, sys, time
 from pathlib import Path
 kind, corpus, tokenizer_dir, out = sys.argv[1:5]
 if kind == "dapt":  # each timer starts after the imports: a one-off cost, not per corpus
-    from data_mix.build import build_store
-    from data_mix.config import CorpusConfig, HeldoutConfig
+    from dapt.data_mix.build import build_store
+    from dapt.data_mix.config import CorpusConfig, HeldoutConfig
     started = time.perf_counter()
     manifest = build_store(CorpusConfig(name="bench", paths=[corpus]), HeldoutConfig(), Path(tokenizer_dir), Path(out))
     tokens = manifest["splits"]["train"]["tokens"] + manifest["splits"]["heldout"]["tokens"]
@@ -80,9 +80,9 @@ def main() -> None:
     parser.add_argument("--size-mb", type=float, default=200.0, help="size of the large corpus (the small one is half)")
     args = parser.parse_args()
 
-    from data_mix.demo_corpora import article, filing, news, web_page
-    from tokenizer.config import TokenizerTrainConfig
-    from tokenizer.train import train_from_sample
+    from dapt.data_mix.demo_corpora import article, filing, news, web_page
+    from dapt.tokenizer.config import TokenizerTrainConfig
+    from dapt.tokenizer.train import train_from_sample
 
     rng = random.Random(1)
     pool = [filing(rng) for _ in range(300)] + ["\n\n".join(news(rng)) for _ in range(300)]

@@ -24,12 +24,12 @@ import time
 import numpy as np
 import torch
 
-from data_mix.loader import StepBatch
-from pretrain.config import TrainConfig
-from pretrain.ds_config import resolve_deepspeed_config
-from pretrain.guard import StepGuard
-from pretrain.metrics import flops_per_token, peak_flops
-from pretrain.train import train_step
+from dapt.data_mix.loader import StepBatch
+from dapt.pretrain.config import TrainConfig
+from dapt.pretrain.ds_config import resolve_deepspeed_config
+from dapt.pretrain.guard import StepGuard
+from dapt.pretrain.metrics import flops_per_token, peak_flops
+from dapt.pretrain.train import train_step
 
 ONE_B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
              num_key_value_heads=8, vocab_size=32000)

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from data_mix.batches import BatchSizes
-from data_mix.blend import MixSchedule, Stage
-from data_mix.loader import MixLoader
-from data_mix.plan import worst_prefix_deviation
-from data_mix.store import TokenStore
+from dapt.data_mix.batches import BatchSizes
+from dapt.data_mix.blend import MixSchedule, Stage
+from dapt.data_mix.loader import MixLoader
+from dapt.data_mix.plan import worst_prefix_deviation
+from dapt.data_mix.store import TokenStore
 
 NAMES = ["finpile_web", "news", "filings", "press", "bloomberg", "pile", "c4", "wikipedia"]
 SHARES = np.array([42.01, 5.31, 2.04, 1.21, 0.70, 25.9, 19.48, 3.35])

@@ -29,8 +29,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 WAYS = {"every rank fp32 (baseline)": "baseline", "dapt": "dapt", "dapt, carried over by rank 0": "carry-over"}
 
 
@@ -68,9 +66,9 @@ def worker(way: str, base: Path, precision: str, domain_tokenizer: Path | None, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
-    from pretrain.config import ModelConfig, TrainConfig
-    from pretrain.ds_config import resolve_deepspeed_config
-    from pretrain.model import PRECISION_DTYPES, build_model, write_carried_over
+    from dapt.pretrain.config import ModelConfig, TrainConfig
+    from dapt.pretrain.ds_config import resolve_deepspeed_config
+    from dapt.pretrain.model import PRECISION_DTYPES, build_model, write_carried_over
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     world = dist.get_world_size()
@@ -118,7 +116,7 @@ def stored_in_bf16(base: Path, scratch: Path) -> Path:
     """The base model saved in bf16 beside its tokenizer, as the hub ships most models."""
     from transformers import AutoModelForCausalLM
 
-    from tokenizer.files import copy_tokenizer_files
+    from dapt.tokenizer.files import copy_tokenizer_files
 
     folder = scratch / f"{base.name}-stored-bf16"
     AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(folder)

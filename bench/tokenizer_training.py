@@ -20,23 +20,19 @@ import argparse
 import io
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path, and this file would shadow the `tokenizer` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from data_mix.blend import target_shares
-from data_mix.demo_corpora import write_demo_corpora
-from data_mix.sources import CorpusReader
-from launch.demo import DEMO_CONFIG
-from launch.experiment import load_experiment
-from tokenizer.config import SPECIAL_TOKENS, TokenizerTrainConfig
-from tokenizer.evaluate import heldout_texts, load_tokenizer, tokenizer_statistics
-from tokenizer.split_merge import train_in_subprocess, train_split_merge
-from tokenizer.train import MAX_SENTENCE_BYTES, draw_sample, train_from_sample
+from dapt.data_mix.blend import target_shares
+from dapt.data_mix.demo_corpora import write_demo_corpora
+from dapt.data_mix.sources import CorpusReader
+from dapt.launch.demo import DEMO_CONFIG
+from dapt.launch.experiment import load_experiment
+from dapt.tokenizer.config import SPECIAL_TOKENS, TokenizerTrainConfig
+from dapt.tokenizer.evaluate import heldout_texts, load_tokenizer, tokenizer_statistics
+from dapt.tokenizer.split_merge import train_in_subprocess, train_split_merge
+from dapt.tokenizer.train import MAX_SENTENCE_BYTES, draw_sample, train_from_sample
 
 
 def timed(function):

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_mix.ledger import MixLedger
-from data_mix.loader import StepBatch
-from pretrain.config import TrainConfig
-from pretrain.ds_config import resolve_deepspeed_config
-from pretrain.guard import StepGuard
-from pretrain.train import step_metrics, train_step
+from dapt.data_mix.ledger import MixLedger
+from dapt.data_mix.loader import StepBatch
+from dapt.pretrain.config import TrainConfig
+from dapt.pretrain.ds_config import resolve_deepspeed_config
+from dapt.pretrain.guard import StepGuard
+from dapt.pretrain.train import step_metrics, train_step
 
 VOCAB, SEQ, MICRO, CORPORA = 8000, 256, 8, 4
 

@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_mix.demo_corpora import write_demo_corpora  # noqa: E402
+from dapt.data_mix.demo_corpora import write_demo_corpora  # noqa: E402
 from tests.conftest import write_experiment  # noqa: E402
 from tests.test_transplant import draw_new_rows, heldout_bpb, tiny_llama, train_base_model  # noqa: E402
-from tokenizer.config import TokenizerTrainConfig  # noqa: E402
-from tokenizer.transplant import carry_over  # noqa: E402
+from dapt.tokenizer.config import TokenizerTrainConfig  # noqa: E402
+from dapt.tokenizer.transplant import carry_over  # noqa: E402
 
 
 @dataclass
@@ -97,8 +97,8 @@ def measure(base_model, base_tokenizer, domain_tokenizer, texts: list[str], wind
 def demo_setting(setting: Setting, experiment, folder: Path) -> dict:
     from transformers import AutoTokenizer
 
-    from tokenizer.evaluate import heldout_texts
-    from tokenizer.train import draw_sample, train_from_sample
+    from dapt.tokenizer.evaluate import heldout_texts
+    from dapt.tokenizer.train import draw_sample, train_from_sample
 
     general = {c.name: 0.4 if c.group == "public" else setting.base_financial_weight for c in experiment.corpora}
     general_lines = draw_sample(experiment.corpora, general, experiment.heldout, 4.0e5)
@@ -119,8 +119,8 @@ DEMO_EXTEND_PIECES = 4000
 
 def demo_tokenizers(base_model: Path, scratch: Path) -> list[Path]:
     """A domain tokenizer trained by dapt on the demo corpora, and `base_model`'s own extended by it."""
-    from launch.experiment import load_experiment
-    from launch.pipeline import train_tokenizer
+    from dapt.launch.experiment import load_experiment
+    from dapt.launch.pipeline import train_tokenizer
 
     write_demo_corpora(scratch / "data")
     model = {"path": str(base_model.resolve()), "embeddings": "extend", "extend_pieces": DEMO_EXTEND_PIECES}
@@ -132,8 +132,8 @@ def demo_tokenizers(base_model: Path, scratch: Path) -> list[Path]:
 
 def demo_financial_texts() -> list[str]:
     """The financial held-out documents of the demo corpora (full size), as `dapt demo` splits them."""
-    from launch.experiment import load_experiment
-    from tokenizer.evaluate import heldout_texts
+    from dapt.launch.experiment import load_experiment
+    from dapt.tokenizer.evaluate import heldout_texts
 
     with tempfile.TemporaryDirectory() as scratch:
         write_demo_corpora(Path(scratch) / "data")
@@ -178,7 +178,7 @@ def main() -> None:
             print(f"measured: {folder}", flush=True)
         print_table(rows)
         return
-    from launch.experiment import load_experiment
+    from dapt.launch.experiment import load_experiment
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as scratch:

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_mix.batches import BatchSizes
-from data_mix.config import CorpusConfig, MixConfig, WeightsConfig
-from data_mix.kernel import MAX_CORPORA, run_schedule
-from data_mix.permute import permute
-from launch.base import DaptError
+from dapt.data_mix.batches import BatchSizes
+from dapt.data_mix.config import CorpusConfig, MixConfig, WeightsConfig
+from dapt.data_mix.kernel import MAX_CORPORA, run_schedule
+from dapt.data_mix.permute import permute
+from dapt.base import DaptError
 
 SNAPSHOT_EVERY = 1 << 22
 

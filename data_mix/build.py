@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_mix.config import CorpusConfig, HeldoutConfig
-from data_mix.sources import CorpusReader, resolve_files
-from data_mix.split import split_position
-from data_mix.store import MANIFEST, file_checksum, token_dtype, tokenizer_hash
-from launch.base import DaptError
+from dapt.data_mix.config import CorpusConfig, HeldoutConfig
+from dapt.data_mix.sources import CorpusReader, resolve_files
+from dapt.data_mix.split import split_position
+from dapt.data_mix.store import MANIFEST, file_checksum, token_dtype, tokenizer_hash
+from dapt.base import DaptError
 
 STORE_VERSION = 2
 # A batch goes to a worker at this many documents or bytes, whichever comes first.

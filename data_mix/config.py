@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from launch.base import StrictModel
+from dapt.base import StrictModel
 
 CORPUS_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 

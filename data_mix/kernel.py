@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.base import DaptError
+from dapt.base import DaptError
 
 SOURCE = Path(__file__).with_name("schedule.c")
 MAX_CORPORA = 256  # the C loop keeps deadlines in a fixed array

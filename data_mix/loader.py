@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_mix.batches import BatchSizes
-from data_mix.blend import MixSchedule
-from data_mix.store import TokenStore
-from launch.base import DaptError
+from dapt.data_mix.batches import BatchSizes
+from dapt.data_mix.blend import MixSchedule
+from dapt.data_mix.store import TokenStore
+from dapt.base import DaptError
 
 
 @dataclass

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from data_mix.batches import BatchSizes
-from data_mix.blend import MixSchedule
-from data_mix.config import CorpusConfig, MixConfig
-from launch.base import DaptError
-from launch.figures import pyplot, save_figure
+from dapt.data_mix.batches import BatchSizes
+from dapt.data_mix.blend import MixSchedule
+from dapt.data_mix.config import CorpusConfig, MixConfig
+from dapt.base import DaptError
+from dapt.figures import pyplot, save_figure
 
 DIMINISHING_EPOCHS = 4.0
 

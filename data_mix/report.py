@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_mix.config import CorpusConfig
-from data_mix.sources import CorpusReader, SourceReport
-from data_mix.store import TokenStore
+from dapt.data_mix.config import CorpusConfig
+from dapt.data_mix.sources import CorpusReader, SourceReport
+from dapt.data_mix.store import TokenStore
 
 PERCENTILES = (10, 50, 90, 99)
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
 
-from data_mix.config import CorpusConfig
-from data_mix.split import content_digest
-from launch.base import DaptError
+from dapt.data_mix.config import CorpusConfig
+from dapt.data_mix.split import content_digest
+from dapt.base import DaptError
 
 EXTENSION_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".xlsx": "xlsx",
                      ".parquet": "parquet", ".txt": "txt"}

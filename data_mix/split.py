@@ -11,7 +11,7 @@ import hashlib
 
 import numpy as np
 
-from data_mix.config import HeldoutConfig
+from dapt.data_mix.config import HeldoutConfig
 
 
 def content_digest(data: bytes) -> bytes:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_mix.config import CorpusConfig
-from launch.base import DaptError
+from dapt.data_mix.config import CorpusConfig
+from dapt.base import DaptError
 
 SPLITS = ("train", "heldout")
 MANIFEST = "manifest.json"

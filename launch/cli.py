@@ -10,11 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from launch.base import DaptError
+from dapt.base import DaptError
 
 
 def _experiment(args):
-    from launch.experiment import load_experiment
+    from dapt.launch.experiment import load_experiment
 
     experiment, _ = load_experiment(args.config)
     return experiment
@@ -22,8 +22,8 @@ def _experiment(args):
 
 def _training_experiment(config):
     """The experiment of a command that starts training, its model checked before any process starts."""
-    from launch.experiment import load_experiment
-    from pretrain.model import check_model
+    from dapt.launch.experiment import load_experiment
+    from dapt.pretrain.model import check_model
 
     experiment, _ = load_experiment(config)
     check_model(experiment.model, experiment.mix.seq_len)
@@ -31,13 +31,13 @@ def _training_experiment(config):
 
 
 def cmd_tokenizer_train(args) -> None:
-    from launch.pipeline import train_tokenizer
+    from dapt.launch.pipeline import train_tokenizer
 
     train_tokenizer(_experiment(args))
 
 
 def cmd_tokenizer_eval(args) -> None:
-    from tokenizer.evaluate import evaluate, format_evaluation, plot_evaluation
+    from dapt.tokenizer.evaluate import evaluate, format_evaluation, plot_evaluation
 
     experiment = _experiment(args)
     paths = [Path(p) for p in args.tokenizers] or [experiment.tokenizer_dir]
@@ -48,25 +48,25 @@ def cmd_tokenizer_eval(args) -> None:
 
 
 def cmd_data_prepare(args) -> None:
-    from launch.pipeline import prepare_data
+    from dapt.launch.pipeline import prepare_data
 
     prepare_data(_experiment(args), as_json=args.json)
 
 
 def cmd_data_inspect(args) -> None:
-    from launch.pipeline import inspect_stores
+    from dapt.launch.pipeline import inspect_stores
 
     inspect_stores(_experiment(args), args.sample)
 
 
 def cmd_data_build(args) -> None:
-    from launch.pipeline import build_stores
+    from dapt.launch.pipeline import build_stores
 
     build_stores(_experiment(args))
 
 
 def cmd_mix_plan(args) -> None:
-    from launch.pipeline import mix_plan
+    from dapt.launch.pipeline import mix_plan
 
     mix_plan(_experiment(args))
 
@@ -74,7 +74,7 @@ def cmd_mix_plan(args) -> None:
 def cmd_train(args) -> None:
     import gc
 
-    from pretrain.train import train_one_after_another
+    from dapt.pretrain.train import train_one_after_another
 
     for config in args.configs:  # every file is checked before the first run starts
         _training_experiment(config)
@@ -85,13 +85,13 @@ def cmd_train(args) -> None:
 
 
 def cmd_launch_local(args) -> None:
-    from launch.local import default_nproc, run_local
+    from dapt.launch.local import default_nproc, run_local
 
     run_local(Path(args.config), args.nproc or default_nproc(_training_experiment(args.config)), resume=not args.no_resume)
 
 
 def cmd_launch_slurm(args) -> None:
-    from launch.slurm import launch_slurm, slurm_options
+    from dapt.launch.slurm import launch_slurm, slurm_options
 
     experiment = _training_experiment(args.config)
     flags = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "partition": args.partition,
@@ -100,33 +100,33 @@ def cmd_launch_slurm(args) -> None:
 
 
 def cmd_launch_deepspeed(args) -> None:
-    from launch.deepspeed_launcher import run_deepspeed
+    from dapt.launch.deepspeed_launcher import run_deepspeed
 
     _training_experiment(args.config)  # a bad experiment file is reported here, not by every rank
     run_deepspeed(Path(args.config), Path(args.hostfile), args.launcher, resume=not args.no_resume)
 
 
 def cmd_export(args) -> None:
-    from pretrain.export import export_checkpoint
+    from dapt.pretrain.export import export_checkpoint
 
     out = export_checkpoint(Path(args.checkpoint), Path(args.out), tag=args.tag)
     print(f"exported a Hugging Face model directory to {out}")
 
 
 def cmd_model_import_gguf(args) -> None:
-    from pretrain.gguf import import_gguf
+    from dapt.pretrain.gguf import import_gguf
 
     out = import_gguf(Path(args.gguf_file), Path(args.out))
     print(f"wrote a Hugging Face model folder (weights, config, tokenizer) to {out}; use it as `model.path`")
 
 
 def cmd_eval(args) -> None:
-    from pretrain.evaluate import evaluate_model_dir
+    from dapt.pretrain.evaluate import evaluate_model_dir
 
     experiment = _experiment(args)
     model_dir = Path(args.model) if args.model else experiment.export_dir
     if args.tasks:
-        from pretrain.tasks import evaluate_tasks, format_tasks, log_tasks
+        from dapt.pretrain.tasks import evaluate_tasks, format_tasks, log_tasks
 
         results = evaluate_tasks([Path(t) for t in args.tasks], model_dir, experiment.workpath, shots=args.shots)
         print(f"{format_tasks(results)}\nwritten to {experiment.workpath / 'eval_tasks.json'}")
@@ -137,14 +137,14 @@ def cmd_eval(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from pretrain.report import build_report
+    from dapt.pretrain.report import build_report
 
     page = build_report(Path(args.path), Path(args.out) if args.out else None)
     print(f"report: {page} (plots beside it)")
 
 
 def cmd_wandb_dashboard(args) -> None:
-    from pretrain.dashboard import dashboard
+    from dapt.pretrain.dashboard import dashboard
 
     experiment = _experiment(args) if args.config else None
     project = args.project or (experiment and experiment.wandb.project)
@@ -160,13 +160,13 @@ def cmd_run(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from launch.sweep import run_sweep
+    from dapt.launch.sweep import run_sweep
 
     run_sweep(Path(args.config), only=args.only, nproc=args.nproc, slurm=args.slurm)
 
 
 def cmd_demo(args) -> None:
-    from launch.demo import prepare_demo
+    from dapt.launch.demo import prepare_demo
 
     config = prepare_demo(Path(args.workdir), Path(args.base_model) if args.base_model else None)
     print(f"running: dapt run {config}", flush=True)
@@ -176,11 +176,11 @@ def cmd_demo(args) -> None:
 def run_flow(config: Path, nproc: int | None, resume: bool = True) -> None:
     import json
 
-    from launch.local import default_nproc, run_local
-    from launch.pipeline import build_stores, mix_plan, sample_generation, summary_table, train_tokenizer
-    from pretrain.checkpoint import latest_tag, tag_for
-    from pretrain.export import export_checkpoint
-    from pretrain.report import build_report
+    from dapt.launch.local import default_nproc, run_local
+    from dapt.launch.pipeline import build_stores, mix_plan, sample_generation, summary_table, train_tokenizer
+    from dapt.pretrain.checkpoint import latest_tag, tag_for
+    from dapt.pretrain.export import export_checkpoint
+    from dapt.pretrain.report import build_report
 
     experiment = _training_experiment(config)
     print(f"== {experiment.name}: everything goes to {experiment.workdir}")

@@ -12,9 +12,9 @@ import socket
 import sys
 from pathlib import Path
 
-from launch.base import DaptError
-from launch.env import DEFAULT_PORT
-from launch.local import run_training_command
+from dapt.base import DaptError
+from dapt.launch.env import DEFAULT_PORT
+from dapt.launch.local import run_training_command
 
 LOCAL_NAMES = {"localhost", "127.0.0.1", socket.gethostname(), socket.gethostname().split(".")[0]}
 
@@ -45,7 +45,7 @@ def deepspeed_command(config_path: Path, hostfile: Path, hosts: dict[str, int], 
         # mpirun passes no master address to the processes; export the launcher's own.
         command.append(f"--launcher_args=-x MASTER_ADDR={master} -x MASTER_PORT={master_port}")
     # `--no_local_rank`: ranks come from the environment, `dapt train` takes no --local_rank.
-    return command + ["--module", "--no_local_rank", "launch.cli", "train", str(config_path),
+    return command + ["--module", "--no_local_rank", "dapt", "train", str(config_path),
                       *([] if resume else ["--no-resume"])]
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from data_mix.demo_corpora import write_demo_corpora
-from launch.base import DaptError
+from dapt.data_mix.demo_corpora import write_demo_corpora
+from dapt.base import DaptError
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 BASE_MODEL_LINK = "base-model"

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from launch.base import DaptError
+from dapt.base import DaptError
 
 DEFAULT_PORT = 29500
 

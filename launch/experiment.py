@@ -16,12 +16,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from data_mix.config import CorpusConfig, HeldoutConfig, MixConfig
-from launch.base import DaptError, StrictModel
-from launch.config import LaunchConfig
-from launch.sweep_config import SweepConfig
-from pretrain.config import ModelConfig, TrainConfig, WandbConfig
-from tokenizer.config import TokenizerConfig
+from dapt.data_mix.config import CorpusConfig, HeldoutConfig, MixConfig
+from dapt.base import DaptError, StrictModel
+from dapt.launch.config import LaunchConfig
+from dapt.launch.sweep_config import SweepConfig
+from dapt.pretrain.config import ModelConfig, TrainConfig, WandbConfig
+from dapt.tokenizer.config import TokenizerConfig
 
 
 class Experiment(StrictModel):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from launch.base import DaptError
-from launch.experiment import Experiment
+from dapt.base import DaptError
+from dapt.launch.experiment import Experiment
 
 
 def default_nproc(experiment: Experiment) -> int:
@@ -26,7 +26,7 @@ FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 def torchrun_command(config_path: Path, nproc: int, resume: bool = True) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        f"--signals-to-handle={FORWARDED_SIGNALS}", "-m", "launch.cli", "train", str(config_path),
+        f"--signals-to-handle={FORWARDED_SIGNALS}", "-m", "dapt", "train", str(config_path),
         *([] if resume else ["--no-resume"]),
     ]
 

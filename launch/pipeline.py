@@ -10,17 +10,17 @@ import hashlib
 import json
 from pathlib import Path
 
-from data_mix.blend import build_schedule, target_shares
-from data_mix.build import build_store
-from data_mix.plan import format_plan, plan, plot_plan
-from data_mix.report import format_accounting, format_statistics, prepare, sample_documents, store_statistics
-from data_mix.sources import CorpusReader
-from data_mix.store import open_stores, tokenizer_hash
-from launch.base import DaptError
-from launch.experiment import Experiment
-from tokenizer.evaluate import load_tokenizer
-from tokenizer.train import draw_sample, train_from_sample
-from tokenizer.transplant import extend_tokenizer
+from dapt.data_mix.blend import build_schedule, target_shares
+from dapt.data_mix.build import build_store
+from dapt.data_mix.plan import format_plan, plan, plot_plan
+from dapt.data_mix.report import format_accounting, format_statistics, prepare, sample_documents, store_statistics
+from dapt.data_mix.sources import CorpusReader
+from dapt.data_mix.store import open_stores, tokenizer_hash
+from dapt.base import DaptError
+from dapt.launch.experiment import Experiment
+from dapt.tokenizer.evaluate import load_tokenizer
+from dapt.tokenizer.train import draw_sample, train_from_sample
+from dapt.tokenizer.transplant import extend_tokenizer
 
 RECIPE = "dapt-recipe.json"
 # Text drawn (by mix share) to rank domain pieces for `extend` when the tokenizer was given, not trained.

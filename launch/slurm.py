@@ -18,11 +18,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from launch.base import DaptError
-from launch.config import SlurmConfig
-from launch.experiment import Experiment
-from launch.local import FORWARDED_SIGNALS
-from pretrain.checkpoint import LATEST, tag_for
+from dapt.base import DaptError
+from dapt.launch.config import SlurmConfig
+from dapt.launch.experiment import Experiment
+from dapt.launch.local import FORWARDED_SIGNALS
+from dapt.pretrain.checkpoint import LATEST, tag_for
 
 q = shlex.quote
 
@@ -108,7 +108,7 @@ srun --ntasks-per-node=1{srun_cpus} --kill-on-bad-exit=1 \\
   --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node={nproc} \\
   --rdzv-backend=c10d --rdzv-endpoint="$head_node:$rdzv_port" --rdzv-id="$SLURM_JOB_ID" \\
   --redirects=3 --tee=3 --signals-to-handle={FORWARDED_SIGNALS} --shutdown-timeout={slurm.signal_lead_seconds} \\
-  -m launch.cli train "$config" &
+  -m dapt train "$config" &
 srun_pid=$!
 wait "$srun_pid"
 status=$?

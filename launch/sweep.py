@@ -30,13 +30,13 @@ from typing import Callable
 import numpy as np
 import yaml
 
-from data_mix.blend import target_shares
-from data_mix.store import open_stores, tokenizer_hash
-from launch.base import DaptError
-from launch.experiment import Experiment, load_experiment
-from launch.local import default_nproc, torchrun_command, training_environment
-from pretrain.stop import SIGNALS as STOP_SIGNALS
-from pretrain.train import RUN_MARKER, RUNS_STOPPED
+from dapt.data_mix.blend import target_shares
+from dapt.data_mix.store import open_stores, tokenizer_hash
+from dapt.base import DaptError
+from dapt.launch.experiment import Experiment, load_experiment
+from dapt.launch.local import default_nproc, torchrun_command, training_environment
+from dapt.pretrain.stop import SIGNALS as STOP_SIGNALS
+from dapt.pretrain.train import RUN_MARKER, RUNS_STOPPED
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ def prepare_proxy(experiment: Experiment, run: ProxyRun) -> Path | None:
     config = folder / "experiment.yaml"
     config.write_text(proxy_yaml(experiment, run), encoding="utf-8")
     proxy, _ = load_experiment(config)
-    from launch.pipeline import mix_plan
+    from dapt.launch.pipeline import mix_plan
 
     with open(folder / "train.log", "a", encoding="utf-8") as out, contextlib.redirect_stdout(out):
         try:
@@ -238,8 +238,8 @@ def run_sweep(config_path: Path, only: list[str] | None = None, nproc: int | Non
               slurm: bool = False) -> dict | None:
     """Build the shared tokenizer and stores, then train every proxy run not yet done here
     and write the results, or (`slurm`) submit them as a job array and return None."""
-    from launch.pipeline import build_stores, train_tokenizer
-    from launch.sweep_results import write_results
+    from dapt.launch.pipeline import build_stores, train_tokenizer
+    from dapt.launch.sweep_results import write_results
 
     experiment, _ = load_experiment(config_path)
     if experiment.sweep is None:
@@ -355,7 +355,7 @@ def train_here(experiment: Experiment, runs: list[ProxyRun], nproc: int | None,
 
 def check_tasks(experiment: Experiment) -> None:
     """The sweep's task files are read before anything trains, so that a bad one stops the sweep at once."""
-    from pretrain.tasks import load_task, read_examples
+    from dapt.pretrain.tasks import load_task, read_examples
 
     for path in experiment.sweep.tasks:
         try:
@@ -366,8 +366,8 @@ def check_tasks(experiment: Experiment) -> None:
 
 def score_tasks(experiment: Experiment, run: ProxyRun) -> None:
     """The sweep's few-shot tasks on a finished run's final model (exported once), unless scored already."""
-    from pretrain.export import export_checkpoint
-    from pretrain.tasks import evaluate_tasks
+    from dapt.pretrain.export import export_checkpoint
+    from dapt.pretrain.tasks import evaluate_tasks
 
     folder = run_dir(experiment, run)
     if (folder / "eval_tasks.json").exists():
@@ -384,7 +384,7 @@ def score_tasks(experiment: Experiment, run: ProxyRun) -> None:
 def submit_to_slurm(experiment: Experiment, runs: list[ProxyRun]) -> dict[str, str] | None:
     """The unfinished runs as one job array; None once submitted. With nothing left to
     submit, the statuses, so that the results are written."""
-    from launch.sweep_slurm import submit_array
+    from dapt.launch.sweep_slurm import submit_array
 
     statuses, pending = prepare_pending(experiment, runs)
     if not pending:

@@ -11,10 +11,10 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from data_mix.config import WeightsConfig
-from launch.base import StrictModel
-from launch.config import SlurmConfig
-from pretrain.config import ModelConfig
+from dapt.data_mix.config import WeightsConfig
+from dapt.base import StrictModel
+from dapt.launch.config import SlurmConfig
+from dapt.pretrain.config import ModelConfig
 
 
 class GridConfig(StrictModel):

@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from data_mix.batches import BatchSizes
-from launch.base import StrictModel
+from dapt.data_mix.batches import BatchSizes
+from dapt.base import StrictModel
 
 
 class ModelConfig(StrictModel):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launch.base import DaptError
-from pretrain.tracking import METRIC_GROUPS
+from dapt.base import DaptError
+from dapt.pretrain.tracking import METRIC_GROUPS
 
 # Section title and panels per metric group: (title, metric regex, log scale).
 SECTIONS = {

@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from launch.base import DaptError
-from pretrain.config import TrainConfig
+from dapt.base import DaptError
+from dapt.pretrain.config import TrainConfig
 
 AUTO = "auto"
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data_mix.store import TokenStore
+from dapt.data_mix.store import TokenStore
 
 
 def _eval_stream(store: TokenStore, max_tokens: int) -> tuple[np.ndarray, int]:
@@ -78,8 +78,8 @@ def evaluate_model_dir(experiment, model_dir) -> dict[str, float]:
     """Held-out BPB of a Hugging Face model directory on the experiment's stores, in this process."""
     from transformers import AutoModelForCausalLM
 
-    from data_mix.store import open_stores, tokenizer_hash
-    from launch.base import DaptError
+    from dapt.data_mix.store import open_stores, tokenizer_hash
+    from dapt.base import DaptError
 
     if not (model_dir / "config.json").exists():
         raise DaptError(f"{model_dir} is not a Hugging Face model directory (no config.json); run `dapt export` first")

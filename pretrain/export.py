@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from launch.base import DaptError
-from pretrain.checkpoint import latest_tag
-from tokenizer.files import copy_tokenizer_files
+from dapt.base import DaptError
+from dapt.pretrain.checkpoint import latest_tag
+from dapt.tokenizer.files import copy_tokenizer_files
 
 GENERATION_CONFIG = "generation_config.json"
 

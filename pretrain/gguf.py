@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from launch.base import DaptError
+from dapt.base import DaptError
 
 
 def import_gguf(gguf_file: Path, out_dir: Path) -> Path:

@@ -20,7 +20,7 @@ from collections import deque
 
 import torch
 
-from launch.base import DaptError
+from dapt.base import DaptError
 
 # Fault injection for testing the guard: rank 0's loss at these (1-based) steps is made NaN.
 INJECT_ENV = "DAPT_INJECT_NAN_AT_STEPS"

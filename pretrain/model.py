@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from data_mix.store import tokenizer_hash
-from launch.base import DaptError
-from pretrain.config import ModelConfig
-from tokenizer.evaluate import load_tokenizer
-from tokenizer.files import copy_tokenizer_files
-from tokenizer.transplant import carry_over
+from dapt.data_mix.store import tokenizer_hash
+from dapt.base import DaptError
+from dapt.pretrain.config import ModelConfig
+from dapt.tokenizer.evaluate import load_tokenizer
+from dapt.tokenizer.files import copy_tokenizer_files
+from dapt.tokenizer.transplant import carry_over
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CARRY_OVER_STAMP = "dapt-carry-over.json"

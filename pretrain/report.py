@@ -17,8 +17,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.base import DaptError
-from launch.figures import pyplot, save_figure
+from dapt.base import DaptError
+from dapt.figures import pyplot, save_figure
 
 @dataclass
 class Section:

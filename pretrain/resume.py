@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from launch.base import DaptError
-from pretrain.checkpoint import latest_tag
+from dapt.base import DaptError
+from dapt.pretrain.checkpoint import latest_tag
 
 
 def _rng_state() -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError
 
-from launch.base import DaptError, StrictModel
+from dapt.base import DaptError, StrictModel
 
 
 class TaskConfig(StrictModel):
@@ -226,7 +226,7 @@ def _cuda() -> bool:
 
 def log_tasks(experiment, results: dict) -> None:
     """Into the experiment's W&B run, when training has recorded one (results.json)."""
-    from pretrain.tracking import add_to_run
+    from dapt.pretrain.tracking import add_to_run
 
     if not experiment.results_file.exists():
         return

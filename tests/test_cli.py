@@ -10,7 +10,7 @@ from tests.conftest import write_experiment
 
 
 def dapt(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "dapt", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:

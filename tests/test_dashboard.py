@@ -4,8 +4,8 @@ import json
 import subprocess
 import sys
 
-from pretrain.dashboard import SECTIONS, build_workspace, workspace_spec
-from pretrain.tracking import METRIC_GROUPS
+from dapt.pretrain.dashboard import SECTIONS, build_workspace, workspace_spec
+from dapt.pretrain.tracking import METRIC_GROUPS
 from tests.conftest import DEMO_CONFIG, offline_run_records
 
 CORPORA = ["filings", "news", "encyclopedia", "web"]
@@ -33,7 +33,7 @@ def test_the_spec_holds_a_panel_for_every_metric_group_and_corpus():
 
 def test_dapt_wandb_dashboard_dry_run_writes_the_spec_of_the_experiments_corpora(tmp_path):
     output = tmp_path / "spec.json"
-    result = subprocess.run([sys.executable, "-m", "launch.cli", "wandb", "dashboard", "--config", str(DEMO_CONFIG),
+    result = subprocess.run([sys.executable, "-m", "dapt", "wandb", "dashboard", "--config", str(DEMO_CONFIG),
                              "--entity", "team", "--dry-run", "--output", str(output)], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
@@ -43,7 +43,7 @@ def test_dapt_wandb_dashboard_dry_run_writes_the_spec_of_the_experiments_corpora
 
 
 def test_saving_without_a_login_is_one_error_that_says_what_to_do(tmp_path, monkeypatch, capsys):
-    from launch.cli import main
+    from dapt.launch.cli import main
 
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -55,8 +55,8 @@ def test_saving_without_a_login_is_one_error_that_says_what_to_do(tmp_path, monk
 
 def test_an_offline_run_declares_its_step_axis_and_best_bpb(tmp_path):
     """The run's own record holds the declarations."""
-    from pretrain.config import WandbConfig
-    from pretrain.tracking import Tracker
+    from dapt.pretrain.config import WandbConfig
+    from dapt.pretrain.tracking import Tracker
 
     tracker = Tracker(tmp_path, WandbConfig(project="p", mode="offline"), "r", {}, is_main=True)
     tracker.log({"eval/bpb/news": 3.0}, step=0)

@@ -12,10 +12,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    result = subprocess.run([sys.executable, "-m", "launch.cli", "demo", "--workdir", str(workdir)],
+    result = subprocess.run([sys.executable, "-m", "dapt", "demo", "--workdir", str(workdir)],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    from launch.experiment import load_experiment
+    from dapt.launch.experiment import load_experiment
 
     experiment, _ = load_experiment(workdir / "demo.yaml")
     return workdir, experiment, result.stdout
@@ -71,7 +71,7 @@ def test_demo_checkpoint_carries_loader_state_and_ledger(demo_run):
 def test_demo_export_loads_generates_and_matches_the_checkpoint(demo_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pretrain.evaluate import evaluate_model_dir
+    from dapt.pretrain.evaluate import evaluate_model_dir
 
     workdir, experiment, stdout = demo_run
     model = AutoModelForCausalLM.from_pretrained(experiment.export_dir)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from launch.base import DaptError
-from pretrain.config import TrainConfig
-from pretrain.ds_config import resolve_deepspeed_config
+from dapt.base import DaptError
+from dapt.pretrain.config import TrainConfig
+from dapt.pretrain.ds_config import resolve_deepspeed_config
 
 TRAIN = TrainConfig(steps=100, global_batch_size=32, micro_batch_size=4, lr=3e-4, warmup_steps=10, min_lr_ratio=0.1)
 

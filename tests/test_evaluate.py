@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from data_mix.store import open_stores, tokenizer_hash
-from pretrain.config import ModelConfig
-from pretrain.evaluate import _eval_stream, heldout_bpb
-from pretrain.model import build_model
+from dapt.data_mix.store import open_stores, tokenizer_hash
+from dapt.pretrain.config import ModelConfig
+from dapt.pretrain.evaluate import _eval_stream, heldout_bpb
+from dapt.pretrain.model import build_model
 
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from launch.local import torchrun_command
-from pretrain.guard import INJECT_ENV, StepGuard
+from dapt.launch.local import torchrun_command
+from dapt.pretrain.guard import INJECT_ENV, StepGuard
 from tests.test_resume import experiment_file, losses
 
 

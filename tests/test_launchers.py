@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from launch.base import DaptError
-from launch.cli import main
-from launch.deepspeed_launcher import deepspeed_command, read_hostfile
-from launch.experiment import load_experiment
-from launch.local import default_nproc, torchrun_command
+from dapt.base import DaptError
+from dapt.launch.cli import main
+from dapt.launch.deepspeed_launcher import deepspeed_command, read_hostfile
+from dapt.launch.experiment import load_experiment
+from dapt.launch.local import default_nproc, torchrun_command
 from tests.conftest import write_experiment
 from tests.test_resume import experiment_file, losses
 
@@ -26,14 +26,14 @@ def test_local_forwards_sigusr1_and_no_resume(tmp_path):
     command = torchrun_command(tmp_path / "e.yaml", 2, resume=False)
     assert "--standalone" in command and "--nproc-per-node=2" in command
     assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in command
-    assert command[-4:] == ["launch.cli", "train", str(tmp_path / "e.yaml"), "--no-resume"]
+    assert command[-4:] == ["dapt", "train", str(tmp_path / "e.yaml"), "--no-resume"]
 
 
 def test_one_local_host_needs_no_ssh(tmp_path):
     command = deepspeed_command(tmp_path / "e.yaml", tmp_path / "hosts", {"localhost": 2})
     assert command[1:3] == ["-m", "deepspeed.launcher.runner"]
     assert "--no_ssh_check" in command and "--master_addr=localhost" in command
-    assert command[command.index("--module"):] == ["--module", "--no_local_rank", "launch.cli", "train", str(tmp_path / "e.yaml")]
+    assert command[command.index("--module"):] == ["--module", "--no_local_rank", "dapt", "train", str(tmp_path / "e.yaml")]
 
 
 def test_many_hosts_over_openmpi_get_the_master_exported(tmp_path):

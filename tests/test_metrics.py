@@ -1,7 +1,7 @@
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pretrain.metrics import flops_per_token, mfu, peak_flops
+from dapt.pretrain.metrics import flops_per_token, mfu, peak_flops
 
 
 def test_flops_per_token_and_mfu_follow_the_documented_formula():

@@ -3,15 +3,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from data_mix import blend
-from data_mix.batches import BatchSizes
-from data_mix.blend import MixSchedule, Stage, target_shares
-from data_mix.config import CorpusConfig, MixConfig, WeightsConfig
-from data_mix.kernel import run_schedule
-from data_mix.ledger import MixLedger
-from data_mix.loader import MixLoader
-from data_mix.plan import format_plan, plan, plot_plan, worst_prefix_deviation
-from launch.base import DaptError
+from dapt.data_mix import blend
+from dapt.data_mix.batches import BatchSizes
+from dapt.data_mix.blend import MixSchedule, Stage, target_shares
+from dapt.data_mix.config import CorpusConfig, MixConfig, WeightsConfig
+from dapt.data_mix.kernel import run_schedule
+from dapt.data_mix.ledger import MixLedger
+from dapt.data_mix.loader import MixLoader
+from dapt.data_mix.plan import format_plan, plan, plot_plan, worst_prefix_deviation
+from dapt.base import DaptError
 
 CORPORA = [CorpusConfig(name=n, group=g, paths=["x"]) for n, g in
            [("filings", "fin"), ("news", "fin"), ("wiki", "pub"), ("web", "pub")]]
@@ -40,7 +40,7 @@ def test_group_weights_budgets_and_temperature():
 
 
 def test_bloomberggpt_config_reproduces_the_paper_shares():
-    from launch.experiment import load_experiment
+    from dapt.launch.experiment import load_experiment
     from tests.conftest import DEMO_CONFIG
 
     experiment, _ = load_experiment(DEMO_CONFIG.parent / "bloomberggpt.yaml")

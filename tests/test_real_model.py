@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from launch.experiment import load_experiment
-from pretrain.evaluate import evaluate_model_dir
+from dapt.launch.experiment import load_experiment
+from dapt.pretrain.evaluate import evaluate_model_dir
 from tests.conftest import small_corpora_section, write_experiment
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def real_model_run(folder, small_corpora, smollm2, tokenizer: dict, model: dict)
                   "precision": "fp32", "eval_max_tokens": 256, "log_every": 1},
         "deepspeed": {"zero_optimization": {"stage": 3}}, "launch": {"nproc_per_node": 2},
     })
-    result = subprocess.run([sys.executable, "-m", "launch.cli", "run", str(path)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "dapt", "run", str(path)], capture_output=True, text=True,
                             timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     experiment, _ = load_experiment(path)

@@ -26,7 +26,7 @@ IMAGE_CHECK = """<script>window.addEventListener("load", () => {
 @pytest.fixture(scope="module")
 def run_workdir(tmp_path_factory, built_experiment):
     """A 6-step 2-process run evaluated every 3 steps, with a tokenizer comparison and task scores beside it."""
-    from tokenizer.evaluate import evaluate, plot_evaluation
+    from dapt.tokenizer.evaluate import evaluate, plot_evaluation
 
     folder = tmp_path_factory.mktemp("run")
     path = experiment_file(folder, built_experiment, steps=6)
@@ -71,7 +71,7 @@ def assert_page_renders(page, sections: list[str], tmp_path) -> None:
 
 
 def test_run_report_has_every_section_and_its_images_load(run_workdir, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "launch.cli", "report", str(run_workdir)],
+    result = subprocess.run([sys.executable, "-m", "dapt", "report", str(run_workdir)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     page = run_workdir / "report" / "report.html"
@@ -88,7 +88,7 @@ def test_run_report_has_every_section_and_its_images_load(run_workdir, tmp_path)
 
 
 def test_sweep_report_has_the_table_plots_and_proposal(run_workdir, tmp_path):
-    from launch.sweep_results import plot, write_csv
+    from dapt.launch.sweep_results import plot, write_csv
 
     sweep = tmp_path / "experiment" / "sweep"
     rows = []
@@ -105,7 +105,7 @@ def test_sweep_report_has_the_table_plots_and_proposal(run_workdir, tmp_path):
         "fits": {"financial": {"model": "linear", "loo_mae": 0.01, "loo_r2": 0.97}}}}))
     (sweep / "proposal.yaml").write_text("name: proposed\nmix: {group_weights: {financial: 0.7, public: 0.3}}\n")
 
-    from pretrain.report import build_report
+    from dapt.pretrain.report import build_report
 
     page = build_report(tmp_path / "experiment")  # the experiment's workdir: its sweep/ is found
     assert page == sweep / "report" / "report.html"

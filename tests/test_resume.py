@@ -8,8 +8,8 @@ import time
 import pytest
 import yaml
 
-from launch.experiment import load_experiment
-from launch.local import torchrun_command
+from dapt.launch.experiment import load_experiment
+from dapt.launch.local import torchrun_command
 from tests.conftest import write_experiment
 
 pytestmark = pytest.mark.slow

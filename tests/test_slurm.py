@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.base import DaptError
-from launch.cli import main
-from launch.experiment import load_experiment
-from launch.config import SlurmConfig
-from launch.slurm import launch_slurm, render_script, slurm_options
+from dapt.base import DaptError
+from dapt.launch.cli import main
+from dapt.launch.experiment import load_experiment
+from dapt.launch.config import SlurmConfig
+from dapt.launch.slurm import launch_slurm, render_script, slurm_options
 from tests.conftest import write_experiment
 from tests.test_resume import experiment_file, losses
 

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data_mix.config import CorpusConfig
-from data_mix.sources import CorpusReader
-from launch.base import DaptError
+from dapt.data_mix.config import CorpusConfig
+from dapt.data_mix.sources import CorpusReader
+from dapt.base import DaptError
 
 
 def read(**fields):

@@ -6,12 +6,12 @@ import math
 import pytest
 from transformers import AutoTokenizer
 
-from data_mix.blend import target_shares
-from data_mix.sources import CorpusReader
-from tokenizer.config import TokenizerTrainConfig
-from tokenizer.evaluate import heldout_texts, tokenizer_statistics
-from tokenizer.split_merge import deal_chunks, merge_models
-from tokenizer.train import draw_sample, train_from_sample, train_sentencepiece
+from dapt.data_mix.blend import target_shares
+from dapt.data_mix.sources import CorpusReader
+from dapt.tokenizer.config import TokenizerTrainConfig
+from dapt.tokenizer.evaluate import heldout_texts, tokenizer_statistics
+from dapt.tokenizer.split_merge import deal_chunks, merge_models
+from dapt.tokenizer.train import draw_sample, train_from_sample, train_sentencepiece
 
 
 @pytest.fixture(scope="module")

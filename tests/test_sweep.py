@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launch.base import DaptError
-from launch.experiment import load_experiment
-from launch.mix_fit import fit_domain, propose
-from launch.sweep import ProxyRun, design, proxy_yaml, run_dir, run_sweep, sweep_dir, train_here
-from launch.sweep_results import write_results
+from dapt.base import DaptError
+from dapt.launch.experiment import load_experiment
+from dapt.launch.mix_fit import fit_domain, propose
+from dapt.launch.sweep import ProxyRun, design, proxy_yaml, run_dir, run_sweep, sweep_dir, train_here
+from dapt.launch.sweep_results import write_results
 from tests.conftest import write_experiment
 from tests.test_cli import assert_one_line_error, dapt
 
@@ -191,7 +191,7 @@ def share_sweep(tmp_path_factory, built_experiment):
     experiment, _ = load_experiment(path)
 
     def dapt_sweep(*extra: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "launch.cli", "sweep", str(path), *extra],
+        result = subprocess.run([sys.executable, "-m", "dapt", "sweep", str(path), *extra],
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result.stdout
@@ -278,10 +278,10 @@ def test_runs_share_one_process_group_and_a_killed_run_fails_alone(tmp_path, bui
     assert len(losses(runs[0])) == 40 and losses(runs[1]) == losses(runs[0]), \
         "a run trained after another in the same processes is the run trained alone"
     logs = [(run_dir(experiment, run) / "train.log").read_text() for run in runs]
-    first_start = "launch.cli train " + " ".join(str(run_dir(experiment, run) / "experiment.yaml") for run in runs)
+    first_start = "dapt train " + " ".join(str(run_dir(experiment, run) / "experiment.yaml") for run in runs)
     assert first_start in logs[0] and "training run 2/4" not in logs[0], "each run's lines go to its own log"
     assert "training run 3/4" in logs[2] and "step 40/" not in logs[2]
-    assert f"launch.cli train {run_dir(experiment, runs[3]) / 'experiment.yaml'}\n" in logs[3], \
+    assert f"dapt train {run_dir(experiment, runs[3]) / 'experiment.yaml'}\n" in logs[3], \
         "the run after the failed one starts in new processes"
 
 
@@ -305,8 +305,8 @@ def test_a_signal_to_the_sweep_stops_it_and_a_rerun_resumes_the_stopped_run(tmp_
 
 
 def test_slurm_array_runs_each_proxy_run_with_its_own_launch_script(tmp_path, built_experiment):
-    from launch.sweep import prepare_proxy
-    from launch.sweep_slurm import array_script, run_script
+    from dapt.launch.sweep import prepare_proxy
+    from dapt.launch.sweep_slurm import array_script, run_script
 
     proxy = TINY_PROXY | {"slurm": {"partition": "cpu", "time": "0:30:00"}, "nproc": 2}
     path = sweep_experiment(tmp_path, {"grid": {"group": "financial", "shares": [0.2, 0.8]}, "proxy": proxy}, built_experiment)

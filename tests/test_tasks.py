@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.base import DaptError
-from pretrain.tasks import load_task, read_examples, split_examples
+from dapt.base import DaptError
+from dapt.pretrain.tasks import load_task, read_examples, split_examples
 
 EXAMPLE_TASK = Path(__file__).resolve().parents[1] / "configs" / "tasks" / "headline_sentiment.yaml"
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -47,9 +47,9 @@ def teach_the_mapping(model, tokenizer, task, train: list[dict], steps: int) -> 
 def test_a_model_taught_the_mapping_gets_it_right_and_an_untrained_one_is_near_chance(built_experiment, tmp_path):
     from transformers import AutoTokenizer
 
-    from pretrain.config import ModelConfig
-    from pretrain.model import build_model
-    from pretrain.tasks import evaluate_tasks
+    from dapt.pretrain.config import ModelConfig
+    from dapt.pretrain.model import build_model
+    from dapt.pretrain.tasks import evaluate_tasks
 
     task = load_task(EXAMPLE_TASK)
     train, _ = split_examples(task, read_examples(task))
@@ -114,7 +114,7 @@ def test_a_bad_task_file_names_the_field(tmp_path):
 
 
 def test_two_tasks_of_one_name_are_refused(tmp_path):
-    from pretrain.tasks import evaluate_tasks
+    from dapt.pretrain.tasks import evaluate_tasks
 
     rows = "".join(json.dumps({"text": f"shares {verb} {n}%", "label": label}) + "\n"
                    for n in range(10) for verb, label in (("rose", "up"), ("fell", "down")))
@@ -124,7 +124,7 @@ def test_two_tasks_of_one_name_are_refused(tmp_path):
 
 
 def test_dapt_eval_tasks_reports_a_bad_row_as_one_line(tmp_path, capsys):
-    from launch.cli import main
+    from dapt.launch.cli import main
     from tests.conftest import DEMO_CONFIG
 
     task = write_task(tmp_path, '{"text": "shares rose", "label": "up"}\n{"text": "shares fell", "label": "sideways"}\n')
@@ -135,8 +135,8 @@ def test_dapt_eval_tasks_reports_a_bad_row_as_one_line(tmp_path, capsys):
 
 def test_task_scores_join_the_experiments_wandb_run(tmp_path):
     """Offline, a folder with the run's id whose summary holds the scores."""
-    from launch.experiment import load_experiment
-    from pretrain.tasks import log_tasks
+    from dapt.launch.experiment import load_experiment
+    from dapt.pretrain.tasks import log_tasks
     from tests.conftest import offline_run_records, write_experiment
 
     experiment, _ = load_experiment(write_experiment(tmp_path, {"workdir": "run"}))

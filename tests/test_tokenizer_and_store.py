@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from data_mix.split import content_hash, heldout_threshold
-from data_mix.config import CorpusConfig, HeldoutConfig
-from data_mix.build import build_store
-from data_mix.store import TokenStore, open_stores, tokenizer_hash
-from launch.base import DaptError
+from dapt.data_mix.split import content_hash, heldout_threshold
+from dapt.data_mix.config import CorpusConfig, HeldoutConfig
+from dapt.data_mix.build import build_store
+from dapt.data_mix.store import TokenStore, open_stores, tokenizer_hash
+from dapt.base import DaptError
 
 HOSTILE = [
     "Seppälä Oyj (HEL: SEPP) booked €1,234.56m — up 7½% y/y.",
@@ -105,8 +105,8 @@ def test_killed_build_never_leaves_a_complete_looking_store(tmp_path, built_expe
     big.write_text("\n".join(line[:-2] + f' {i}"}}' for i in range(12000)))
     script = f"""
 from pathlib import Path
-from data_mix.build import build_store
-from data_mix.config import CorpusConfig, HeldoutConfig
+from dapt.data_mix.build import build_store
+from dapt.data_mix.config import CorpusConfig, HeldoutConfig
 build_store(CorpusConfig(name="big", paths=[{str(big)!r}]), HeldoutConfig(), Path({str(built_experiment.tokenizer_dir)!r}), Path({str(tmp_path / 'stores')!r}))
 """
     process = subprocess.Popen([sys.executable, "-c", script])
@@ -129,11 +129,11 @@ def test_prepare_and_inspect_commands(built_experiment, small_corpora):
     import sys
 
     config = str(small_corpora / "experiment.yaml")
-    prepared = subprocess.run([sys.executable, "-m", "launch.cli", "data", "prepare", config, "--json"],
+    prepared = subprocess.run([sys.executable, "-m", "dapt", "data", "prepare", config, "--json"],
                               capture_output=True, text=True, check=True)
     reports = json.loads(prepared.stdout)
     assert [r["corpus"] for r in reports] == built_experiment.corpus_names()
     assert all(r["invariant_holds"] and r["read"] == r["kept"] + sum(r["rejected"].values()) for r in reports)
-    inspected = subprocess.run([sys.executable, "-m", "launch.cli", "data", "inspect", config, "--sample", "1"],
+    inspected = subprocess.run([sys.executable, "-m", "dapt", "data", "inspect", config, "--sample", "1"],
                                capture_output=True, text=True, check=True).stdout
     assert "bytes/tok" in inspected and "--- news, sample 1 ---" in inspected

@@ -6,16 +6,16 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from launch.base import DaptError
-from tokenizer.config import TokenizerTrainConfig
-from tokenizer.evaluate import heldout_texts
-from tokenizer.train import train_from_sample
+from dapt.base import DaptError
+from dapt.tokenizer.config import TokenizerTrainConfig
+from dapt.tokenizer.evaluate import heldout_texts
+from dapt.tokenizer.train import train_from_sample
 from tests.test_tokenizer_and_store import HOSTILE
 
 
 @pytest.fixture(scope="module")
 def sample_and_heldout(built_experiment):
-    from data_mix.sources import CorpusReader
+    from dapt.data_mix.sources import CorpusReader
 
     lines = [line for text in CorpusReader(built_experiment.corpora[0]).documents() for line in text.split("\n") if line]
     heldout = heldout_texts(built_experiment.corpora[1], built_experiment.heldout)
@@ -70,8 +70,8 @@ def test_bad_tokenizer_settings_are_named(tmp_path, sample_and_heldout):
 
 
 def test_a_vocabulary_the_sample_cannot_fill_is_reported(small_corpora, tmp_path, capsys):
-    from launch.experiment import load_experiment
-    from launch.pipeline import train_tokenizer
+    from dapt.launch.experiment import load_experiment
+    from dapt.launch.pipeline import train_tokenizer
     from tests.conftest import small_corpora_section, write_experiment
 
     path = write_experiment(tmp_path, {"corpora": small_corpora_section(small_corpora),

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from data_mix.config import CorpusConfig, HeldoutConfig
-from launch.base import DaptError
-from tokenizer.evaluate import evaluate, format_evaluation, plot_evaluation
+from dapt.data_mix.config import CorpusConfig, HeldoutConfig
+from dapt.base import DaptError
+from dapt.tokenizer.evaluate import evaluate, format_evaluation, plot_evaluation
 
 
 def test_eval_measures_compression_splits_and_uncovered_text(built_experiment, tmp_path):

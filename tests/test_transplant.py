@@ -10,13 +10,13 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from launch.base import DaptError
-from pretrain.config import ModelConfig
-from pretrain.model import build_model, carried_over_model
-from tokenizer.config import TokenizerTrainConfig
-from tokenizer.evaluate import heldout_texts
-from tokenizer.train import draw_sample, train_from_sample
-from tokenizer.transplant import carry_over, extend_tokenizer, plan_rows
+from dapt.base import DaptError
+from dapt.pretrain.config import ModelConfig
+from dapt.pretrain.model import build_model, carried_over_model
+from dapt.tokenizer.config import TokenizerTrainConfig
+from dapt.tokenizer.evaluate import heldout_texts
+from dapt.tokenizer.train import draw_sample, train_from_sample
+from dapt.tokenizer.transplant import carry_over, extend_tokenizer, plan_rows
 from tests.conftest import small_corpora_section, write_experiment
 from tests.test_cli import assert_one_line_error, dapt
 
@@ -189,8 +189,8 @@ def test_bad_tokenizer_input_through_the_command(tmp_path, small_corpora):
 
 
 def test_extend_through_the_tokenizer_stage_and_build_model(base_and_domain, small_corpora, tmp_path):
-    from launch.experiment import load_experiment
-    from launch.pipeline import train_tokenizer
+    from dapt.launch.experiment import load_experiment
+    from dapt.launch.pipeline import train_tokenizer
 
     base_dir, _, _, _ = base_and_domain
     model = {"path": str(base_dir), "embeddings": "extend", "extend_pieces": 3}
@@ -211,8 +211,8 @@ def test_zero3_trains_from_the_transplanted_weights(base_and_domain, built_exper
     equals that of the same transplant done in this process."""
     import yaml
 
-    from launch.experiment import load_experiment
-    from pretrain.evaluate import evaluate_model_dir
+    from dapt.launch.experiment import load_experiment
+    from dapt.pretrain.evaluate import evaluate_model_dir
     from tests.test_resume import experiment_file, train
 
     base_dir, _, _, _ = base_and_domain
@@ -233,8 +233,8 @@ def test_zero3_trains_from_the_transplanted_weights(base_and_domain, built_exper
 
 
 def test_the_carried_over_folder_is_written_once_and_rewritten_when_an_input_changes(base_and_domain, tmp_path, capsys):
-    from data_mix.store import tokenizer_hash
-    from pretrain.model import CARRY_OVER_STAMP, write_carried_over
+    from dapt.data_mix.store import tokenizer_hash
+    from dapt.pretrain.model import CARRY_OVER_STAMP, write_carried_over
 
     base_dir, domain_dir, _, _ = base_and_domain
     config = ModelConfig(path=str(base_dir), embeddings="transplant")

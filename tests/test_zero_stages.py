@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from launch.experiment import load_experiment
+from dapt.launch.experiment import load_experiment
 from tests.test_resume import experiment_file, losses, train
 
 pytestmark = pytest.mark.slow
@@ -33,9 +33,9 @@ def test_zero_stage_trains_and_exports(tmp_path, built_experiment, stage, offloa
 
     experiment, _ = load_experiment(path)
     out = tmp_path / "export"
-    subprocess.run([sys.executable, "-m", "launch.cli", "export", str(experiment.checkpoints_dir), str(out)],
+    subprocess.run([sys.executable, "-m", "dapt", "export", str(experiment.checkpoints_dir), str(out)],
                    check=True, capture_output=True)
-    from pretrain.evaluate import evaluate_model_dir
+    from dapt.pretrain.evaluate import evaluate_model_dir
 
     exported = evaluate_model_dir(experiment, out)
     for name, bpb in exported.items():

@@ -14,11 +14,11 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from data_mix.config import CorpusConfig, HeldoutConfig
-from data_mix.sources import CorpusReader
-from data_mix.split import split_position
-from launch.base import DaptError
-from launch.figures import pyplot, save_figure
+from dapt.data_mix.config import CorpusConfig, HeldoutConfig
+from dapt.data_mix.sources import CorpusReader
+from dapt.data_mix.split import split_position
+from dapt.base import DaptError
+from dapt.figures import pyplot, save_figure
 
 BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 SPACE_MARKERS = " ▁Ġ"  # how sentencepiece-style and byte-level tokenizers write a space

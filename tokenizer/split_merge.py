@@ -24,8 +24,8 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from launch.base import DaptError
-from tokenizer.config import TokenizerTrainConfig
+from dapt.base import DaptError
+from dapt.tokenizer.config import TokenizerTrainConfig
 
 
 def deal_chunks(lines: list[str], chunk_bytes: float) -> list[list[str]]:
@@ -68,8 +68,8 @@ def train_in_subprocess(sample: Path, config: Path, threads: int) -> tuple[bytes
     """Train on a text file (one sentence a line) in a fresh interpreter: the model and the
     process's peak resident memory in bytes (its VmHWM, which a fork's inherited pages do not inflate)."""
     model = sample.with_suffix(".model")
-    result = subprocess.run([sys.executable, "-m", "tokenizer.split_merge", str(sample), str(config), str(model), str(threads)],
-                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-m", "dapt.tokenizer.split_merge", str(sample), str(config), str(model),
+                             str(threads)], capture_output=True, text=True)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or ["no message"]
         raise DaptError(f"tokenizer.train.chunk_bytes: training on {sample.name} failed: {lines[-1]}")
@@ -78,7 +78,7 @@ def train_in_subprocess(sample: Path, config: Path, threads: int) -> tuple[bytes
 
 def _train_file(sample: Path, config: Path, model: Path, threads: int) -> None:
     """The child's work: train on one text file, write the serialized model, print the peak memory."""
-    from tokenizer.train import train_sentencepiece
+    from dapt.tokenizer.train import train_sentencepiece
 
     settings = TokenizerTrainConfig.model_validate_json(config.read_text())
     with open(sample, encoding="utf-8") as lines:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data_mix.config import CorpusConfig, HeldoutConfig
-from data_mix.sources import CorpusReader
-from data_mix.split import content_hash, heldout_threshold
-from launch.base import DaptError
-from tokenizer.config import SPECIAL_TOKENS, TokenizerTrainConfig
-from tokenizer.split_merge import train_split_merge
+from dapt.data_mix.config import CorpusConfig, HeldoutConfig
+from dapt.data_mix.sources import CorpusReader
+from dapt.data_mix.split import content_hash, heldout_threshold
+from dapt.base import DaptError
+from dapt.tokenizer.config import SPECIAL_TOKENS, TokenizerTrainConfig
+from dapt.tokenizer.split_merge import train_split_merge
 
 SPM_FILE = "sentencepiece.model"
 # sentencepiece drops training sentences longer than this many bytes; documents are fed line by line.

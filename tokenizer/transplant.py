@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from launch.base import DaptError
-from tokenizer.files import TOKENIZER_SETTINGS, copy_tokenizer_files
+from dapt.base import DaptError
+from dapt.tokenizer.files import TOKENIZER_SETTINGS, copy_tokenizer_files
 
 BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -167,7 +167,7 @@ def extend_tokenizer(base_dir: Path, domain_dir: Path, lines: list[str], pieces:
     """
     from tokenizers import AddedToken, Tokenizer
 
-    from tokenizer.evaluate import load_tokenizer
+    from dapt.tokenizer.evaluate import load_tokenizer
 
     base, domain = load_tokenizer(base_dir), load_tokenizer(domain_dir)
     state = json.loads(base.backend_tokenizer.to_str())
