@@ -38,9 +38,10 @@ from pathlib import Path
 import yaml
 
 from dapt.data_mix.demo_corpora import write_demo_corpora
-from dapt.launch.experiment import load_experiment
+from dapt.experiment import load_experiment
 from dapt.launch.pipeline import build_stores, train_tokenizer
-from dapt.launch.sweep import base_weights, design, run_dir, sweep_dir, train_here
+from dapt.launch.sweep import train_here
+from dapt.launch.sweep_design import base_weights, design, run_dir, sweep_dir
 from dapt.pretrain.train import ALL_RUNS_DONE, RUN_MARKER
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

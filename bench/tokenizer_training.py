@@ -28,11 +28,12 @@ from dapt.data_mix.blend import target_shares
 from dapt.data_mix.demo_corpora import write_demo_corpora
 from dapt.data_mix.sources import CorpusReader
 from dapt.launch.demo import DEMO_CONFIG
-from dapt.launch.experiment import load_experiment
+from dapt.experiment import load_experiment
 from dapt.tokenizer.config import SPECIAL_TOKENS, TokenizerTrainConfig
 from dapt.tokenizer.evaluate import heldout_texts, load_tokenizer, tokenizer_statistics
-from dapt.tokenizer.split_merge import train_in_subprocess, train_split_merge
-from dapt.tokenizer.train import MAX_SENTENCE_BYTES, draw_sample, train_from_sample
+from dapt.tokenizer.sentencepiece_trainer import MAX_SENTENCE_BYTES, train_in_subprocess
+from dapt.tokenizer.split_merge import train_split_merge
+from dapt.tokenizer.train import draw_sample, train_from_sample
 
 
 def timed(function):

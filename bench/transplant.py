@@ -119,7 +119,7 @@ DEMO_EXTEND_PIECES = 4000
 
 def demo_tokenizers(base_model: Path, scratch: Path) -> list[Path]:
     """A domain tokenizer trained by dapt on the demo corpora, and `base_model`'s own extended by it."""
-    from dapt.launch.experiment import load_experiment
+    from dapt.experiment import load_experiment
     from dapt.launch.pipeline import train_tokenizer
 
     write_demo_corpora(scratch / "data")
@@ -132,7 +132,7 @@ def demo_tokenizers(base_model: Path, scratch: Path) -> list[Path]:
 
 def demo_financial_texts() -> list[str]:
     """The financial held-out documents of the demo corpora (full size), as `dapt demo` splits them."""
-    from dapt.launch.experiment import load_experiment
+    from dapt.experiment import load_experiment
     from dapt.tokenizer.evaluate import heldout_texts
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -178,7 +178,7 @@ def main() -> None:
             print(f"measured: {folder}", flush=True)
         print_table(rows)
         return
-    from dapt.launch.experiment import load_experiment
+    from dapt.experiment import load_experiment
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as scratch:

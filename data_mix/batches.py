@@ -12,6 +12,8 @@ import bisect
 
 import numpy as np
 
+from dapt.pretrain.config import TrainConfig
+
 
 class BatchSizes:
     def __init__(self, full: int, start: int | None = None, ramp_steps: int = 0, increment: int | None = None):
@@ -45,3 +47,11 @@ class BatchSizes:
 
     def fingerprint(self) -> dict:
         return {"global_batch": self.full, "batch_warmup": [self.start, self.ramp_steps, self.increment]}
+
+
+def batch_sizes(train: TrainConfig) -> BatchSizes:
+    """The sizes `train:` asks for: `global_batch_size` throughout, or ramped by `batch_warmup`."""
+    warmup = train.batch_warmup
+    if warmup is None:
+        return BatchSizes(train.global_batch_size)
+    return BatchSizes(train.global_batch_size, warmup.start_batch_size, warmup.steps, warmup.increment)

@@ -14,7 +14,7 @@ from dapt.base import DaptError
 
 
 def _experiment(args):
-    from dapt.launch.experiment import load_experiment
+    from dapt.experiment import load_experiment
 
     experiment, _ = load_experiment(args.config)
     return experiment
@@ -22,7 +22,7 @@ def _experiment(args):
 
 def _training_experiment(config):
     """The experiment of a command that starts training, its model checked before any process starts."""
-    from dapt.launch.experiment import load_experiment
+    from dapt.experiment import load_experiment
     from dapt.pretrain.model import check_model
 
     experiment, _ = load_experiment(config)

@@ -3,7 +3,7 @@
 In: the experiment file and an MPI-style hostfile (`worker-0 slots=8` per line). The
 launcher reaches the hosts over ssh (pdsh, its default) or through `--launcher openmpi |
 slurm | mvapich | ...`; each training process finds its rank in the variables the
-launcher sets (see launch/env.py).
+launcher sets (see pretrain/env.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from dapt.base import DaptError
-from dapt.launch.env import DEFAULT_PORT
+from dapt.pretrain.env import DEFAULT_PORT
 from dapt.launch.local import run_training_command
 
 LOCAL_NAMES = {"localhost", "127.0.0.1", socket.gethostname(), socket.gethostname().split(".")[0]}

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from dapt.base import DaptError
-from dapt.launch.experiment import Experiment
+from dapt.experiment import Experiment
 
 
 def default_nproc(experiment: Experiment) -> int:

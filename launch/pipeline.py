@@ -10,6 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from dapt.data_mix.batches import batch_sizes
 from dapt.data_mix.blend import build_schedule, target_shares
 from dapt.data_mix.build import build_store
 from dapt.data_mix.plan import format_plan, plan, plot_plan
@@ -17,7 +18,7 @@ from dapt.data_mix.report import format_accounting, format_statistics, prepare, 
 from dapt.data_mix.sources import CorpusReader
 from dapt.data_mix.store import open_stores, tokenizer_hash
 from dapt.base import DaptError
-from dapt.launch.experiment import Experiment
+from dapt.experiment import Experiment
 from dapt.tokenizer.evaluate import load_tokenizer
 from dapt.tokenizer.train import draw_sample, train_from_sample
 from dapt.tokenizer.transplant import extend_tokenizer
@@ -132,7 +133,7 @@ def inspect_stores(experiment: Experiment, samples: int) -> list[dict]:
 def mix_plan(experiment: Experiment) -> str:
     stores = open_stores(experiment.stores_dir, experiment.corpora, "train", tokenizer_hash(experiment.tokenizer_dir))
     train = experiment.train
-    batches = train.batch_sizes()
+    batches = batch_sizes(train)
     schedule = build_schedule(experiment.corpora, experiment.mix, experiment.seed, stores, batches, train.steps)
     rows = plan(schedule, experiment.corpora, experiment.mix, batches, train.steps)
     table = format_plan(rows, experiment.mix.seq_len)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from dapt.base import DaptError
 from dapt.launch.config import SlurmConfig
-from dapt.launch.experiment import Experiment
+from dapt.experiment import Experiment
 from dapt.launch.local import FORWARDED_SIGNALS
 from dapt.pretrain.checkpoint import LATEST, tag_for
 

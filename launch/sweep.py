@@ -8,7 +8,7 @@ complete experiment of its own under `<workdir>/sweep/runs/<run>/experiment.yaml
 torchrun processes, so that process start, imports and the process group are paid once per
 sweep; a run that fails takes its processes down, and the runs after it start in new ones.
 Out: the runs' `results.json`, then the table, CSV, plot, fit and proposal written by
-`launch.sweep_results`.
+`sweep_results`.
 
 A sweep is resumable: a run whose `results.json` exists is kept, a run stopped half
 way resumes from its checkpoint, a failed run is reported with its log and the others
@@ -27,114 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import yaml
-
-from dapt.data_mix.blend import target_shares
-from dapt.data_mix.store import open_stores, tokenizer_hash
 from dapt.base import DaptError
-from dapt.launch.experiment import Experiment, load_experiment
+from dapt.experiment import Experiment, load_experiment
 from dapt.launch.local import default_nproc, torchrun_command, training_environment
+from dapt.launch.sweep_design import ProxyRun, base_weights, design, proxy_yaml, run_dir, sweep_dir, wandb_group
+from dapt.launch.sweep_results import write_results
+from dapt.launch.sweep_slurm import submit_array
 from dapt.pretrain.stop import SIGNALS as STOP_SIGNALS
 from dapt.pretrain.train import RUN_MARKER, RUNS_STOPPED
-
-
-@dataclass(frozen=True)
-class ProxyRun:
-    name: str
-    weights: dict[str, float]
-    """Normalised shares of the sweep's components (groups or corpora, see `SweepConfig.level`)."""
-
-
-def sweep_dir(experiment: Experiment) -> Path:
-    return experiment.workpath / "sweep"
-
-
-def run_dir(experiment: Experiment, run: ProxyRun) -> Path:
-    return sweep_dir(experiment) / "runs" / run.name
-
-
-def components(experiment: Experiment) -> list[str]:
-    """The names the sweep's weights are given over: groups (in corpus order) or corpora."""
-    if experiment.sweep.level == "group":
-        return list(dict.fromkeys(c.group for c in experiment.corpora))
-    return experiment.corpus_names()
-
-
-def base_weights(experiment: Experiment) -> dict[str, float]:
-    """The experiment's own mix as shares of the sweep's components: the reference the
-    proposal must not be worse than, and the centre of random mixes. Natural and tempered
-    shares are counted on the built training stores, as training does."""
-    stores = open_stores(experiment.stores_dir, experiment.corpora, "train", tokenizer_hash(experiment.tokenizer_dir))
-    sizes = {name: len(store.tokens) for name, store in stores.items()}
-    shares = target_shares(experiment.mix, experiment.corpora, sizes, experiment.mix.temperature)
-    if experiment.sweep.level == "corpus":
-        return shares
-    groups = {c.name: c.group for c in experiment.corpora}
-    return {group: sum(s for name, s in shares.items() if groups[name] == group) for group in components(experiment)}
-
-
-def design(experiment: Experiment, base: dict[str, float]) -> list[ProxyRun]:
-    """The proxy runs of the sweep, named so that a rerun finds the same folders."""
-    sweep = experiment.sweep
-    if sweep.grid is not None:
-        group, others = sweep.grid.group, [g for g in base if g != sweep.grid.group]
-        rest = sum(base[g] for g in others)
-        runs = []
-        for share in sweep.grid.shares:  # the other groups keep their proportions of the base mix
-            split = {g: (base[g] / rest if rest > 0 else 1 / len(others)) * (1 - share) for g in others}
-            runs.append(ProxyRun(f"{group}-{share:.2f}", _normalised({group: share, **split}, base)))
-        return runs
-    if sweep.mixes is not None:
-        return [ProxyRun(f"mix-{i:02d}", _normalised(mix.weights or mix.group_weights, base))
-                for i, mix in enumerate(sweep.mixes)]
-    names = [name for name, share in base.items() if share > 0]  # a corpus left out of the base mix stays out
-    alpha = sweep.random.concentration * np.array([base[n] for n in names]) / sum(base[n] for n in names)
-    draws = np.random.default_rng(sweep.seed).dirichlet(alpha, size=sweep.random.count)
-    return [ProxyRun(f"random-{i:02d}", _normalised(dict(zip(names, draw.tolist())), base))
-            for i, draw in enumerate(draws)]
-
-
-def _normalised(weights: dict[str, float], base: dict[str, float]) -> dict[str, float]:
-    total = sum(weights.values())
-    return {name: round(weights.get(name, 0.0) / total, 6) for name in base}
-
-
-def with_mix(experiment: Experiment, weights: dict[str, float], name: str, workdir: Path) -> dict:
-    """The experiment as a plain dict with another mix, reading the sweep's tokenizer and stores."""
-    data = experiment.model_dump(mode="json", exclude={"sweep"}, exclude_defaults=True)
-    mix = {key: value for key, value in data.get("mix", {}).items()
-           if key not in ("weights", "group_weights", "stages", "budgets")}  # this mix holds for the whole run
-    mix["group_weights" if experiment.sweep.level == "group" else "weights"] = weights
-    return data | {"name": name, "workdir": str(workdir), "tokenizer": {"path": str(experiment.tokenizer_dir)},
-                   "stores": str(experiment.stores_dir), "mix": mix}
-
-
-def proxy_yaml(experiment: Experiment, run: ProxyRun) -> str:
-    """The proxy run as a complete experiment file: the experiment with the run's mix and
-    the proxy's model and budget, in the sweep's W&B group."""
-    proxy, folder = experiment.sweep.proxy, run_dir(experiment, run)
-    data = with_mix(experiment, run.weights, f"{experiment.name}-{run.name}", folder)
-    data["train"] |= proxy.train
-    data["wandb"] = experiment.wandb.model_dump(mode="json") | {"group": wandb_group(experiment)}
-    if proxy.model is not None:
-        data["model"] = proxy.model.model_dump(mode="json", exclude_defaults=True)
-    if proxy.deepspeed is not None:
-        data["deepspeed"] = proxy.deepspeed
-    if proxy.nproc is not None or proxy.slurm is not None:  # where `dapt launch` and `--slurm` read them
-        launch = data.setdefault("launch", {})
-        if proxy.nproc is not None:
-            launch["nproc_per_node"] = proxy.nproc
-        if proxy.slurm is not None:
-            launch["slurm"] = proxy.slurm.model_dump(mode="json", exclude_defaults=True)
-    header = (f"# Proxy run {run.name!r} of the sweep in {sweep_dir(experiment)} (written by `dapt sweep`).\n"
-              f"# Rerun it alone with: dapt launch local {folder / 'experiment.yaml'}\n")
-    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-
-
-def wandb_group(experiment: Experiment) -> str:
-    """All proxy runs of a sweep share one W&B group, so that W&B compares them side by side."""
-    return experiment.wandb.group or f"{experiment.name}-sweep"
 
 
 def select(runs: list[ProxyRun], only: list[str] | None) -> list[ProxyRun]:
@@ -239,8 +139,6 @@ def run_sweep(config_path: Path, only: list[str] | None = None, nproc: int | Non
     """Build the shared tokenizer and stores, then train every proxy run not yet done here
     and write the results, or (`slurm`) submit them as a job array and return None."""
     from dapt.launch.pipeline import build_stores, train_tokenizer
-    from dapt.launch.sweep_results import write_results
-
     experiment, _ = load_experiment(config_path)
     if experiment.sweep is None:
         raise DaptError(f"{config_path}: no `sweep:` section; add one with `grid:`, `mixes:` or `random:` "
@@ -384,8 +282,6 @@ def score_tasks(experiment: Experiment, run: ProxyRun) -> None:
 def submit_to_slurm(experiment: Experiment, runs: list[ProxyRun]) -> dict[str, str] | None:
     """The unfinished runs as one job array; None once submitted. With nothing left to
     submit, the statuses, so that the results are written."""
-    from dapt.launch.sweep_slurm import submit_array
-
     statuses, pending = prepare_pending(experiment, runs)
     if not pending:
         return statuses

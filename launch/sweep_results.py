@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from dapt.launch.experiment import Experiment, load_experiment
+from dapt.experiment import Experiment, load_experiment
 from dapt.figures import pyplot, save_figure
 from dapt.launch.mix_fit import enough_runs, fit_domain, propose
-from dapt.launch.sweep import ProxyRun, components, run_dir, sweep_dir, with_mix
+from dapt.launch.sweep_design import ProxyRun, components, run_dir, sweep_dir, with_mix
 
 
 def domains(experiment: Experiment) -> dict[str, list[str]]:

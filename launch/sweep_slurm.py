@@ -15,9 +15,9 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from dapt.launch.experiment import Experiment, load_experiment
+from dapt.experiment import Experiment, load_experiment
 from dapt.launch.slurm import render_script, slurm_options, submit
-from dapt.launch.sweep import sweep_dir
+from dapt.launch.sweep_design import sweep_dir
 
 q = shlex.quote
 PER_RUN = ("#SBATCH --job-name=", "#SBATCH --output=")

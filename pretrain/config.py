@@ -6,7 +6,6 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from dapt.data_mix.batches import BatchSizes
 from dapt.base import StrictModel
 
 
@@ -106,12 +105,6 @@ class TrainConfig(StrictModel):
                              f"{warmup.start_batch_size}) must be a multiple of the increment ({increment})")
         if warmup.steps >= self.steps:
             raise ValueError(f"batch_warmup.steps ({warmup.steps}) must be smaller than steps ({self.steps})")
-
-    def batch_sizes(self) -> BatchSizes:
-        warmup = self.batch_warmup
-        if warmup is None:
-            return BatchSizes(self.global_batch_size)
-        return BatchSizes(self.global_batch_size, warmup.start_batch_size, warmup.steps, warmup.increment)
 
 
 class WandbConfig(StrictModel):

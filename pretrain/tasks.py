@@ -153,7 +153,7 @@ def write_lm_eval_task(task: TaskConfig, train: list[dict], test: list[dict], fo
                "  - {metric: f1, aggregation: !function utils.macro_f1, higher_is_better: true}\n")
     (folder / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True) + metrics,
                                          encoding="utf-8")
-    (folder / "utils.py").write_text("from pretrain.tasks import macro_f1  # noqa: F401\n", encoding="utf-8")
+    (folder / "utils.py").write_text("from dapt.pretrain.tasks import macro_f1  # noqa: F401\n", encoding="utf-8")
     return name
 
 

@@ -21,13 +21,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dapt.data_mix.batches import batch_sizes
 from dapt.data_mix.blend import build_schedule
 from dapt.data_mix.ledger import MixLedger
 from dapt.data_mix.loader import MixLoader, StepBatch
 from dapt.data_mix.plan import plan
 from dapt.data_mix.store import open_stores, tokenizer_hash
-from dapt.launch.env import DistributedEnv, discover, export_for_torch
-from dapt.launch.experiment import Experiment, experiment_hash
+from dapt.pretrain.env import DistributedEnv, discover, export_for_torch
+from dapt.experiment import Experiment, experiment_hash
 from dapt.pretrain.checkpoint import latest_tag, save_checkpoint, saved_world_size
 from dapt.pretrain.ds_config import resolve_deepspeed_config
 from dapt.pretrain.evaluate import heldout_bpb
@@ -102,7 +103,7 @@ def train_one_after_another(configs: list[Path], resume: bool = True) -> None:
     these processes: process start, imports and the process group are paid once, not per run,
     and each run is exactly what it would be alone (same seed, data order and checkpoints).
     A stop by signal ends the sequence; its run resumes on the next start."""
-    from dapt.launch.experiment import load_experiment
+    from dapt.experiment import load_experiment
 
     env = discover()
     export_for_torch(env)
@@ -175,7 +176,7 @@ class Trainer:
         expected = tokenizer_hash(experiment.tokenizer_dir)
         train_stores = open_stores(experiment.stores_dir, experiment.corpora, "train", expected)
         self.heldout_stores = open_stores(experiment.stores_dir, experiment.corpora, "heldout", expected)
-        self.batches = train.batch_sizes()
+        self.batches = batch_sizes(train)
         self.schedule = build_schedule(experiment.corpora, self.mix, experiment.seed, train_stores, self.batches,
                                        train.steps)
         self.loader = MixLoader(self.schedule, [train_stores[n] for n in self.names], self.mix.seq_len,

@@ -90,7 +90,7 @@ def smollm2() -> Path:
 @pytest.fixture(scope="session")
 def built_experiment(small_corpora: Path):
     """The small corpora with a trained tokenizer and built stores (no training)."""
-    from dapt.launch.experiment import load_experiment
+    from dapt.experiment import load_experiment
     from dapt.launch.pipeline import build_stores, train_tokenizer
 
     path = write_experiment(small_corpora, {"tokenizer": {"train": {"vocab_size": 600, "sample_bytes": 4.0e5}}})

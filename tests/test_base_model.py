@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from dapt.launch.experiment import load_experiment
+from dapt.experiment import load_experiment
 from tests.conftest import write_experiment
 from tests.test_cli import assert_one_line_error, dapt
 from tests.test_resume import TINY, experiment_file, train

@@ -1,7 +1,7 @@
 import pytest
 
 from dapt.base import DaptError
-from dapt.launch.experiment import load_experiment
+from dapt.experiment import load_experiment
 from tests.conftest import DEMO_CONFIG, write_experiment
 
 

@@ -15,7 +15,7 @@ def demo_run(tmp_path_factory):
     result = subprocess.run([sys.executable, "-m", "dapt", "demo", "--workdir", str(workdir)],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    from dapt.launch.experiment import load_experiment
+    from dapt.experiment import load_experiment
 
     experiment, _ = load_experiment(workdir / "demo.yaml")
     return workdir, experiment, result.stdout

@@ -3,7 +3,7 @@
 import pytest
 
 from dapt.base import DaptError
-from dapt.launch.env import DistributedEnv, discover, first_host
+from dapt.pretrain.env import DistributedEnv, discover, first_host
 
 TORCHRUN = {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "node01", "MASTER_PORT": "29400",
             "LOCAL_WORLD_SIZE": "8", "GROUP_RANK": "0"}

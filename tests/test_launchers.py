@@ -10,7 +10,7 @@ import torch
 from dapt.base import DaptError
 from dapt.launch.cli import main
 from dapt.launch.deepspeed_launcher import deepspeed_command, read_hostfile
-from dapt.launch.experiment import load_experiment
+from dapt.experiment import load_experiment
 from dapt.launch.local import default_nproc, torchrun_command
 from tests.conftest import write_experiment
 from tests.test_resume import experiment_file, losses

@@ -40,7 +40,7 @@ def test_group_weights_budgets_and_temperature():
 
 
 def test_bloomberggpt_config_reproduces_the_paper_shares():
-    from dapt.launch.experiment import load_experiment
+    from dapt.experiment import load_experiment
     from tests.conftest import DEMO_CONFIG
 
     experiment, _ = load_experiment(DEMO_CONFIG.parent / "bloomberggpt.yaml")

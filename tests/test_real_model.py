@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dapt.launch.experiment import load_experiment
+from dapt.experiment import load_experiment
 from dapt.pretrain.evaluate import evaluate_model_dir
 from tests.conftest import small_corpora_section, write_experiment
 

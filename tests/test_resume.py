@@ -8,7 +8,7 @@ import time
 import pytest
 import yaml
 
-from dapt.launch.experiment import load_experiment
+from dapt.experiment import load_experiment
 from dapt.launch.local import torchrun_command
 from tests.conftest import write_experiment
 

@@ -20,7 +20,7 @@ import yaml
 
 from dapt.base import DaptError
 from dapt.launch.cli import main
-from dapt.launch.experiment import load_experiment
+from dapt.experiment import load_experiment
 from dapt.launch.config import SlurmConfig
 from dapt.launch.slurm import launch_slurm, render_script, slurm_options
 from tests.conftest import write_experiment
@@ -148,7 +148,7 @@ def slurm_output(workdir: Path, job_id: str) -> str:
 
 @pytest.mark.slow
 def test_srun_tasks_find_their_rank_in_slurm_variables(slurm_env):
-    code = "import json; from launch.env import discover; print(json.dumps(discover().__dict__))"
+    code = "import json; from dapt.pretrain.env import discover; print(json.dumps(discover().__dict__))"
     result = subprocess.run(["srun", "--ntasks=2", sys.executable, "-c", code],
                             capture_output=True, text=True, env=slurm_env, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -11,7 +11,8 @@ from dapt.data_mix.sources import CorpusReader
 from dapt.tokenizer.config import TokenizerTrainConfig
 from dapt.tokenizer.evaluate import heldout_texts, tokenizer_statistics
 from dapt.tokenizer.split_merge import deal_chunks, merge_models
-from dapt.tokenizer.train import draw_sample, train_from_sample, train_sentencepiece
+from dapt.tokenizer.sentencepiece_trainer import train_sentencepiece
+from dapt.tokenizer.train import draw_sample, train_from_sample
 
 
 @pytest.fixture(scope="module")

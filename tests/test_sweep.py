@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from dapt.base import DaptError
-from dapt.launch.experiment import load_experiment
+from dapt.experiment import load_experiment
 from dapt.launch.mix_fit import fit_domain, propose
-from dapt.launch.sweep import ProxyRun, design, proxy_yaml, run_dir, run_sweep, sweep_dir, train_here
+from dapt.launch.sweep import run_sweep, train_here
+from dapt.launch.sweep_design import ProxyRun, design, proxy_yaml, run_dir, sweep_dir
 from dapt.launch.sweep_results import write_results
 from tests.conftest import write_experiment
 from tests.test_cli import assert_one_line_error, dapt

@@ -135,7 +135,7 @@ def test_dapt_eval_tasks_reports_a_bad_row_as_one_line(tmp_path, capsys):
 
 def test_task_scores_join_the_experiments_wandb_run(tmp_path):
     """Offline, a folder with the run's id whose summary holds the scores."""
-    from dapt.launch.experiment import load_experiment
+    from dapt.experiment import load_experiment
     from dapt.pretrain.tasks import log_tasks
     from tests.conftest import offline_run_records, write_experiment
 

@@ -70,7 +70,7 @@ def test_bad_tokenizer_settings_are_named(tmp_path, sample_and_heldout):
 
 
 def test_a_vocabulary_the_sample_cannot_fill_is_reported(small_corpora, tmp_path, capsys):
-    from dapt.launch.experiment import load_experiment
+    from dapt.experiment import load_experiment
     from dapt.launch.pipeline import train_tokenizer
     from tests.conftest import small_corpora_section, write_experiment
 

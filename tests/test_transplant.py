@@ -189,7 +189,7 @@ def test_bad_tokenizer_input_through_the_command(tmp_path, small_corpora):
 
 
 def test_extend_through_the_tokenizer_stage_and_build_model(base_and_domain, small_corpora, tmp_path):
-    from dapt.launch.experiment import load_experiment
+    from dapt.experiment import load_experiment
     from dapt.launch.pipeline import train_tokenizer
 
     base_dir, _, _, _ = base_and_domain
@@ -211,7 +211,7 @@ def test_zero3_trains_from_the_transplanted_weights(base_and_domain, built_exper
     equals that of the same transplant done in this process."""
     import yaml
 
-    from dapt.launch.experiment import load_experiment
+    from dapt.experiment import load_experiment
     from dapt.pretrain.evaluate import evaluate_model_dir
     from tests.test_resume import experiment_file, train
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from dapt.launch.experiment import load_experiment
+from dapt.experiment import load_experiment
 from tests.test_resume import experiment_file, losses, train
 
 pytestmark = pytest.mark.slow

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 import tempfile
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dapt.base import DaptError
 from dapt.tokenizer.config import TokenizerTrainConfig
+from dapt.tokenizer.sentencepiece_trainer import train_in_subprocess
 
 
 def deal_chunks(lines: list[str], chunk_bytes: float) -> list[list[str]]:
@@ -64,29 +62,6 @@ def train_split_merge(lines: list[str], config: TokenizerTrainConfig) -> tuple[b
     return merge_models([model for model, _ in results], sizes, config.vocab_size), max(peak for _, peak in results)
 
 
-def train_in_subprocess(sample: Path, config: Path, threads: int) -> tuple[bytes, int]:
-    """Train on a text file (one sentence a line) in a fresh interpreter: the model and the
-    process's peak resident memory in bytes (its VmHWM, which a fork's inherited pages do not inflate)."""
-    model = sample.with_suffix(".model")
-    result = subprocess.run([sys.executable, "-m", "dapt.tokenizer.split_merge", str(sample), str(config), str(model),
-                             str(threads)], capture_output=True, text=True)
-    if result.returncode != 0:
-        lines = result.stderr.strip().splitlines() or ["no message"]
-        raise DaptError(f"tokenizer.train.chunk_bytes: training on {sample.name} failed: {lines[-1]}")
-    return model.read_bytes(), int(result.stdout.split()[-1])
-
-
-def _train_file(sample: Path, config: Path, model: Path, threads: int) -> None:
-    """The child's work: train on one text file, write the serialized model, print the peak memory."""
-    from dapt.tokenizer.train import train_sentencepiece
-
-    settings = TokenizerTrainConfig.model_validate_json(config.read_text())
-    with open(sample, encoding="utf-8") as lines:
-        model.write_bytes(train_sentencepiece((line.rstrip("\n") for line in lines), settings, threads=threads))
-    status = Path("/proc/self/status").read_text()
-    print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024)
-
-
 def merge_models(models: list[bytes], weights: list[float], vocab_size: int) -> bytes:
     """One unigram model from several: size-weighted piece probabilities, pruned to `vocab_size`.
 
@@ -122,9 +97,3 @@ def merge_models(models: list[bytes], weights: list[float], vocab_size: int) -> 
     template.trainer_spec.vocab_size = len(template.pieces)
     return template.SerializeToString()
 
-
-if __name__ == "__main__":
-    try:
-        _train_file(*map(Path, sys.argv[1:4]), threads=int(sys.argv[4]))
-    except DaptError as err:  # the parent reports the last line of stderr
-        sys.exit(str(err))

@@ -9,11 +9,8 @@ held-out bits-per-byte is measured on text the tokenizer never saw.
 
 from __future__ import annotations
 
-import io
 import json
-import re
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +20,11 @@ from dapt.data_mix.sources import CorpusReader
 from dapt.data_mix.split import content_hash, heldout_threshold
 from dapt.base import DaptError
 from dapt.tokenizer.config import SPECIAL_TOKENS, TokenizerTrainConfig
+from dapt.tokenizer.sentencepiece_trainer import train_sentencepiece
 from dapt.tokenizer.split_merge import train_split_merge
 
 SPM_FILE = "sentencepiece.model"
 # sentencepiece drops training sentences longer than this many bytes; documents are fed line by line.
-MAX_SENTENCE_BYTES = 1 << 16
 
 
 def draw_sample(corpora: list[CorpusConfig], shares: dict[str, float], heldout: HeldoutConfig, sample_bytes: float) -> list[str]:
@@ -80,43 +77,6 @@ def train_from_sample(lines: list[str], config: TokenizerTrainConfig, out_dir: P
     shutil.rmtree(out_dir, ignore_errors=True)
     temporary.rename(out_dir)
     return out_dir
-
-
-def train_sentencepiece(lines: Iterable[str], config: TokenizerTrainConfig, threads: int = 2) -> bytes:
-    """The serialized sentencepiece model trained on `lines` (one sentence each)."""
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    ids = {name: index for index, name in enumerate(SPECIAL_TOKENS)}
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
-            model_writer=model,
-            model_type=config.model,
-            vocab_size=config.vocab_size,
-            # Small samples cannot fill a large vocabulary; take what the data supports.
-            hard_vocab_limit=False,
-            split_digits=config.split_digits,
-            byte_fallback=config.byte_fallback,
-            character_coverage=0.9995 if config.byte_fallback else 1.0,
-            # Lossless round trip: no whitespace folding, no dummy prefix (and no normalisation unless asked).
-            normalization_rule_name="nfkc" if config.normalization == "nfkc" else "identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True,
-            user_defined_symbols=["\n", *config.user_symbols, *config.special_tokens],
-            max_sentence_length=MAX_SENTENCE_BYTES,
-            unk_id=ids["unk"], bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
-            num_threads=threads,
-            minloglevel=2,
-        )
-    except RuntimeError as err:
-        needed = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(err))
-        if needed:
-            raise DaptError(f"tokenizer.train.vocab_size: {needed.group(1)} is too small; this sample's characters, "
-                            f"byte pieces and special tokens need at least {needed.group(2)}") from None
-        raise DaptError(f"tokenizer.train: sentencepiece refused the settings: {err}") from None
-    return model.getvalue()
 
 
 def sentencepiece_backend(spm_path: Path, normalization: str = "none"):
