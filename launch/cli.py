@@ -20,16 +20,6 @@ def _experiment(args):
     return experiment
 
 
-def _training_experiment(config):
-    """The experiment of a command that starts training, its model checked before any process starts."""
-    from dapt.experiment import load_experiment
-    from dapt.pretrain.model import check_model
-
-    experiment, _ = load_experiment(config)
-    check_model(experiment.model, experiment.mix.seq_len)
-    return experiment
-
-
 def cmd_tokenizer_train(args) -> None:
     from dapt.launch.pipeline import train_tokenizer
 
@@ -74,10 +64,11 @@ def cmd_mix_plan(args) -> None:
 def cmd_train(args) -> None:
     import gc
 
+    from dapt.launch.pipeline import load_training_experiment
     from dapt.pretrain.train import train_one_after_another
 
     for config in args.configs:  # every file is checked before the first run starts
-        _training_experiment(config)
+        load_training_experiment(config)
     train_one_after_another([Path(config) for config in args.configs], resume=not args.no_resume)
     # The interpreter's last garbage collection walks every object torch, DeepSpeed and
     # transformers made (~3 s on a CPU); nothing is left to release, so exit without it.
@@ -86,14 +77,17 @@ def cmd_train(args) -> None:
 
 def cmd_launch_local(args) -> None:
     from dapt.launch.local import default_nproc, run_local
+    from dapt.launch.pipeline import load_training_experiment
 
-    run_local(Path(args.config), args.nproc or default_nproc(_training_experiment(args.config)), resume=not args.no_resume)
+    run_local(Path(args.config), args.nproc or default_nproc(load_training_experiment(args.config)),
+              resume=not args.no_resume)
 
 
 def cmd_launch_slurm(args) -> None:
+    from dapt.launch.pipeline import load_training_experiment
     from dapt.launch.slurm import launch_slurm, slurm_options
 
-    experiment = _training_experiment(args.config)
+    experiment = load_training_experiment(args.config)
     flags = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "partition": args.partition,
              "account": args.account, "time": args.time}
     launch_slurm(experiment, Path(args.config), slurm_options(experiment, flags), dry_run=args.dry_run)
@@ -101,8 +95,9 @@ def cmd_launch_slurm(args) -> None:
 
 def cmd_launch_deepspeed(args) -> None:
     from dapt.launch.deepspeed_launcher import run_deepspeed
+    from dapt.launch.pipeline import load_training_experiment
 
-    _training_experiment(args.config)  # a bad experiment file is reported here, not by every rank
+    load_training_experiment(args.config)  # a bad experiment file is reported here, not by every rank
     run_deepspeed(Path(args.config), Path(args.hostfile), args.launcher, resume=not args.no_resume)
 
 
@@ -156,6 +151,8 @@ def cmd_wandb_dashboard(args) -> None:
 
 
 def cmd_run(args) -> None:
+    from dapt.launch.pipeline import run_flow
+
     run_flow(Path(args.config), args.nproc, resume=not args.no_resume)
 
 
@@ -167,41 +164,11 @@ def cmd_sweep(args) -> None:
 
 def cmd_demo(args) -> None:
     from dapt.launch.demo import prepare_demo
+    from dapt.launch.pipeline import run_flow
 
     config = prepare_demo(Path(args.workdir), Path(args.base_model) if args.base_model else None)
     print(f"running: dapt run {config}", flush=True)
     run_flow(config, args.nproc, resume=not args.no_resume)
-
-
-def run_flow(config: Path, nproc: int | None, resume: bool = True) -> None:
-    import json
-
-    from dapt.launch.local import default_nproc, run_local
-    from dapt.launch.pipeline import build_stores, mix_plan, sample_generation, summary_table, train_tokenizer
-    from dapt.pretrain.checkpoint import latest_tag, tag_for
-    from dapt.pretrain.export import export_checkpoint
-    from dapt.pretrain.report import build_report
-
-    experiment = _training_experiment(config)
-    print(f"== {experiment.name}: everything goes to {experiment.workdir}")
-    print("== 1/5 tokenizer", flush=True)
-    train_tokenizer(experiment)
-    print("== 2/5 token stores", flush=True)
-    build_stores(experiment)
-    print("== 3/5 mix", flush=True)
-    mix_plan(experiment)
-    print("== 4/5 training", flush=True)
-    run_local(config, nproc or default_nproc(experiment), resume)
-    if not experiment.results_file.exists() or latest_tag(experiment.checkpoints_dir) != tag_for(experiment.train.steps):
-        raise DaptError("training stopped before its last step (by a signal); rerun the same command to resume it")
-    print("== 5/5 export", flush=True)
-    export_checkpoint(experiment.checkpoints_dir, experiment.export_dir)
-    prompt = "Total revenue was"
-    print(f"exported to {experiment.export_dir}; it continues {prompt!r} as:\n  {sample_generation(experiment.export_dir, prompt)!r}")
-    results = json.loads(experiment.results_file.read_text())
-    print(f"\n{summary_table(results, experiment)}")
-    print(f"\nW&B run (offline): {results['wandb_run_dir']}\nmetrics: {experiment.workpath / 'metrics.jsonl'}")
-    print(f"report: {build_report(experiment.workpath)} (`dapt report` redraws it)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """The stages of the flow as the CLI runs them, each printing what it did.
 
 tokenizer → token stores → mix plan → training (torchrun) → export → summary.
-`dapt run` calls them in order; each stage is also its own subcommand.
+`run_flow` (`dapt run`) calls them in order; each stage is also its own subcommand.
 """
 
 from __future__ import annotations
@@ -18,7 +18,12 @@ from dapt.data_mix.report import format_accounting, format_statistics, prepare, 
 from dapt.data_mix.sources import CorpusReader
 from dapt.data_mix.store import open_stores, tokenizer_hash
 from dapt.base import DaptError
-from dapt.experiment import Experiment
+from dapt.experiment import Experiment, load_experiment
+from dapt.launch.local import default_nproc, run_local
+from dapt.pretrain.checkpoint import latest_tag, tag_for
+from dapt.pretrain.export import export_checkpoint
+from dapt.pretrain.model import check_model
+from dapt.pretrain.report import build_report
 from dapt.tokenizer.evaluate import load_tokenizer
 from dapt.tokenizer.train import draw_sample, train_from_sample
 from dapt.tokenizer.transplant import extend_tokenizer
@@ -166,3 +171,34 @@ def sample_generation(model_dir: Path, prompt: str, new_tokens: int = 40) -> str
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+def load_training_experiment(config: Path) -> Experiment:
+    """The experiment of a command that starts training, its model checked before any process starts."""
+    experiment, _ = load_experiment(config)
+    check_model(experiment.model, experiment.mix.seq_len)
+    return experiment
+
+
+def run_flow(config: Path, nproc: int | None, resume: bool = True) -> None:
+    """`dapt run`: every stage in order, training in `nproc` processes started by torchrun."""
+    experiment = load_training_experiment(config)
+    print(f"== {experiment.name}: everything goes to {experiment.workdir}")
+    print("== 1/5 tokenizer", flush=True)
+    train_tokenizer(experiment)
+    print("== 2/5 token stores", flush=True)
+    build_stores(experiment)
+    print("== 3/5 mix", flush=True)
+    mix_plan(experiment)
+    print("== 4/5 training", flush=True)
+    run_local(config, nproc or default_nproc(experiment), resume)
+    if not experiment.results_file.exists() or latest_tag(experiment.checkpoints_dir) != tag_for(experiment.train.steps):
+        raise DaptError("training stopped before its last step (by a signal); rerun the same command to resume it")
+    print("== 5/5 export", flush=True)
+    export_checkpoint(experiment.checkpoints_dir, experiment.export_dir)
+    prompt = "Total revenue was"
+    print(f"exported to {experiment.export_dir}; it continues {prompt!r} as:\n  {sample_generation(experiment.export_dir, prompt)!r}")
+    results = json.loads(experiment.results_file.read_text())
+    print(f"\n{summary_table(results, experiment)}")
+    print(f"\nW&B run (offline): {results['wandb_run_dir']}\nmetrics: {experiment.workpath / 'metrics.jsonl'}")
+    print(f"report: {build_report(experiment.workpath)} (`dapt report` redraws it)")
