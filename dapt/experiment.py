@@ -26,19 +26,29 @@ from dapt.tokenizer.config import TokenizerConfig
 
 class Experiment(StrictModel):
     name: str = Field(min_length=1)
+    """The experiment's name: the W&B run's, and the sweep's prefix."""
     workdir: str = "runs/experiment"
     """Everything this experiment writes goes here (relative to the experiment file)."""
     seed: int = 1234
+    """Seed of the model's initialisation and of the mix (each corpus's permutations derive from it and its name)."""
     corpora: list[CorpusConfig] = Field(min_length=1)
+    """The corpora to mix: files or a Hugging Face dataset each, with a name and a group."""
     heldout: HeldoutConfig = HeldoutConfig()
+    """The held-out split of every corpus, for bits-per-byte."""
     tokenizer: TokenizerConfig
+    """The tokenizer: trained on the corpora (`train:`) or an existing one (`path:`)."""
     mix: MixConfig = MixConfig()
+    """How the corpora are blended: weights, sequence length, stages."""
     model: ModelConfig
+    """The model: a base model to continue (`path:`) or a new one (`config:`)."""
     train: TrainConfig
+    """The optimisation: steps, batch sizes, learning rate, precision, checkpoints, evaluation."""
     deepspeed: dict[str, Any] = {}
     """A native DeepSpeed config; fields set to `auto` (or left out) are filled from `train`."""
     wandb: WandbConfig = WandbConfig()
+    """Weights & Biases logging (offline by default)."""
     launch: LaunchConfig = LaunchConfig()
+    """Processes per node and the Slurm defaults."""
     sweep: SweepConfig | None = None
     """Proxy runs over many mixes (`dapt sweep`); ignored by the other commands."""
     stores: str | None = None

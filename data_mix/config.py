@@ -19,6 +19,7 @@ class HFDatasetConfig(StrictModel):
     name: str | None = None
     """The dataset's configuration (e.g. `en`)."""
     split: str = "train"
+    """The dataset split to read (hub datasets; a `save_to_disk` folder of a DatasetDict)."""
 
 
 class CorpusConfig(StrictModel):
@@ -71,6 +72,7 @@ class HeldoutConfig(StrictModel):
     """Per corpus, documents whose content hash falls below `fraction` are held out."""
 
     fraction: float = Field(default=0.01, gt=0.0, le=0.5)
+    """Share of each corpus held out for evaluation, chosen by a hash of each document's text."""
     max_documents: int = Field(default=2000, gt=0)
     """Cap on held-out documents per corpus (extra ones return to training)."""
 
@@ -101,13 +103,16 @@ class StageConfig(WeightsConfig):
     """From `start_step` on, the mix follows these weights (curricula, replay, annealing)."""
 
     start_step: int = Field(gt=0)
+    """The optimizer step from which these weights hold."""
 
 
 class MixConfig(WeightsConfig):
     """How corpora are blended into training samples of `seq_len` tokens."""
 
     seq_len: int = Field(default=2048, ge=8)
+    """Tokens per training sample (windows are cut when read, so stores need no rebuild)."""
     temperature: float = Field(default=1.0, gt=0.0)
+    """Where shares are natural (inside a group, or no weights): share ∝ size^(1/temperature)."""
     budgets: dict[str, float] = {}
     """Tokens to draw from a corpus over the whole run; its share becomes budget / run tokens."""
     max_epochs: dict[str, float] = {}

@@ -115,6 +115,19 @@ def cmd_model_import_gguf(args) -> None:
     print(f"wrote a Hugging Face model folder (weights, config, tokenizer) to {out}; use it as `model.path`")
 
 
+def cmd_schema(args) -> None:
+    import json
+
+    from dapt.experiment import Experiment
+
+    schema = json.dumps(Experiment.model_json_schema(), indent=1)
+    if args.output:
+        Path(args.output).write_text(schema + "\n")
+        print(f"JSON Schema of the experiment file written to {args.output}")
+    else:
+        print(schema)
+
+
 def cmd_eval(args) -> None:
     from dapt.pretrain.evaluate import evaluate_model_dir
 
@@ -256,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "turn a GGUF file (llama.cpp) into a Hugging Face model folder for `model.path`", config=False)
     gguf.add_argument("gguf_file", help="the .gguf file")
     gguf.add_argument("out", help="output folder")
+    schema = command(commands, "schema", cmd_schema,
+                     "the experiment file's JSON Schema, for editors that complete and check YAML", config=False)
+    schema.add_argument("--output", help="write it here instead of printing it")
     export = command(commands, "export", cmd_export, "consolidate a DeepSpeed checkpoint into a Hugging Face directory", config=False)
     export.add_argument("checkpoint", help="checkpoint folder (holding `latest`)")
     export.add_argument("out", help="output directory")

@@ -34,6 +34,7 @@ class SlurmConfig(StrictModel):
     account: str | None = None
     """Account charged for the job (default: the user's default account)."""
     nodes: int = Field(default=1, gt=0)
+    """Nodes of the job, one torchrun on each."""
     gpus_per_node: int = Field(default=0, ge=0)
     """GPUs per node, one training process each; 0 for CPU nodes (then `nproc_per_node`, or 2)."""
     cpus_per_task: int | None = Field(default=None, gt=0)
@@ -84,3 +85,4 @@ class LaunchConfig(StrictModel):
     nproc_per_node: int | None = Field(default=None, gt=0)
     """Training processes on this machine; default: one per GPU, or 2 on a CPU-only machine."""
     slurm: SlurmConfig = SlurmConfig()
+    """Defaults of `dapt launch slurm` (its flags override them)."""

@@ -78,11 +78,15 @@ class SweepConfig(StrictModel):
     mixes: list[WeightsConfig] | None = Field(default=None, min_length=1)
     """Explicit weight sets, each `weights:` (per corpus) or `group_weights:` (per group), all of one kind."""
     grid: GridConfig | None = None
+    """Mixes on a grid of one group's share, the other groups keeping their relative weights."""
     random: RandomConfig | None = None
+    """Mixes drawn at random around the experiment's weights."""
     proxy: ProxyConfig = ProxyConfig()
+    """What a proxy run changes from the experiment: a smaller model, fewer steps, its processes."""
     seed: int = 0
     """Seed of the random mixes."""
     objective: ObjectiveConfig = ObjectiveConfig()
+    """What the proposed mix minimises, and which corpora or groups it may not make worse."""
     tasks: list[str] = []
     """Few-shot task files (as for `dapt eval --tasks`) scored on every finished proxy run;
     their accuracy and macro-F1 join the results table."""

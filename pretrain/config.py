@@ -42,7 +42,9 @@ class BatchWarmupConfig(StrictModel):
     multiples of `increment` to `global_batch_size` at step `steps`."""
 
     start_batch_size: int = Field(gt=0)
+    """Sequences per step at the first step."""
     steps: int = Field(gt=0)
+    """The step at which `global_batch_size` is reached."""
     increment: int | None = Field(default=None, gt=0)
     """Default: `start_batch_size` (e.g. 1,024 then 2,048 as in BloombergGPT)."""
 
@@ -55,28 +57,39 @@ class TrainConfig(StrictModel):
     micro_batch_size: int = Field(gt=0)
     """Sequences per process per forward pass; the rest is gradient accumulation."""
     lr: float = Field(gt=0)
+    """Peak learning rate (AdamW), reached after `warmup_steps`."""
     warmup_steps: int = Field(default=0, ge=0)
+    """Steps of linear warmup from 0 to `lr` (0: start at `lr`)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """The learning rate after warmup: cosine or linear decay, or constant."""
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
     """The lr decays to lr × min_lr_ratio (linear decay goes to zero: set 0)."""
     weight_decay: float = Field(default=0.1, ge=0.0)
+    """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
     grad_clip: float = Field(default=1.0, ge=0.0)
+    """Clip the global gradient norm to this (0: no clipping)."""
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Training precision; bf16 and fp16 keep fp32 master weights, and the model is loaded in it."""
     activation_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about a third more compute)."""
     checkpoint_every: int = Field(default=0, ge=0)
     """Save every N steps (0: only at the end)."""
     keep_checkpoints: int = Field(default=2, gt=0)
+    """The newest checkpoints kept; older ones are removed once a new one is complete."""
     eval_every: int = Field(default=0, ge=0)
     """Held-out bits-per-byte every N steps (0: only before and after training)."""
     eval_max_tokens: int = Field(default=200_000, gt=0)
     """Held-out tokens evaluated per corpus."""
     log_every: int = Field(default=10, gt=0)
+    """Print progress every N steps (every step is logged to metrics.jsonl and W&B)."""
     peak_flops_per_device: float | None = Field(default=None, gt=0)
     """Peak FLOP/s of one device, for MFU; default: looked up by GPU name (none on CPU)."""
     loader_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes preparing batches ahead of the step (0: in the training process)."""
     batch_warmup: BatchWarmupConfig | None = None
+    """Ramp the batch size up over the first steps (BloombergGPT: 1,024 then 2,048 sequences)."""
     max_skipped_in_a_row: int = Field(default=5, gt=0)
     """Steps with a non-finite loss or gradient norm are skipped; this many in a row stop the run."""
     spike_window: int = Field(default=100, ge=4)
@@ -109,7 +122,12 @@ class TrainConfig(StrictModel):
 
 class WandbConfig(StrictModel):
     project: str = "dapt"
+    """W&B project."""
     entity: str | None = None
+    """W&B entity (team or user; default: your default entity)."""
     group: str | None = None
+    """W&B group, to compare runs side by side (a sweep sets its own)."""
     tags: list[str] = []
+    """W&B tags."""
     mode: Literal["offline", "online", "disabled"] = "offline"
+    """offline (the default: nothing needs a network; `wandb sync` uploads), online, or disabled."""

@@ -102,3 +102,18 @@ def test_readme_experiment_file_is_valid(tmp_path):
     (tmp_path / "readme.yaml").write_text(block)
     experiment, _ = load_experiment(tmp_path / "readme.yaml")
     assert experiment.mix.stages[0].start_step == 18000
+
+
+def test_dapt_schema_describes_every_field(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "dapt.schema.json"
+    result = subprocess.run([sys.executable, "-m", "dapt", "schema", "--output", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    schema = json.loads(out.read_text())
+    assert "Peak learning rate" in schema["$defs"]["TrainConfig"]["properties"]["lr"]["description"]
+    undocumented = [f"{name}.{field}" for name, model in [("Experiment", schema), *schema["$defs"].items()]
+                    for field, spec in model.get("properties", {}).items() if not spec.get("description")]
+    assert not undocumented, undocumented

@@ -53,6 +53,7 @@ class TokenizerConfig(StrictModel):
     path: str | None = None
     """A Hugging Face tokenizer directory, relative to the experiment file."""
     train: TokenizerTrainConfig | None = None
+    """Train a tokenizer on the corpora (`dapt tokenizer train`); give this or `path`."""
 
     @model_validator(mode="after")
     def _one_source(self) -> TokenizerConfig:
