@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dapt.data_mix.config import CorpusConfig
 from dapt.base import DaptError
+from dapt.data_mix.config import CorpusConfig
+from dapt.experiment import Experiment
 
 SPLITS = ("train", "heldout")
 MANIFEST = "manifest.json"
@@ -93,3 +94,8 @@ def open_stores(stores_dir: Path, corpora: list[CorpusConfig], split: str, expec
             )
         stores[corpus.name] = store
     return stores
+
+
+def experiment_stores(experiment: Experiment, split: str) -> dict[str, TokenStore]:
+    """The experiment's stores of `split`, checked against the tokenizer it uses."""
+    return open_stores(experiment.stores_dir, experiment.corpora, split, tokenizer_hash(experiment.tokenizer_dir))

@@ -16,7 +16,7 @@ from dapt.data_mix.build import build_store
 from dapt.data_mix.plan import format_plan, plan, plot_plan
 from dapt.data_mix.report import format_accounting, format_statistics, prepare, sample_documents, store_statistics
 from dapt.data_mix.sources import CorpusReader
-from dapt.data_mix.store import open_stores, tokenizer_hash
+from dapt.data_mix.store import experiment_stores, tokenizer_hash
 from dapt.base import DaptError
 from dapt.experiment import Experiment, load_experiment
 from dapt.launch.local import default_nproc, run_local
@@ -123,7 +123,7 @@ def build_stores(experiment: Experiment) -> list[dict]:
 def inspect_stores(experiment: Experiment, samples: int) -> list[dict]:
     from transformers import AutoTokenizer
 
-    open_stores(experiment.stores_dir, experiment.corpora, "train", tokenizer_hash(experiment.tokenizer_dir))
+    experiment_stores(experiment, "train")
     rows = [store_statistics(experiment.stores_dir / c.name) for c in experiment.corpora]
     print(format_statistics(rows))
     if samples:
@@ -136,7 +136,7 @@ def inspect_stores(experiment: Experiment, samples: int) -> list[dict]:
 
 
 def mix_plan(experiment: Experiment) -> str:
-    stores = open_stores(experiment.stores_dir, experiment.corpora, "train", tokenizer_hash(experiment.tokenizer_dir))
+    stores = experiment_stores(experiment, "train")
     train = experiment.train
     batches = batch_sizes(train)
     schedule = build_schedule(experiment.corpora, experiment.mix, experiment.seed, stores, batches, train.steps)

@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 
 from dapt.data_mix.blend import target_shares
-from dapt.data_mix.store import open_stores, tokenizer_hash
+from dapt.data_mix.store import experiment_stores
 from dapt.experiment import Experiment
 
 
@@ -42,7 +42,7 @@ def base_weights(experiment: Experiment) -> dict[str, float]:
     """The experiment's own mix as shares of the sweep's components: the reference the
     proposal must not be worse than, and the centre of random mixes. Natural and tempered
     shares are counted on the built training stores, as training does."""
-    stores = open_stores(experiment.stores_dir, experiment.corpora, "train", tokenizer_hash(experiment.tokenizer_dir))
+    stores = experiment_stores(experiment, "train")
     sizes = {name: len(store.tokens) for name, store in stores.items()}
     shares = target_shares(experiment.mix, experiment.corpora, sizes, experiment.mix.temperature)
     if experiment.sweep.level == "corpus":

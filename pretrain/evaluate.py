@@ -10,13 +10,16 @@ Because it is per byte, BPB compares models with different tokenizers fairly.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dapt.data_mix.store import TokenStore
+from dapt.base import DaptError
+from dapt.data_mix.store import TokenStore, experiment_stores
+from dapt.experiment import Experiment
 
 
 def _eval_stream(store: TokenStore, max_tokens: int) -> tuple[np.ndarray, int]:
@@ -74,16 +77,13 @@ def heldout_bpb(
     return results
 
 
-def evaluate_model_dir(experiment, model_dir) -> dict[str, float]:
+def evaluate_model_dir(experiment: Experiment, model_dir: Path) -> dict[str, float]:
     """Held-out BPB of a Hugging Face model directory on the experiment's stores, in this process."""
     from transformers import AutoModelForCausalLM
 
-    from dapt.data_mix.store import open_stores, tokenizer_hash
-    from dapt.base import DaptError
-
     if not (model_dir / "config.json").exists():
         raise DaptError(f"{model_dir} is not a Hugging Face model directory (no config.json); run `dapt export` first")
-    stores = open_stores(experiment.stores_dir, experiment.corpora, "heldout", tokenizer_hash(experiment.tokenizer_dir))
+    stores = experiment_stores(experiment, "heldout")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     train = experiment.train
     return heldout_bpb(model, stores, experiment.mix.seq_len, train.eval_max_tokens, train.micro_batch_size, torch.device("cpu"))

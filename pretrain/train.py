@@ -26,7 +26,7 @@ from dapt.data_mix.blend import build_schedule
 from dapt.data_mix.ledger import MixLedger
 from dapt.data_mix.loader import MixLoader, StepBatch
 from dapt.data_mix.plan import plan
-from dapt.data_mix.store import open_stores, tokenizer_hash
+from dapt.data_mix.store import experiment_stores, tokenizer_hash
 from dapt.pretrain.env import DistributedEnv, discover, export_for_torch
 from dapt.experiment import Experiment, experiment_hash
 from dapt.pretrain.checkpoint import latest_tag, save_checkpoint, saved_world_size
@@ -173,9 +173,8 @@ class Trainer:
 
         experiment, train = self.experiment, self.train
         self.tokenizer = AutoTokenizer.from_pretrained(experiment.tokenizer_dir)
-        expected = tokenizer_hash(experiment.tokenizer_dir)
-        train_stores = open_stores(experiment.stores_dir, experiment.corpora, "train", expected)
-        self.heldout_stores = open_stores(experiment.stores_dir, experiment.corpora, "heldout", expected)
+        train_stores = experiment_stores(experiment, "train")
+        self.heldout_stores = experiment_stores(experiment, "heldout")
         self.batches = batch_sizes(train)
         self.schedule = build_schedule(experiment.corpora, self.mix, experiment.seed, train_stores, self.batches,
                                        train.steps)
