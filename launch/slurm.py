@@ -146,6 +146,20 @@ def submit(script: Path) -> str:
     return result.stdout.strip().split(";")[0]  # "<id>" or "<id>;<cluster>"
 
 
+def submit_and_keep(script: str, folder: Path, kind: str) -> tuple[str, Path]:
+    """Submit `script` and keep it as `<folder>/<kind>-<job id>.sbatch`; returns the id and the kept file.
+    The id is known only once sbatch has accepted the file, so it is written under a pending name first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pending = folder / "submitting.sbatch"
+    pending.write_text(script, encoding="utf-8")
+    try:
+        job_id = submit(pending)
+    except DaptError:
+        pending.unlink()  # nothing was submitted: keep no record of it
+        raise
+    return job_id, pending.rename(folder / f"{kind}-{job_id}.sbatch")
+
+
 def launch_slurm(experiment: Experiment, config_path: Path, slurm: SlurmConfig, dry_run: bool) -> str | None:
     """Print (`dry_run`) or write, submit and keep the script; returns the job id when submitted."""
     script = render_script(experiment, config_path, slurm)
@@ -153,14 +167,6 @@ def launch_slurm(experiment: Experiment, config_path: Path, slurm: SlurmConfig, 
         print(script, end="")
         return None
     folder = experiment.workpath / "slurm"
-    folder.mkdir(parents=True, exist_ok=True)
-    pending = folder / "submitting.sbatch"
-    pending.write_text(script)
-    try:
-        job_id = submit(pending)
-    except DaptError:
-        pending.unlink()  # nothing was submitted: keep no record of it
-        raise
-    kept = pending.rename(folder / f"job-{job_id}.sbatch")
+    job_id, kept = submit_and_keep(script, folder, "job")
     print(f"submitted job {job_id}; script {kept}, output {folder / (job_id + '.out')}", flush=True)
     return job_id

@@ -16,7 +16,7 @@ import shlex
 from pathlib import Path
 
 from dapt.experiment import Experiment, load_experiment
-from dapt.launch.slurm import render_script, slurm_options, submit
+from dapt.launch.slurm import render_script, slurm_options, submit_and_keep
 from dapt.launch.sweep_design import sweep_dir
 
 q = shlex.quote
@@ -55,11 +55,7 @@ def submit_array(experiment: Experiment, configs: list[Path]) -> str:
     """Write every run's script and the array script, submit it; returns the job id."""
     scripts = [run_script(config) for config in configs]
     folder = sweep_dir(experiment) / "slurm"
-    folder.mkdir(parents=True, exist_ok=True)
-    pending = folder / "submitting.sbatch"
-    pending.write_text(array_script(experiment, scripts), encoding="utf-8")
-    job_id = submit(pending)
-    kept = pending.rename(folder / f"array-{job_id}.sbatch")
+    job_id, kept = submit_and_keep(array_script(experiment, scripts), folder, "array")
     names = ", ".join(f"{i}: {config.parent.name}" for i, config in enumerate(configs))
     print(f"submitted job array {job_id} ({names}); script {kept}, output {folder}/{job_id}_<task>.out\n"
           f"when it has finished, run `dapt sweep` again to collect the results (finished runs are kept)", flush=True)

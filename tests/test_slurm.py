@@ -99,6 +99,15 @@ def test_submitting_without_slurm_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(DaptError, match="sbatch not found: run this on a Slurm login node, or add --dry-run"):
         launch_slurm(load_experiment(path)[0], path, SlurmConfig(), dry_run=False)
     assert not list((tmp_path / "slurm").iterdir()), "no script kept for a job that was not submitted"
+    from dapt.launch.sweep_design import sweep_dir
+    from dapt.launch.sweep_slurm import submit_array
+
+    experiment = load_experiment(path)[0]
+    (tmp_path / "run").mkdir()
+    run = write_experiment(tmp_path / "run")
+    with pytest.raises(DaptError, match="sbatch not found"):
+        submit_array(experiment, [run])
+    assert not list((sweep_dir(experiment) / "slurm").glob("*.sbatch")), "the job array's script is not kept either"
 
 
 # --- a real Slurm ----------------------------------------------------------------------------
