@@ -9,6 +9,7 @@ Because it is per byte, BPB compares models with different tokenizers fairly.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -18,8 +19,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dapt.base import DaptError
-from dapt.data_mix.store import TokenStore, experiment_stores
-from dapt.experiment import Experiment
+from dapt.data_mix.store import TokenStore, experiment_stores, tokenizer_hash
+from dapt.experiment import Experiment, experiment_hash
+from dapt.pretrain.tracking import Tracker
 
 
 def _eval_stream(store: TokenStore, max_tokens: int) -> tuple[np.ndarray, int]:
@@ -75,6 +77,49 @@ def heldout_bpb(
         results[name] = nats.item() / math.log(2) / num_bytes
     model.train(was_training)
     return results
+
+
+class Evaluator:
+    """A run's held-out evaluations: when one is due, and its BPB per corpus logged.
+
+    The measurement before training depends only on what builds the initial weights and on
+    the evaluation itself, so runs trained one after another in a process that differ in
+    nothing else (a sweep's mixes) measure it once: `measured_at_start` outlives the runs.
+    """
+
+    def __init__(self, experiment: Experiment, device: torch.device, tracker: Tracker,
+                 measured_at_start: dict[str, dict[str, float]]):
+        self.experiment, self.device, self.tracker = experiment, device, tracker
+        self.measured_at_start = measured_at_start
+        self.stores = experiment_stores(experiment, "heldout")
+        self.every, self.last_step = experiment.train.eval_every, experiment.train.steps
+
+    def due(self, step: int) -> bool:
+        """Whether to evaluate after `step` on the way (the last step always evaluates, in `evaluate`'s caller)."""
+        return bool(self.every) and step % self.every == 0 and step != self.last_step
+
+    def evaluate(self, model: torch.nn.Module, step: int, measured: dict[str, float] | None = None) -> dict[str, float]:
+        """Held-out BPB per corpus, logged at `step`; `measured` when these weights were evaluated already."""
+        experiment = self.experiment
+        bpb = measured or heldout_bpb(model, self.stores, experiment.mix.seq_len, experiment.train.eval_max_tokens,
+                                      experiment.train.micro_batch_size, self.device)
+        self.tracker.log({f"eval/bpb/{name}": value for name, value in bpb.items()}, step=step)
+        return bpb
+
+    def at_start(self, model: torch.nn.Module) -> dict[str, float]:
+        """Held-out BPB of the initial weights, logged at step 0."""
+        start = self._start_key()
+        self.measured_at_start[start] = self.evaluate(model, step=0, measured=self.measured_at_start.get(start))
+        return self.measured_at_start[start]
+
+    def _start_key(self) -> str:
+        """Everything the initial weights and their evaluation depend on."""
+        experiment, train = self.experiment, self.experiment.train
+        return experiment_hash(json.dumps([
+            experiment.model.model_dump(mode="json"), experiment.seed, experiment.deepspeed, train.precision,
+            tokenizer_hash(experiment.tokenizer_dir), str(experiment.stores_dir), experiment.corpus_names(),
+            experiment.mix.seq_len, train.eval_max_tokens, train.micro_batch_size, train.activation_checkpointing,
+        ], sort_keys=True, default=str))
 
 
 def evaluate_model_dir(experiment: Experiment, model_dir: Path) -> dict[str, float]:

@@ -99,11 +99,12 @@ class Tracker:
 
             self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=0)
 
-    def close(self, summary: dict | None = None) -> None:
+    def close(self, summary: dict | None = None, failed: bool = False) -> None:
+        """End the run; a `failed` one is marked so in W&B (a non-zero exit code)."""
         if not self.is_main:
             return
         self.metrics_file.close()
         if self.run is not None:
             if summary:
                 self.run.summary.update(summary)
-            self.run.finish()
+            self.run.finish(exit_code=1 if failed else 0)

@@ -26,19 +26,18 @@ from dapt.data_mix.blend import build_schedule
 from dapt.data_mix.ledger import MixLedger
 from dapt.data_mix.loader import MixLoader, StepBatch
 from dapt.data_mix.plan import plan
-from dapt.data_mix.store import experiment_stores, tokenizer_hash
-from dapt.pretrain.env import DistributedEnv, discover, export_for_torch
-from dapt.experiment import Experiment, experiment_hash
-from dapt.pretrain.checkpoint import latest_tag, save_checkpoint, saved_world_size
+from dapt.data_mix.store import experiment_stores
+from dapt.experiment import Experiment
+from dapt.pretrain.checkpointer import Checkpointer, RunState
 from dapt.pretrain.ds_config import resolve_deepspeed_config
-from dapt.pretrain.evaluate import heldout_bpb
+from dapt.pretrain.env import DistributedEnv, discover, export_for_torch
+from dapt.pretrain.evaluate import Evaluator
 from dapt.pretrain.export import GENERATION_CONFIG
 from dapt.pretrain.guard import (StepGuard, engine_checks_overflow, injected_nan_steps, loss_for_backward,
                            step_skipping_nonfinite_gradients)
 from dapt.pretrain.metrics import flops_per_token, mfu, peak_flops
 from dapt.pretrain.model import PRECISION_DTYPES, build_model, write_carried_over
 from dapt.pretrain.progress import Progress
-from dapt.pretrain.resume import gather_rng_states, load_latest, restore_rng_states
 from dapt.pretrain.stop import StopRequest
 from dapt.pretrain.tracking import Tracker
 from dapt.tokenizer.files import copy_tokenizer_files
@@ -92,11 +91,6 @@ RUN_MARKER = "== training run "
 ALL_RUNS_DONE = "== training runs done: "
 RUNS_STOPPED = "== training stopped by a signal"
 
-# Held-out BPB before training, per start (see `Trainer.evaluate_start`): the runs of a sweep
-# trained in one process all start from the same weights, so it is measured once.
-_BPB_AT_START: dict[str, dict[str, float]] = {}
-
-
 def train_one_after_another(configs: list[Path], resume: bool = True) -> None:
     """Train each experiment on this rank, resuming from its workdir's latest checkpoint unless
     `resume` is off. Several experiments (the proxy runs of a sweep) train one after another in
@@ -109,12 +103,13 @@ def train_one_after_another(configs: list[Path], resume: bool = True) -> None:
     export_for_torch(env)
     # One stop request for the whole sequence: a signal that arrives between two runs still stops it.
     stop = StopRequest(init_distributed(env))
+    measured_at_start: dict[str, dict[str, float]] = {}  # see `Evaluator`: runs here that start alike share it
     for number, config in enumerate(configs, 1):
         if number > 1 and stop.agreed():
             break
         experiment, text = load_experiment(config)
         _say(env, f"{RUN_MARKER}{number}/{len(configs)}: {config}")
-        trainer = Trainer(experiment, text, resume, env, stop)
+        trainer = Trainer(experiment, text, resume, env, stop, measured_at_start)
         try:
             trainer.fit()
         finally:
@@ -151,22 +146,26 @@ def init_distributed(dist_env) -> torch.device:
 
 class Trainer:
     """One rank's run in a process whose group is up (`train_one_after_another`): the constructor
-    builds the data side, the engine and the tracker and restores a checkpoint; `fit` sequences
-    steps, evaluations and checkpoints."""
+    builds the data side, the engine, the tracker and the run's checkpointer and evaluator, and
+    resumes; `fit` sequences steps, evaluations and checkpoints."""
 
-    def __init__(self, experiment: Experiment, yaml_text: str, resume: bool, env: DistributedEnv, stop: StopRequest):
-        self.experiment, self.yaml_text, self.stop = experiment, yaml_text, stop
+    def __init__(self, experiment: Experiment, yaml_text: str, resume: bool, env: DistributedEnv, stop: StopRequest,
+                 measured_at_start: dict[str, dict[str, float]]):
+        self.experiment, self.stop = experiment, stop
         self.train, self.mix, self.names = experiment.train, experiment.mix, experiment.corpus_names()
-        self.checkpoints = experiment.checkpoints_dir
         self.env, self.device = env, stop.device
         self._build_data()
-        state = self._build_engine(resume)
-        self._restore(state)
-        self._start_tracking(state)
-        self.first_step = state["step"] if state else 0
-        self.bpb_before = state["bpb_before"] if state else self.evaluate_start()
+        self.checkpointer = Checkpointer(experiment.checkpoints_dir, self.train, yaml_text, resume,
+                                         parts={"loader": self.loader, "ledger": self.ledger, "guard": self.guard})
+        self._build_engine()
+        resumed = self.checkpointer.resume(self.engine)
+        self.state = resumed or RunState()
+        self._start_tracking(resumed is not None)
+        self.evaluator = Evaluator(experiment, self.device, self.tracker, measured_at_start)
+        if resumed is None:
+            self.state.bpb_before = self.evaluator.at_start(self.engine.module)
         self.stopped = False
-        self.first_loss, self.loss = (state["first_loss"], state["last_loss"]) if state else (None, None)
+        self.summary: dict | None = None  # the W&B summary, once the run has finished
 
     def _build_data(self) -> None:
         from transformers import AutoTokenizer
@@ -174,7 +173,6 @@ class Trainer:
         experiment, train = self.experiment, self.train
         self.tokenizer = AutoTokenizer.from_pretrained(experiment.tokenizer_dir)
         train_stores = experiment_stores(experiment, "train")
-        self.heldout_stores = experiment_stores(experiment, "heldout")
         self.batches = batch_sizes(train)
         self.schedule = build_schedule(experiment.corpora, self.mix, experiment.seed, train_stores, self.batches,
                                        train.steps)
@@ -184,8 +182,7 @@ class Trainer:
         self.ledger = MixLedger(self.names, self.mix.seq_len)
         self.guard = StepGuard(train.max_skipped_in_a_row, train.spike_window, train.spike_threshold)
 
-    def _build_engine(self, resume: bool) -> dict | None:
-        """The DeepSpeed engine, loaded from the latest checkpoint when resuming; returns its client state."""
+    def _build_engine(self) -> None:
         import deepspeed
 
         from transformers.integrations import HfDeepSpeedConfig
@@ -193,20 +190,15 @@ class Trainer:
         experiment, train = self.experiment, self.train
         self.ds_config = resolve_deepspeed_config(experiment.deepspeed, train, self.env.world_size,
                                                   torch.cuda.is_available())
-        stage = self.ds_config["zero_optimization"].get("stage", 0)
+        self.checkpointer.configure(self.ds_config)
         self.model_folder = self._base_model_folder()  # before the next line: a carry-over needs the whole model
         # While this lives, transformers builds the model partitioned across the ranks (ZeRO-3).
-        self.zero3_loading = HfDeepSpeedConfig(self.ds_config) if stage == 3 else None
+        zero3 = self.ds_config["zero_optimization"].get("stage", 0) == 3
+        self.zero3_loading = HfDeepSpeedConfig(self.ds_config) if zero3 else None
         model = build_model(experiment.model, self.tokenizer, experiment.seed, train.activation_checkpointing,
                             folder=self.model_folder, dtype=PRECISION_DTYPES[train.precision])
         self.model_flops, self.peak = flops_per_token(model, self.mix.seq_len), peak_flops(train.peak_flops_per_device)
-        self.saved_world = saved_world_size(self.checkpoints) if resume else None
-        sharded = stage > 0  # without ZeRO every rank saves it all
-        self.universal = sharded and self.saved_world is not None and self.saved_world != self.env.world_size
-        if self.universal:  # ZeRO shards written by another number of processes must be re-partitioned
-            self.ds_config["checkpoint"] = {"load_universal": True}
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=self.ds_config)
-        return load_latest(self.engine, self.checkpoints, self.universal) if self.saved_world is not None else None
 
     def _base_model_folder(self) -> Path | None:
         """The folder every rank loads: `model.path`, or with `model.embeddings` the base model carried
@@ -219,64 +211,25 @@ class Trainer:
         dist.barrier()
         return self.experiment.carried_over_dir
 
-    def _restore(self, state: dict | None) -> None:
-        if state is None:
-            return
-        self.loader.load_state_dict(state["loader"])
-        self.ledger.load_state_dict(state["ledger"])
-        self.guard.load_state_dict(state["guard"])
-        restore_rng_states(state["rng"])
-
-    def _start_tracking(self, state: dict | None) -> None:
-        experiment, mix = self.experiment, self.mix
+    def _start_tracking(self, resumed: bool) -> None:
+        experiment, mix, state = self.experiment, self.mix, self.state
         self.tracker = Tracker(experiment.workpath, experiment.wandb, experiment.name,
                                {"experiment": experiment.model_dump(), "deepspeed": self.ds_config}, self.env.is_main,
-                               run_id=state and state["wandb_run_id"], resume_step=state and state["step"])
+                               run_id=state.wandb_run_id, resume_step=state.step if resumed else None)
+        state.wandb_run_id = self.tracker.run_id
         if not self.env.is_main:
             return
-        _save_model_recipe(self.engine.module, self.model_folder, experiment.tokenizer_dir, self.checkpoints)
-        if state is not None:
-            moved = (f" (written by {self.saved_world} processes, now {self.env.world_size})"
-                     if self.saved_world != self.env.world_size else "")
-            print(f"resuming from {self.checkpoints / latest_tag(self.checkpoints)} at step {state['step']}{moved}",
-                  flush=True)
-        else:
+        _save_model_recipe(self.engine.module, self.model_folder, experiment.tokenizer_dir, experiment.checkpoints_dir)
+        if not resumed:
             rows = plan(self.schedule, experiment.corpora, mix, self.batches, self.train.steps)
             self.tracker.table("mix/plan", ["corpus", "group", "share", "tokens_available", "tokens_drawn", "epochs"],
                                [[r.corpus, r.group, r.share, r.available_samples * mix.seq_len,
                                  r.samples * mix.seq_len, r.epochs] for r in rows])
 
-    def evaluate(self, step: int, measured: dict[str, float] | None = None) -> dict[str, float]:
-        """Held-out BPB per corpus, logged at `step`; `measured` when the same weights were evaluated already."""
-        train = self.train
-        bpb = measured or heldout_bpb(self.engine.module, self.heldout_stores, self.mix.seq_len,
-                                      train.eval_max_tokens, train.micro_batch_size, self.device)
-        self.tracker.log({f"eval/bpb/{name}": value for name, value in bpb.items()}, step=step)
-        return bpb
-
-    def evaluate_start(self) -> dict[str, float]:
-        """Held-out BPB of the initial weights (step 0). It depends only on what builds those
-        weights and on the held-out evaluation, so runs that differ in nothing else (a sweep's
-        mixes) share one measurement within a process."""
-        experiment = self.experiment
-        start = experiment_hash(json.dumps([
-            experiment.model.model_dump(mode="json"), experiment.seed, experiment.deepspeed,
-            self.train.precision, tokenizer_hash(experiment.tokenizer_dir), str(experiment.stores_dir), self.names,
-            self.mix.seq_len, self.train.eval_max_tokens, self.train.micro_batch_size, self.train.activation_checkpointing,
-        ], sort_keys=True, default=str))
-        _BPB_AT_START[start] = self.evaluate(step=0, measured=_BPB_AT_START.get(start))
-        return _BPB_AT_START[start]
-
-    def checkpoint(self, step: int) -> str:
-        client = {"step": step, "loader": self.loader.state_dict(), "ledger": self.ledger.state_dict(),
-                  "guard": self.guard.state_dict(), "rng": gather_rng_states(), "wandb_run_id": self.tracker.run_id,
-                  "bpb_before": self.bpb_before, "first_loss": self.first_loss, "last_loss": self.loss,
-                  "experiment_hash": experiment_hash(self.yaml_text), "experiment_yaml": self.yaml_text}
-        return save_checkpoint(self.engine, self.checkpoints, step, client, self.train.keep_checkpoints)
-
     def step(self, batch: StepBatch, seconds_since: float, inject_nan: bool) -> tuple[dict[str, float], bool]:
         """One optimizer step: its metrics (logged) and whether its update was applied."""
-        engine, done = self.engine, batch.step + 1
+        engine, state = self.engine, self.state
+        state.step = batch.step + 1
         lr = engine.get_lr()[0]  # the rate this step uses; the scheduler moves on inside it
         if engine.train_batch_size() != self.batches.size(batch.step):
             engine.set_train_batch_size(self.batches.size(batch.step))  # more micro-batches per step, same micro size
@@ -285,59 +238,65 @@ class Trainer:
         metrics = step_metrics(sums, self.names, engine, lr, time.perf_counter() - seconds_since, self.mix.seq_len,
                                self.model_flops, self.peak)
         metrics |= self.ledger.metrics()
-        self.loss = metrics["train/loss"]
-        self.first_loss = self.loss if self.first_loss is None else self.first_loss
-        metrics |= self.guard.record(self.loss, applied)
-        self.tracker.log(metrics, step=done)
+        state.last_loss = metrics["train/loss"]
+        state.first_loss = state.last_loss if state.first_loss is None else state.first_loss
+        metrics |= self.guard.record(state.last_loss, applied)
+        self.tracker.log(metrics, step=state.step)
         return metrics, applied
 
     def fit(self) -> dict | None:
-        train, guard, main = self.train, self.guard, self.env.is_main
-        stop = self.stop
-        progress = Progress(train.steps, self.first_step, train.log_every, main)
+        """Train to `train.steps`, or until a stop by signal (then `stopped`, with a checkpoint to resume
+        from); the results on rank 0. The tracker is closed however the run ends: as failed if it raised."""
+        progress = Progress(self.train.steps, self.state.step, self.train.log_every, self.env.is_main)
+        failed = True
+        try:
+            self._steps(progress)
+            results = None if self.stopped else self._finish()
+            failed = False
+            return results
+        finally:
+            progress.close()
+            self.tracker.close(summary=self.summary, failed=failed)
+
+    def _steps(self, progress: Progress) -> None:
+        guard, main, state = self.guard, self.env.is_main, self.state
         inject_nan_at = injected_nan_steps(self.env.rank)
         started = time.perf_counter()
-        for batch in self.loader.iterate(train.steps):
-            done = batch.step + 1
-            metrics, applied = self.step(batch, started, inject_nan=done in inject_nan_at)
+        for batch in self.loader.iterate(self.train.steps):
+            metrics, applied = self.step(batch, started, inject_nan=batch.step + 1 in inject_nan_at)
+            done = state.step
             if not applied and main:
                 progress.write(f"step {done}: non-finite loss or gradient norm, update skipped ({guard.skipped} so far)")
             elif "train/loss_spike" in metrics and main:
-                progress.write(f"step {done}: loss spike {self.loss:.4f} (z-score {metrics['train/loss_zscore']:.1f})")
+                progress.write(f"step {done}: loss spike {state.last_loss:.4f} "
+                               f"(z-score {metrics['train/loss_zscore']:.1f})")
             if guard.exhausted:
-                progress.close()
-                self.tracker.close()
-                tag = latest_tag(self.checkpoints)
-                raise guard.stop_error(done, tag and str(self.checkpoints / tag))
-            progress.update(done, self.loss, metrics["train/lr"], metrics["perf/tokens_per_s"])
-            if stop.agreed():
-                progress.close()
-                tag = self.checkpoint(done)
+                latest = self.checkpointer.latest()
+                raise guard.stop_error(done, latest and str(latest))
+            progress.update(done, state.last_loss, metrics["train/lr"], metrics["perf/tokens_per_s"])
+            if self.stop.agreed():
+                tag = self.checkpointer.save(self.engine, state)
                 if main:
-                    print(f"stopped by a signal after step {done}; checkpoint {tag} saved, rerun to resume", flush=True)
-                self.tracker.close()
+                    progress.write(f"stopped by a signal after step {done}; checkpoint {tag} saved, rerun to resume")
                 self.stopped = True
-                return None
-            if train.eval_every and done % train.eval_every == 0 and done != train.steps:
-                self.evaluate(step=done)
-            if train.checkpoint_every and done % train.checkpoint_every == 0 and done != train.steps:
-                self.checkpoint(done)
+                return
+            if self.evaluator.due(done):
+                self.evaluator.evaluate(self.engine.module, step=done)
+            if self.checkpointer.due(done):
+                self.checkpointer.save(self.engine, state)
             started = time.perf_counter()  # after evaluation and checkpoints, so that throughput is training alone
-        progress.close()
-        return self._finish()
 
     def _finish(self) -> dict | None:
-        bpb_after = self.evaluate(step=self.train.steps)
-        tag = self.checkpoint(self.train.steps)
+        bpb_after = self.evaluator.evaluate(self.engine.module, step=self.train.steps)
+        tag = self.checkpointer.save(self.engine, self.state)
         results = None
         if self.env.is_main:
             total = self.batches.first_sample(self.train.steps)
             planned = self.schedule.counts_before(total) / total
-            results = _results(self.names, planned.tolist(), self.ledger, self.bpb_before, bpb_after, self.first_loss,
-                               self.loss, tag, self.tracker)
+            results = _results(self.names, planned.tolist(), self.ledger, self.state, bpb_after, tag, self.tracker)
             results |= {"skipped_steps": self.guard.skipped, "loss_spikes": self.guard.spikes}
             self.experiment.results_file.write_text(json.dumps(results, indent=1))
-        self.tracker.close(summary={"final_loss": self.loss})
+        self.summary = {"final_loss": self.state.last_loss}
         dist.barrier()
         return results
 
@@ -365,16 +324,16 @@ def _save_model_recipe(module, model_folder: Path | None, tokenizer_dir: Path, c
     copy_tokenizer_files(tokenizer_dir, checkpoints / "tokenizer")
 
 
-def _results(names, planned_shares, ledger: MixLedger, before, after, first_loss, final_loss, tag, tracker) -> dict:
-    tokens, shares = ledger.tokens(), ledger.shares()
+def _results(names, planned_shares, ledger: MixLedger, state: RunState, after, tag, tracker) -> dict:
+    tokens, shares, before = ledger.tokens(), ledger.shares(), state.bpb_before
     return {
         "corpora": {
             name: {"bpb_before": before[name], "bpb_after": after[name], "tokens_seen": tokens[name],
                    "planned_share": planned_shares[i], "realised_share": shares[name]}
             for i, name in enumerate(names)
         },
-        "first_loss": first_loss,
-        "final_loss": final_loss,
+        "first_loss": state.first_loss,
+        "final_loss": state.last_loss,
         "checkpoint": tag,
         "wandb_run_id": tracker.run_id,
         "wandb_run_dir": tracker.run_dir,

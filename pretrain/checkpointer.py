@@ -1,0 +1,93 @@
+"""A run's checkpoints as one object: when one is due, what it holds beside DeepSpeed's
+own state, and how a resume reads it back.
+
+A checkpoint's client state holds the run's `RunState`, the state of each part that
+has one (the loader's position, the mix ledger, the step guard), every rank's RNG
+states and the experiment file it was trained from. The keys are those checkpoints
+have always had, so that checkpoints written by earlier versions still resume.
+Writing is `checkpoint.save_checkpoint` (crash-safe); reading, `resume.load_latest`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch.distributed as dist
+
+from dapt.experiment import experiment_hash
+from dapt.pretrain.checkpoint import latest_tag, save_checkpoint, saved_world_size
+from dapt.pretrain.config import TrainConfig
+from dapt.pretrain.resume import gather_rng_states, load_latest, restore_rng_states
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class RunState:
+    """What a run carries across a resume besides its parts' own state."""
+
+    step: int = 0
+    wandb_run_id: str | None = None
+    bpb_before: dict[str, float] | None = None  # held-out BPB of the initial weights, per corpus
+    first_loss: float | None = None
+    last_loss: float | None = None
+
+
+class Checkpointer:
+    def __init__(self, folder: Path, train: TrainConfig, yaml_text: str, resume: bool, parts: dict[str, Stateful]):
+        """`parts` by their client-state key; with `resume`, the latest checkpoint in `folder` is read back."""
+        self.folder, self.yaml_text, self.parts = folder, yaml_text, parts
+        self.every, self.last_step, self.keep = train.checkpoint_every, train.steps, train.keep_checkpoints
+        self.saved_world = saved_world_size(folder) if resume else None
+        self.universal = False
+
+    @property
+    def resuming(self) -> bool:
+        return self.saved_world is not None
+
+    def configure(self, ds_config: dict) -> None:
+        """Before the engine is built: ZeRO shards written by another number of processes must be
+        re-partitioned, which DeepSpeed does when loading a universal checkpoint."""
+        sharded = ds_config["zero_optimization"].get("stage", 0) > 0  # without ZeRO every rank saves it all
+        self.universal = sharded and self.resuming and self.saved_world != dist.get_world_size()
+        if self.universal:
+            ds_config["checkpoint"] = {"load_universal": True}
+
+    def resume(self, engine) -> RunState | None:
+        """Load the latest checkpoint into the engine, the parts and this rank's RNGs; the run's
+        state then, or None when the run starts afresh."""
+        if not self.resuming:
+            return None
+        client = load_latest(engine, self.folder, self.universal)
+        for key, part in self.parts.items():
+            part.load_state_dict(client[key])
+        restore_rng_states(client["rng"])
+        state = RunState(**{field.name: client[field.name] for field in dataclasses.fields(RunState)})
+        if dist.get_rank() == 0:
+            world = dist.get_world_size()
+            moved = f" (written by {self.saved_world} processes, now {world})" if self.saved_world != world else ""
+            print(f"resuming from {self.latest()} at step {state.step}{moved}", flush=True)
+        return state
+
+    def due(self, step: int) -> bool:
+        """Whether to save after `step` on the way (the last step always saves, in `save`'s caller)."""
+        return bool(self.every) and step % self.every == 0 and step != self.last_step
+
+    def save(self, engine, state: RunState) -> str:
+        """A checkpoint of `state.step` on every rank (a collective); its tag."""
+        client = {**dataclasses.asdict(state), **{key: part.state_dict() for key, part in self.parts.items()},
+                  "rng": gather_rng_states(), "experiment_hash": experiment_hash(self.yaml_text),
+                  "experiment_yaml": self.yaml_text}
+        return save_checkpoint(engine, self.folder, state.step, client, self.keep)
+
+    def latest(self) -> Path | None:
+        """The checkpoint `latest` names, if any."""
+        tag = latest_tag(self.folder)
+        return self.folder / tag if tag else None
