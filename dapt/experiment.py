@@ -8,16 +8,16 @@ what spans sections (weights name real corpora), and turns every problem into a
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from dapt.data_mix.config import CorpusConfig, HeldoutConfig, MixConfig
 from dapt.base import DaptError, StrictModel
+from dapt.config_file import config_error, dotted, line_of, read_yaml
 from dapt.launch.config import LaunchConfig
 from dapt.launch.sweep_config import SweepConfig
 from dapt.pretrain.config import ModelConfig, TrainConfig, WandbConfig
@@ -98,30 +98,24 @@ class Experiment(StrictModel):
     def corpus_names(self) -> list[str]:
         return [c.name for c in self.corpora]
 
+    def groups(self) -> dict[str, list[str]]:
+        """Each group with the names of its corpora, in the order the corpora are listed."""
+        members: dict[str, list[str]] = {}
+        for corpus in self.corpora:
+            members.setdefault(corpus.group, []).append(corpus.name)
+        return members
+
 
 def load_experiment(path: str | Path) -> tuple[Experiment, str]:
     """The validated experiment with absolute paths, and the YAML text it came from."""
     path = Path(path)
-    if not path.is_file():
-        raise DaptError(f"experiment file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise DaptError(f"{where}: YAML syntax error: {getattr(err, 'problem', None) or err}") from None
+    data, root, text = read_yaml(path, "experiment")
     if not isinstance(data, dict):
         raise DaptError(f"{path}: an experiment file must be a YAML mapping (name:, corpora:, ...)")
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as err:
-        # An unknown key usually explains the "missing" errors beside it (a typo), so report it first.
-        errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        first, loc = errors[0], errors[0]["loc"]
-        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        raise DaptError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: {_explain(first)}{more}") from None
+        raise config_error(err, Experiment, path, root) from None
     _check_names(experiment, path, root)
     if experiment.sweep is not None:
         _check_sweep(experiment, path, root)
@@ -132,62 +126,13 @@ def experiment_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _dotted(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def _explain(error: dict, model: type[BaseModel] | None = None) -> str:
-    """`model`: the config model `error["loc"]` starts from (default: the whole experiment)."""
-    if error["type"] == "extra_forbidden":
-        allowed = _allowed_keys(model or Experiment, error["loc"][:-1])
-        close = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
-        hint = f"did you mean `{close[0]}`? " if close else ""
-        return f"unknown key; {hint}allowed keys: {', '.join(allowed)}"
-    if error["type"] == "missing":
-        return "required field is missing"
-    if error["type"] == "value_error":
-        return error["msg"].removeprefix("Value error, ")
-    return f"{error['msg']} (got {error['input']!r})"
-
-
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the config model found by walking `loc` from the top."""
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        annotation = model.model_fields[part].annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        model = next(c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel))
-    return list(model.model_fields)
-
-
-def _line_of(root: yaml.Node | None, loc: tuple) -> int:
-    """Line (1-based) of the deepest YAML node found on `loc`: the bad key, or its parent."""
-    node, line = root, 1
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = next(((k, v) for k, v in node.value if str(k.value) == str(part)), None)
-            if match is None:
-                break
-            line, node = match[0].start_mark.line + 1, match[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
 def _check_names(experiment: Experiment, path: Path, root: yaml.Node) -> None:
     """Cross-section checks: every weight names a corpus or group that exists."""
     names = experiment.corpus_names()
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
-        raise DaptError(f"{path}:{_line_of(root, ('corpora',))}: corpora: name {duplicated[0]!r} is used twice; names must be unique")
-    groups = sorted({c.group for c in experiment.corpora})
+        raise DaptError(f"{path}:{line_of(root, ('corpora',))}: corpora: name {duplicated[0]!r} is used twice; names must be unique")
+    groups = sorted(experiment.groups())
     mix = experiment.mix
     sections = [(("mix",), mix)] + [(("mix", "stages", i), stage) for i, stage in enumerate(mix.stages)]
     for prefix, weights in sections:
@@ -202,14 +147,14 @@ def _check_names(experiment: Experiment, path: Path, root: yaml.Node) -> None:
     for index, stage in enumerate(mix.stages):
         if stage.start_step >= experiment.train.steps:
             loc = ("mix", "stages", index, "start_step")
-            raise DaptError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: {stage.start_step} is not before the "
+            raise DaptError(f"{path}:{line_of(root, loc)}: {dotted(loc)}: {stage.start_step} is not before the "
                             f"last step ({experiment.train.steps}); the stage would never start")
 
 
 def _check_sweep(experiment: Experiment, path: Path, root: yaml.Node) -> None:
     """Names in `sweep:` exist, and the proxy's `train:` overrides make a valid `train:` section."""
     sweep, names = experiment.sweep, experiment.corpus_names()
-    groups = sorted({c.group for c in experiment.corpora})
+    groups = sorted(experiment.groups())
     for index, mix in enumerate(sweep.mixes or []):
         for section, known, kind in (("weights", names, "corpus"), ("group_weights", groups, "group")):
             for key in getattr(mix, section) or {}:
@@ -218,30 +163,26 @@ def _check_sweep(experiment: Experiment, path: Path, root: yaml.Node) -> None:
     if sweep.grid is not None:
         if sweep.grid.group not in groups:
             loc = ("sweep", "grid", "group")
-            raise DaptError(f"{path}:{_line_of(root, loc)}: sweep.grid.group: unknown group {sweep.grid.group!r}; "
+            raise DaptError(f"{path}:{line_of(root, loc)}: sweep.grid.group: unknown group {sweep.grid.group!r}; "
                             f"known: {', '.join(groups)}")
         if len(groups) < 2:
             loc = ("sweep", "grid")
-            raise DaptError(f"{path}:{_line_of(root, loc)}: sweep.grid: needs at least two groups of corpora to trade "
+            raise DaptError(f"{path}:{line_of(root, loc)}: sweep.grid: needs at least two groups of corpora to trade "
                             f"shares between, found only {groups}; set `group:` on the corpora")
     objective = sweep.objective
     for loc, name in [(("sweep", "objective", "minimise"), objective.minimise),
                       *((("sweep", "objective", "no_worse", i), n) for i, n in enumerate(objective.no_worse))]:
         if name not in groups and name not in names:
-            raise DaptError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: unknown group or corpus {name!r}; "
+            raise DaptError(f"{path}:{line_of(root, loc)}: {dotted(loc)}: unknown group or corpus {name!r}; "
                             f"known groups: {', '.join(groups)}; corpora: {', '.join(names)}")
     try:
         TrainConfig.model_validate(experiment.train.model_dump() | sweep.proxy.train)
     except ValidationError as err:
-        error = err.errors()[0]
-        loc = ("sweep", "proxy", "train", *error["loc"])
-        if error["loc"] and error["loc"][0] not in sweep.proxy.train:  # a check across keys, e.g. warmup_steps < steps
-            loc = ("sweep", "proxy", "train")
-        raise DaptError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: {_explain(error, TrainConfig)}") from None
+        raise config_error(err, TrainConfig, path, root, within=("sweep", "proxy", "train")) from None
 
 
 def _unknown(path: Path, root: yaml.Node, loc: tuple, kind: str, known: list[str]) -> None:
-    raise DaptError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: unknown {kind} {loc[-1]!r}; known: {', '.join(known)}")
+    raise DaptError(f"{path}:{line_of(root, loc)}: {dotted(loc)}: unknown {kind} {loc[-1]!r}; known: {', '.join(known)}")
 
 
 def _resolve_paths(experiment: Experiment, base: Path) -> Experiment:

@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from dapt.base import DaptError
+from dapt.config_file import config_error
 from dapt.launch.config import SlurmConfig
 from dapt.experiment import Experiment
 from dapt.launch.local import FORWARDED_SIGNALS
@@ -29,13 +30,13 @@ q = shlex.quote
 
 def slurm_options(experiment: Experiment, overrides: dict) -> SlurmConfig:
     """`launch.slurm` with the command line's flags (those given) on top, validated as one."""
-    merged = experiment.launch.slurm.model_dump() | {k: v for k, v in overrides.items() if v is not None}
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return SlurmConfig.model_validate(merged)
+        return SlurmConfig.model_validate(experiment.launch.slurm.model_dump() | given)
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "launch.slurm"
-        raise DaptError(f"launch.slurm.{field} (or its flag): {first['msg'].removeprefix('Value error, ')}") from None
+        # The file's own launch.slurm passed when it was loaded, so a flag made this: named in the message.
+        flags = " ".join(f"--{key.replace('_', '-')} {q(str(value))}" for key, value in given.items())
+        raise DaptError(f"{config_error(err, SlurmConfig, within=('launch', 'slurm'))} (with {flags})") from None
 
 
 def processes_per_node(experiment: Experiment, slurm: SlurmConfig) -> int:

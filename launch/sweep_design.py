@@ -34,7 +34,7 @@ def run_dir(experiment: Experiment, run: ProxyRun) -> Path:
 def components(experiment: Experiment) -> list[str]:
     """The names the sweep's weights are given over: groups (in corpus order) or corpora."""
     if experiment.sweep.level == "group":
-        return list(dict.fromkeys(c.group for c in experiment.corpora))
+        return list(experiment.groups())
     return experiment.corpus_names()
 
 
@@ -47,8 +47,7 @@ def base_weights(experiment: Experiment) -> dict[str, float]:
     shares = target_shares(experiment.mix, experiment.corpora, sizes, experiment.mix.temperature)
     if experiment.sweep.level == "corpus":
         return shares
-    groups = {c.name: c.group for c in experiment.corpora}
-    return {group: sum(s for name, s in shares.items() if groups[name] == group) for group in components(experiment)}
+    return {group: sum(shares[name] for name in members) for group, members in experiment.groups().items()}
 
 
 def design(experiment: Experiment, base: dict[str, float]) -> list[ProxyRun]:

@@ -28,8 +28,7 @@ def domains(experiment: Experiment) -> dict[str, list[str]]:
     """Every domain BPB is reported for, with the corpora averaged into it: each corpus,
     each group of two or more corpora, and the average over all corpora."""
     out = {name: [name] for name in experiment.corpus_names()}
-    for group in dict.fromkeys(c.group for c in experiment.corpora):
-        members = [c.name for c in experiment.corpora if c.group == group]
+    for group, members in experiment.groups().items():
         if len(members) > 1 or group not in out:
             out[group] = members
     out["average"] = experiment.corpus_names()

@@ -26,6 +26,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from dapt.base import DaptError, StrictModel
+from dapt.config_file import config_error, read_yaml
 
 
 class TaskConfig(StrictModel):
@@ -56,16 +57,11 @@ def macro_f1(items: list[tuple[int, int]]) -> float:
 
 
 def load_task(path: Path) -> TaskConfig:
-    if not path.is_file():
-        raise DaptError(f"task file {path} does not exist")
+    data, root, _ = read_yaml(path, "task")
     try:
-        config = TaskConfig.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    except yaml.YAMLError as err:
-        raise DaptError(f"{path}: YAML syntax error: {err}".replace("\n", " ")) from None
+        config = TaskConfig.model_validate(data or {})
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise DaptError(f"{path}: {field}: {first['msg']} (task fields: {', '.join(TaskConfig.model_fields)})") from None
+        raise config_error(err, TaskConfig, path, root) from None
     return config.model_copy(update={"data": str((path.parent / config.data).resolve())})
 
 

@@ -89,7 +89,7 @@ def test_bad_slurm_options_are_refused(tmp_path, slurm, message):
 
 def test_bad_flag_names_its_field(tmp_path):
     experiment, _ = load_experiment(write_experiment(tmp_path))
-    with pytest.raises(DaptError, match=r"launch.slurm.time \(or its flag\): .*'2 days' is not a Slurm time"):
+    with pytest.raises(DaptError, match=r"launch.slurm.time: .*'2 days' is not a Slurm time.* \(with --time '2 days'\)$"):
         slurm_options(experiment, {"time": "2 days", "nodes": None})
 
 
