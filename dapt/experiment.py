@@ -98,6 +98,11 @@ class Experiment(StrictModel):
     def corpus_names(self) -> list[str]:
         return [c.name for c in self.corpora]
 
+    def extend_domain_corpora(self) -> list[CorpusConfig]:
+        """With `model.embeddings: extend`, the corpora whose text the new pieces are learnt on."""
+        named = set(self.model.extend_domain)
+        return [c for c in self.corpora if not named or c.name in named or c.group in named]
+
     def groups(self) -> dict[str, list[str]]:
         """Each group with the names of its corpora, in the order the corpora are listed."""
         members: dict[str, list[str]] = {}
@@ -144,6 +149,16 @@ def _check_names(experiment: Experiment, path: Path, root: yaml.Node) -> None:
         for key in getattr(mix, section):
             if key not in names:
                 _unknown(path, root, ("mix", section, key), "corpus", names)
+    model = experiment.model
+    for index, name in enumerate(model.extend_domain):
+        if name not in groups and name not in names:
+            loc = ("model", "extend_domain", index)
+            raise DaptError(f"{path}:{line_of(root, loc)}: {dotted(loc)}: unknown group or corpus {name!r}; "
+                            f"known groups: {', '.join(groups)}; corpora: {', '.join(names)}")
+    if model.embeddings == "extend" and not model.extend_domain and len(groups) > 1:
+        raise DaptError(f"{path}:{line_of(root, ('model',))}: model.extend_domain: required with `embeddings: extend` "
+                        f"when the corpora form more than one group ({', '.join(groups)}): name the groups or corpora "
+                        f"whose text the new pieces are learnt on, e.g. `extend_domain: [{groups[0]}]`")
     for index, stage in enumerate(mix.stages):
         if stage.start_step >= experiment.train.steps:
             loc = ("mix", "stages", index, "start_step")

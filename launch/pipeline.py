@@ -26,7 +26,7 @@ from dapt.pretrain.model import check_model
 from dapt.pretrain.report import build_report
 from dapt.tokenizer.evaluate import load_tokenizer
 from dapt.tokenizer.train import draw_sample, train_from_sample
-from dapt.tokenizer.transplant import extend_tokenizer
+from dapt.tokenizer.extend import extend_tokenizer
 
 RECIPE = "dapt-recipe.json"
 # Text drawn (by mix share) to rank domain pieces for `extend` when the tokenizer was given, not trained.
@@ -35,23 +35,35 @@ EXTEND_SAMPLE_BYTES = 1e8
 
 def train_tokenizer(experiment: Experiment) -> Path:
     """Train the experiment's tokenizer, unless one trained from the same recipe exists; with
-    `model.embeddings: extend`, extend the base model's tokenizer by it. Returns the tokenizer in use."""
-    domain_dir = _domain_tokenizer(experiment)
+    `model.embeddings: extend`, grow the base model's tokenizer on the domain text instead.
+    Returns the tokenizer in use."""
     if experiment.model.embeddings != "extend":
-        return domain_dir
-    out_dir, base_dir = experiment.tokenizer_dir, experiment.base_tokenizer_dir
-    load_tokenizer(base_dir)  # a base tokenizer that does not load is named before any work
-    stamp = {"base": tokenizer_hash(base_dir), "domain": tokenizer_hash(domain_dir), "pieces": experiment.model.extend_pieces}
+        return _domain_tokenizer(experiment)
+    out_dir, base_dir, model = experiment.tokenizer_dir, experiment.base_tokenizer_dir, experiment.model
+    base = load_tokenizer(base_dir)  # a base tokenizer that does not load is named before any work
+    # A BPE base learns its new merges on the domain text itself; a unigram base takes the domain tokenizer's pieces.
+    unigram = json.loads(base.backend_tokenizer.to_str())["model"]["type"] == "Unigram"
+    domain_dir = _domain_tokenizer(experiment) if unigram else None
+    config = experiment.tokenizer.train
+    sample_bytes = config.sample_bytes if config else EXTEND_SAMPLE_BYTES
+    domain = experiment.extend_domain_corpora()
+    stamp = {"base": tokenizer_hash(base_dir), "domain_tokenizer": domain_dir and tokenizer_hash(domain_dir),
+             "pieces": model.extend_pieces, "sample_bytes": sample_bytes,
+             "domain": [c.model_dump() for c in domain], "heldout": experiment.heldout.model_dump()}
     if (out_dir / RECIPE).exists() and json.loads((out_dir / RECIPE).read_text()).get("stamp") == stamp:
         print(f"tokenizer: extended tokenizer up to date in {out_dir}")
         return out_dir
-    config = experiment.tokenizer.train
-    lines = draw_sample(experiment.corpora, _mix_shares(experiment), experiment.heldout,
-                        config.sample_bytes if config else EXTEND_SAMPLE_BYTES)
-    added = extend_tokenizer(base_dir, domain_dir, lines, experiment.model.extend_pieces, out_dir)
+    if not unigram:
+        print(f"tokenizer: growing {base_dir}'s BPE by merges learnt on {', '.join(c.name for c in domain)} "
+              f"(up to {sample_bytes:,.0f} bytes by mix share); no domain tokenizer is needed for it")
+    shares = {c.name: _mix_shares(experiment)[c.name] for c in domain}
+    total = sum(shares.values())  # the domain's own shares; even ones if the mix gives it none
+    domain_shares = {name: share / total if total else 1 / len(shares) for name, share in shares.items()}
+    lines = draw_sample(domain, domain_shares, experiment.heldout, sample_bytes)
+    added = extend_tokenizer(base_dir, lines, model.extend_pieces, out_dir, domain_dir)
     (out_dir / RECIPE).write_text(json.dumps({"stamp": stamp}, indent=1))
-    asked = experiment.model.extend_pieces
-    short = f" (of {asked:,} asked: the domain tokenizer has no more that the base lacks)" if len(added) < asked else ""
+    short = (f" (of {model.extend_pieces:,} asked: no other piece saves more than one token on this text)"
+             if len(added) < model.extend_pieces else "")
     print(f"tokenizer: {base_dir} extended by {len(added):,} domain pieces{short} (e.g. {', '.join(map(repr, added[:5]))}) "
           f"in {out_dir}")
     return out_dir

@@ -18,13 +18,17 @@ class ModelConfig(StrictModel):
     embeddings: Literal["transplant", "extend"] | None = None
     """How the model at `path` meets a tokenizer other than its own. `transplant`: the
     experiment's tokenizer replaces the vocabulary; `extend`: the base tokenizer plus the
-    `extend_pieces` domain pieces it lacks becomes the experiment's tokenizer. Rows of shared
-    pieces are copied, new rows are the mean of the base rows of their text's base pieces.
+    pieces learnt on the `extend_domain` text (at most `extend_pieces`) becomes the experiment's
+    tokenizer, cutting every other text as the base did. Rows of shared pieces are copied, new
+    rows are the mean of the base rows of their text's base pieces.
     Unset: the tokenizer must be the model's own."""
     base_tokenizer: str | None = None
     """The base model's own tokenizer directory (default: `path`, the Hugging Face convention)."""
     extend_pieces: int = Field(default=8000, gt=0)
-    """extend: how many domain pieces to add, the most frequent in the tokenizer sample first."""
+    """extend: at most how many pieces to add, those that save the most tokens on the domain text first."""
+    extend_domain: list[str] = []
+    """extend: the groups or corpora that are the domain, whose text the new pieces are learnt on
+    (required when the corpora form more than one group; public text needs no new pieces)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:

@@ -4,6 +4,7 @@ untied head too, extended tokenizers that round-trip, and held-out bits-per-byte
 import copy
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -16,7 +17,8 @@ from dapt.pretrain.model import build_model, carried_over_model
 from dapt.tokenizer.config import TokenizerTrainConfig
 from dapt.tokenizer.evaluate import heldout_texts
 from dapt.tokenizer.train import draw_sample, train_from_sample
-from dapt.tokenizer.transplant import carry_over, extend_tokenizer, plan_rows
+from dapt.tokenizer.extend import extend_tokenizer
+from dapt.tokenizer.transplant import carry_over, plan_rows
 from tests.conftest import small_corpora_section, write_experiment
 from tests.test_cli import assert_one_line_error, dapt
 
@@ -135,7 +137,7 @@ def test_new_rows_are_means_of_their_pieces_in_both_matrices(base_and_domain, ti
 
 def test_extended_tokenizer_keeps_base_ids_and_round_trips(base_and_domain, tmp_path):
     base_dir, domain_dir, lines, texts = base_and_domain
-    added = extend_tokenizer(base_dir, domain_dir, lines, 30, tmp_path / "extended")
+    added = extend_tokenizer(base_dir, lines, 30, tmp_path / "extended", domain_dir)
     base, extended = AutoTokenizer.from_pretrained(base_dir), AutoTokenizer.from_pretrained(tmp_path / "extended")
     assert len(added) == 30 and len(extended) == len(base) + 30
     assert all(extended.convert_tokens_to_ids(piece) == index for piece, index in base.get_vocab().items())
@@ -144,14 +146,28 @@ def test_extended_tokenizer_keeps_base_ids_and_round_trips(base_and_domain, tmp_
     assert sum(map(len, (extended.tokenize(t) for t in texts))) < sum(map(len, (base.tokenize(t) for t in texts)))
 
 
-def test_extending_a_byte_level_tokenizer_adds_whole_words(base_and_domain, tmp_path):
-    base_dir, domain_dir, lines, texts = base_and_domain
+def cuts(tokenizer, word: str) -> set[int]:
+    """Where the tokenizer cuts `word` (character offsets)."""
+    offsets = tokenizer(word, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return {end for _, end in offsets}
+
+
+def test_extending_a_byte_level_bpe_only_merges_what_the_base_cut(base_and_domain, built_experiment, tmp_path):
+    """New merges come after the base's: every word is cut where the base cuts it, or at fewer of those places."""
+    _, _, lines, texts = base_and_domain
     byte_level = train_from_sample(lines, TokenizerTrainConfig(backend="huggingface", model="byte_level", vocab_size=500),
                                    tmp_path / "byte_level")
-    added = extend_tokenizer(byte_level, domain_dir, lines, 20, tmp_path / "extended")
+    financial = [line for line in lines if "Shares" in line or "revenue" in line.lower()]
+    added = extend_tokenizer(byte_level, financial, 40, tmp_path / "extended")
     base, extended = AutoTokenizer.from_pretrained(byte_level), AutoTokenizer.from_pretrained(tmp_path / "extended")
-    assert len(added) == 20 and all(text.startswith(" ") and text[1:].isalnum() for text in added)
-    for text in texts:
+    assert len(added) == 40 and len(extended) == len(base) + 40 and not extended.get_added_vocab().keys() - base.get_added_vocab().keys()
+    assert all(extended.convert_tokens_to_ids(piece) == index for piece, index in base.get_vocab().items())
+    assert not any(character.isdigit() for piece in added for character in piece), "digits stay apart, as in the base"
+    public = [t for c in built_experiment.corpora if c.group == "public" for t in heldout_texts(c, built_experiment.heldout)]
+    words = {word for text in texts + public for word in re.findall(r" ?\w+", text)}
+    for word in words:
+        assert cuts(extended, word) <= cuts(base, word), word
+    for text in texts + public:
         assert extended.decode(extended(text, add_special_tokens=False)["input_ids"]) == text
     assert sum(map(len, (extended.tokenize(t) for t in texts))) < sum(map(len, (base.tokenize(t) for t in texts)))
 
@@ -193,7 +209,7 @@ def test_extend_through_the_tokenizer_stage_and_build_model(base_and_domain, sma
     from dapt.launch.pipeline import train_tokenizer
 
     base_dir, _, _, _ = base_and_domain
-    model = {"path": str(base_dir), "embeddings": "extend", "extend_pieces": 3}
+    model = {"path": str(base_dir), "embeddings": "extend", "extend_pieces": 3, "extend_domain": ["financial"]}
     path = write_experiment(tmp_path, {"corpora": small_corpora_section(small_corpora),
                                        "tokenizer": {"train": {"vocab_size": 600, "sample_bytes": 2.0e5}}, "model": model})
     experiment, _ = load_experiment(path)

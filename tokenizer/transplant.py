@@ -1,8 +1,8 @@
 """Carry a base model over to another vocabulary: `model.embeddings: transplant | extend`.
 
 In: a base causal LM, its own tokenizer, and the experiment's tokenizer (a domain
-tokenizer for `transplant`; the base tokenizer plus domain pieces for `extend`, made
-by `extend_tokenizer`). Out: the same model whose embedding rows (and untied output
+tokenizer for `transplant`; for `extend` the base tokenizer grown by domain pieces,
+made by `extend.extend_tokenizer`). Out: the same model whose embedding rows (and untied output
 rows) follow the experiment's tokenizer. A piece the base vocabulary has, compared as
 the bytes it stands for (so sentencepiece `▁x`, byte-level `Ġx` and `<0x78>`-style byte
 pieces meet), keeps its trained row; every other row is the mean of the base rows of
@@ -15,17 +15,12 @@ already carried over.
 from __future__ import annotations
 
 import json
-import math
 import re
-import shutil
-from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from dapt.base import DaptError
-from dapt.tokenizer.files import TOKENIZER_SETTINGS, copy_tokenizer_files
 
 BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -146,60 +141,3 @@ def carry_over(model, base_tokenizer, new_tokenizer) -> Transplant:
         if model.generation_config is not None:
             setattr(model.generation_config, f"{role}_token_id", getattr(new_tokenizer, f"{role}_token_id"))
     return plan
-
-
-def domain_piece_counts(domain_tokenizer, lines: list[str]) -> Counter:
-    """How often the domain tokenizer uses each of its pieces on `lines`."""
-    counts: Counter = Counter()
-    for start in range(0, len(lines), 1024):
-        for encoding in domain_tokenizer.backend_tokenizer.encode_batch_fast(lines[start:start + 1024], add_special_tokens=False):
-            counts.update(encoding.ids)
-    return counts
-
-
-def extend_tokenizer(base_dir: Path, domain_dir: Path, lines: list[str], pieces: int, out_dir: Path) -> list[str]:
-    """The base tokenizer plus the `pieces` domain pieces it lacks that the domain tokenizer uses most
-    on `lines`, written to `out_dir`; returns the pieces added (as text).
-
-    The base ids stay where they are, so every base row is copied. On a unigram base the pieces
-    join the model's vocabulary with their log-frequency as score, so they compete with the base
-    pieces as unigram pieces do; on other models whole domain words become added tokens.
-    """
-    from tokenizers import AddedToken, Tokenizer
-
-    from dapt.tokenizer.evaluate import load_tokenizer
-
-    base, domain = load_tokenizer(base_dir), load_tokenizer(domain_dir)
-    state = json.loads(base.backend_tokenizer.to_str())
-    model = state["model"]
-    highest_added = max((token["id"] for token in state.get("added_tokens", [])), default=-1)
-    byte_level = "ByteLevel" in json.dumps(state.get("decoder"))
-    into_vocabulary = model["type"] == "Unigram" and not byte_level and highest_added < len(model["vocab"])
-    # Added tokens are matched before the model, anywhere in the text: there only whole domain
-    # words with their space (` million`) are added, which seldom cut through a longer word.
-    words = set() if into_vocabulary else {word for line in lines for word in re.findall(r"\w+", line)}
-    known = set(piece_keys(base).values())
-    domain_keys = piece_keys(domain)
-    counts = domain_piece_counts(domain, lines)
-    total = sum(counts.values())
-    candidates = []
-    for index, count in counts.most_common():
-        kind, value = domain_keys.get(index, ("special", None))
-        if kind != "text" or len(value) < 2 or (kind, value) in known:
-            continue
-        text = value.decode("utf-8", errors="replace")
-        if into_vocabulary or (text[:1] == " " and text[1:] in words):
-            candidates.append((text, count))
-    chosen = candidates[:pieces]
-    if into_vocabulary:
-        model["vocab"].extend([text.replace(" ", "▁"), math.log(count / total)] for text, count in chosen)
-        backend = Tokenizer.from_str(json.dumps(state))
-    else:
-        backend = base.backend_tokenizer
-        backend.add_tokens([AddedToken(text, normalized=False) for text, _ in chosen])
-    # The base folder as it is (special tokens, settings) with the extended tokenizer.json; a
-    # sentencepiece model beside it would describe the old vocabulary, so it is left out.
-    shutil.rmtree(out_dir, ignore_errors=True)
-    copy_tokenizer_files(Path(base_dir), out_dir, TOKENIZER_SETTINGS)
-    backend.save(str(out_dir / "tokenizer.json"))
-    return [text for text, _ in chosen]
