@@ -27,14 +27,9 @@ def cmd_tokenizer_train(args) -> None:
 
 
 def cmd_tokenizer_eval(args) -> None:
-    from dapt.tokenizer.evaluate import evaluate, format_evaluation, plot_evaluation
+    from dapt.launch.pipeline import evaluate_tokenizers
 
-    experiment = _experiment(args)
-    paths = [Path(p) for p in args.tokenizers] or [experiment.tokenizer_dir]
-    rows = evaluate(paths, experiment.corpora, experiment.heldout)
-    experiment.workpath.mkdir(parents=True, exist_ok=True)
-    figure = plot_evaluation(rows, experiment.workpath / "tokenizer_eval.png")
-    print(f"{format_evaluation(rows)}\nplot: {figure}")
+    evaluate_tokenizers(_experiment(args), [Path(p) for p in args.tokenizers])
 
 
 def cmd_data_prepare(args) -> None:

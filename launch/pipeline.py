@@ -24,7 +24,8 @@ from dapt.pretrain.checkpoint import latest_tag, tag_for
 from dapt.pretrain.export import export_checkpoint
 from dapt.pretrain.model import check_model
 from dapt.pretrain.report import build_report
-from dapt.tokenizer.evaluate import load_tokenizer
+from dapt.tokenizer.evaluate import (evaluate, format_evaluation, load_tokenizer, plot_evaluation,
+                                     worse_than_base)
 from dapt.tokenizer.train import draw_sample, train_from_sample
 from dapt.tokenizer.extend import extend_tokenizer
 
@@ -36,9 +37,38 @@ EXTEND_SAMPLE_BYTES = 1e8
 def train_tokenizer(experiment: Experiment) -> Path:
     """Train the experiment's tokenizer, unless one trained from the same recipe exists; with
     `model.embeddings: extend`, grow the base model's tokenizer on the domain text instead.
-    Returns the tokenizer in use."""
-    if experiment.model.embeddings != "extend":
-        return _domain_tokenizer(experiment)
+    Against a base model's own tokenizer, say per corpus how the two compress. Returns the
+    tokenizer in use."""
+    out_dir = _extended_tokenizer(experiment) if experiment.model.embeddings == "extend" else _domain_tokenizer(experiment)
+    base_dir = experiment.base_tokenizer_dir
+    if base_dir is not None and base_dir.resolve() != out_dir.resolve() and (base_dir / "tokenizer.json").exists():
+        evaluate_tokenizers(experiment, [out_dir])
+    return out_dir
+
+
+def evaluate_tokenizers(experiment: Experiment, tokenizer_dirs: list[Path]) -> list[dict]:
+    """`dapt tokenizer eval`: the tokenizers (default: the experiment's) side by side on each corpus's
+    held-out text, beside the base model's own tokenizer when there is a base model; a warning for
+    each corpus the base's compresses better. A table, and a plot in the workdir."""
+    paths = tokenizer_dirs or [experiment.tokenizer_dir]
+    base = experiment.base_tokenizer_dir
+    if base is not None and (base / "tokenizer.json").exists():
+        given = next((path for path in paths if path.resolve() == base.resolve()), None)
+        paths, base = ([base, *paths], base) if given is None else (paths, given)
+    else:
+        base = None
+    rows = evaluate(paths, experiment.corpora, experiment.heldout)
+    experiment.workpath.mkdir(parents=True, exist_ok=True)
+    figure = plot_evaluation(rows, experiment.workpath / "tokenizer_eval.png")
+    print(format_evaluation(rows, base and str(base)))
+    for line in worse_than_base(rows, str(base)) if base else []:
+        print(line)
+    print(f"plot: {figure}")
+    return rows
+
+
+def _extended_tokenizer(experiment: Experiment) -> Path:
+    """The base model's tokenizer grown on the domain text (`tokenizer-extended/`), unless up to date."""
     out_dir, base_dir, model = experiment.tokenizer_dir, experiment.base_tokenizer_dir, experiment.model
     base = load_tokenizer(base_dir)  # a base tokenizer that does not load is named before any work
     # A BPE base learns its new merges on the domain text itself; a unigram base takes the domain tokenizer's pieces.

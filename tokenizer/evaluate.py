@@ -78,13 +78,33 @@ def evaluate(tokenizer_dirs: list[Path], corpora: list[CorpusConfig], heldout: H
     return rows
 
 
-def format_evaluation(rows: list[dict]) -> str:
+def tokens_against(rows: list[dict], baseline: str) -> dict[tuple[str, str], float]:
+    """(tokenizer, corpus) → its tokens on the corpus's held-out text relative to the `baseline`
+    tokenizer's (0.15: 15% more tokens; negative: fewer)."""
+    reference = {r["corpus"]: r["bytes_per_token"] for r in rows if r["tokenizer"] == baseline}
+    return {(r["tokenizer"], r["corpus"]): reference[r["corpus"]] / r["bytes_per_token"] - 1
+            for r in rows if r["tokenizer"] != baseline}
+
+
+def worse_than_base(rows: list[dict], base: str) -> list[str]:
+    """A line for each tokenizer and corpus that the base model's own tokenizer compresses better."""
+    return [f"warning: {tokenizer} needs {more:.1%} more tokens than the base model's tokenizer on `{corpus}`; "
+            f"`model.embeddings: extend` keeps the base's segmentation and adds pieces for the domain"
+            for (tokenizer, corpus), more in tokens_against(rows, base).items() if more > 0]
+
+
+def format_evaluation(rows: list[dict], base: str | None = None) -> str:
+    """The table; with `base` (the base model's tokenizer) a column of tokens relative to it."""
     names = {row["tokenizer"]: f"T{i + 1}" for i, row in enumerate({r["tokenizer"]: r for r in rows}.values())}
-    lines = [f"{label} = {path}" for path, label in names.items()]
-    lines.append(f"{'corpus':<14}{'tok':<5}{'bytes/token':>12}{'fertility':>11}{'words split':>13}{'unk+bytes':>11}")
+    against = tokens_against(rows, base) if base else {}
+    lines = [f"{label} = {path}{' (the base model’s own)' if path == base else ''}" for path, label in names.items()]
+    lines.append(f"{'corpus':<14}{'tok':<5}{'bytes/token':>12}{'fertility':>11}{'words split':>13}{'unk+bytes':>11}"
+                 + (f"{'tokens vs base':>16}" if base else ""))
     for row in rows:
+        relative = against.get((row["tokenizer"], row["corpus"]))
         lines.append(f"{row['corpus']:<14}{names[row['tokenizer']]:<5}{row['bytes_per_token']:>12.3f}"
-                     f"{row['fertility']:>11.3f}{row['words_split']:>13.1%}{row['uncovered']:>11.2%}")
+                     f"{row['fertility']:>11.3f}{row['words_split']:>13.1%}{row['uncovered']:>11.2%}"
+                     + ((f"{relative:>+16.1%}" if relative is not None else f"{'base':>16}") if base else ""))
     return "\n".join(lines)
 
 
