@@ -14,7 +14,7 @@ Without arguments it builds its settings from the demo corpora: a general base t
 small Llama trained on public text with a little finance (the tests' stand-in for a pretrained
 model), and a domain tokenizer trained on the demo's mix, for two tokenizer models and two
 model sizes. With `--base-model`, it measures one real model instead, carried over to each
-tokenizer given (a domain tokenizer for `transplant`, an extended one for `extend`):
+tokenizer given (a domain tokenizer for `transplant`, a grown one for `extend`):
 
     python bench/transplant.py
     python bench/transplant.py --base-model DIR [--domain-tokenizer DIR ...] [--texts held_out.txt] [--window 2048]
@@ -22,7 +22,8 @@ tokenizer given (a domain tokenizer for `transplant`, an extended one for `exten
 (`--texts`: one document per line, by default the demo corpora's financial held-out documents;
 the base tokenizer is read from the model's folder. Without `--domain-tokenizer`, dapt's
 tokenizer stage makes two on the demo corpora, as `dapt tokenizer train` does for an experiment
-with that base model: a domain tokenizer (`transplant`) and the base one extended by it (`extend`).)
+with that base model: a domain tokenizer (`transplant`) and the base one grown on the financial
+corpora (`extend`).)
 """
 
 from __future__ import annotations
@@ -118,16 +119,20 @@ DEMO_EXTEND_PIECES = 4000
 
 
 def demo_tokenizers(base_model: Path, scratch: Path) -> list[Path]:
-    """A domain tokenizer trained by dapt on the demo corpora, and `base_model`'s own extended by it."""
+    """Made by dapt's tokenizer stage on the demo corpora: a domain tokenizer (`transplant`), and
+    `base_model`'s own grown on the financial corpora (`extend`)."""
     from dapt.experiment import load_experiment
     from dapt.launch.pipeline import train_tokenizer
 
     write_demo_corpora(scratch / "data")
-    model = {"path": str(base_model.resolve()), "embeddings": "extend", "extend_pieces": DEMO_EXTEND_PIECES}
-    experiment, _ = load_experiment(write_experiment(scratch, {"tokenizer": {"train": DEMO_DOMAIN_TOKENIZER},
-                                                               "model": model}))
-    train_tokenizer(experiment)
-    return [experiment.domain_tokenizer_dir, experiment.tokenizer_dir]
+    made = []
+    for embeddings in ({"embeddings": "transplant"},
+                       {"embeddings": "extend", "extend_pieces": DEMO_EXTEND_PIECES, "extend_domain": ["financial"]}):
+        model = {"path": str(base_model.resolve()), **embeddings}
+        experiment, _ = load_experiment(write_experiment(scratch, {"tokenizer": {"train": DEMO_DOMAIN_TOKENIZER},
+                                                                   "model": model}))
+        made.append(train_tokenizer(experiment))
+    return made
 
 
 def demo_financial_texts() -> list[str]:

@@ -47,6 +47,17 @@ def test_weight_for_unknown_corpus_is_refused(tmp_path):
         load_experiment(path)
 
 
+def test_extend_names_its_domain_when_the_corpora_form_groups(tmp_path):
+    model = {"path": "base", "embeddings": "extend"}
+    with pytest.raises(DaptError, match=r"experiment.yaml:\d+: model.extend_domain: required with `embeddings: extend` "
+                                        r"when the corpora form more than one group \(financial, public\)"):
+        load_experiment(write_experiment(tmp_path, {"model": model}))
+    with pytest.raises(DaptError, match=r"model.extend_domain\[0\]: unknown group or corpus 'finance'"):
+        load_experiment(write_experiment(tmp_path, {"model": model | {"extend_domain": ["finance"]}}))
+    experiment, _ = load_experiment(write_experiment(tmp_path, {"model": model | {"extend_domain": ["financial", "web"]}}))
+    assert [c.name for c in experiment.extend_domain_corpora()] == ["filings", "news", "web"]
+
+
 def test_negative_weight_is_refused(tmp_path):
     path = write_experiment(tmp_path, {"mix": {"weights": {"filings": -1.0}}})
     with pytest.raises(DaptError, match=r"mix: weights.filings: must be >= 0, got -1.0"):
