@@ -26,6 +26,10 @@ class ModelConfig(StrictModel):
     """The base model's own tokenizer directory (default: `path`, the Hugging Face convention)."""
     extend_pieces: int = Field(default=8000, gt=0)
     """extend: at most how many pieces to add, those that save the most tokens on the domain text first."""
+    fit_new_rows: int = Field(default=0, ge=0)
+    """transplant / extend: Adam steps (8 windows of `mix.seq_len` tokens each) fitting the new rows
+    alone on the training text (the domain's, for `extend`) before training starts, the rest of the
+    model frozen; 0 keeps them the mean of their pieces' rows. Done once, on one process's device."""
     extend_domain: list[str] = []
     """extend: the groups or corpora that are the domain, whose text the new pieces are learnt on
     (required when the corpora form more than one group; public text needs no new pieces)."""
@@ -36,6 +40,8 @@ class ModelConfig(StrictModel):
             raise ValueError("give exactly one of `path` (an existing model) or `config` (a new one)")
         if self.embeddings is not None and self.path is None:
             raise ValueError(f"embeddings: {self.embeddings} carries a base model over; it needs `path`, not `config`")
+        if self.fit_new_rows and self.embeddings is None:
+            raise ValueError("fit_new_rows fits the new rows of a carry-over; set `embeddings: transplant` or `extend`")
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("config: needs `model_type` (e.g. llama)")
         return self

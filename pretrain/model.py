@@ -21,6 +21,7 @@ import torch
 from dapt.data_mix.store import tokenizer_hash
 from dapt.base import DaptError
 from dapt.pretrain.config import ModelConfig
+from dapt.pretrain.new_rows import fit_new_rows
 from dapt.tokenizer.evaluate import load_tokenizer
 from dapt.tokenizer.files import copy_tokenizer_files
 from dapt.tokenizer.transplant import carry_over
@@ -101,24 +102,34 @@ def _check_own_tokenizer(config: ModelConfig, tokenizer) -> None:
                         f"`model.embeddings: transplant` (or `extend`)")
 
 
-def carried_over_model(config: ModelConfig, tokenizer):
-    """The base model, whole and in its stored precision, carried over to `tokenizer` in this process."""
+def carried_over_model(config: ModelConfig, tokenizer, fit_windows: torch.Tensor | None = None):
+    """The base model, whole and in its stored precision, carried over to `tokenizer` in this process;
+    with `fit_windows` (token windows of the training text) its new rows are then fitted on them."""
     from transformers import AutoModelForCausalLM
 
     base_tokenizer = load_tokenizer(Path(config.base_tokenizer or config.path))
     model = AutoModelForCausalLM.from_pretrained(config.path, attn_implementation="sdpa", dtype="auto")
-    print(carry_over(model, base_tokenizer, tokenizer).summary(), flush=True)
+    plan = carry_over(model, base_tokenizer, tokenizer)
+    print(plan.summary(), flush=True)
+    if fit_windows is not None and len(fit_windows) and plan.averaged:
+        first, last = fit_new_rows(model, plan.averaged, fit_windows)
+        print(f"embeddings: {len(plan.averaged):,} new rows fitted on {len(fit_windows):,} windows of the training "
+              f"text (model.fit_new_rows), loss {first:.3f} → {last:.3f}", flush=True)
     return model
 
 
-def write_carried_over(config: ModelConfig, tokenizer_dir: Path, out_dir: Path) -> Path:
+def write_carried_over(config: ModelConfig, tokenizer_dir: Path, out_dir: Path,
+                       fit_windows: torch.Tensor | None = None) -> Path:
     """The base model carried over to the experiment's tokenizer, as a Hugging Face folder with that
-    tokenizer: written once (by one process), kept while the base model and both tokenizers are unchanged."""
+    tokenizer: written once (by one process), kept while the base model, both tokenizers and the
+    fitting windows are unchanged."""
     stamp = _carry_over_stamp(config, tokenizer_dir)
+    if fit_windows is not None:
+        stamp["fit_windows"] = hashlib.sha256(fit_windows.numpy().tobytes()).hexdigest()
     if (out_dir / CARRY_OVER_STAMP).exists() and json.loads((out_dir / CARRY_OVER_STAMP).read_text()) == stamp:
         print(f"embeddings: carried-over base model up to date in {out_dir}", flush=True)
         return out_dir
-    model = carried_over_model(config, load_tokenizer(tokenizer_dir))
+    model = carried_over_model(config, load_tokenizer(tokenizer_dir), fit_windows)
     # Written beside and renamed last: a killed start never leaves a folder that looks complete.
     temporary = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)

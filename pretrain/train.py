@@ -37,6 +37,7 @@ from dapt.pretrain.guard import (StepGuard, engine_checks_overflow, injected_nan
                            step_skipping_nonfinite_gradients)
 from dapt.pretrain.metrics import flops_per_token, mfu, peak_flops
 from dapt.pretrain.model import PRECISION_DTYPES, build_model, write_carried_over
+from dapt.pretrain.new_rows import fit_windows
 from dapt.pretrain.progress import Progress
 from dapt.pretrain.stop import StopRequest
 from dapt.pretrain.tracking import Tracker
@@ -207,9 +208,20 @@ class Trainer:
         if model.embeddings is None:
             return Path(model.path) if model.path else None
         if self.env.is_main:
-            write_carried_over(model, self.experiment.tokenizer_dir, self.experiment.carried_over_dir)
+            write_carried_over(model, self.experiment.tokenizer_dir, self.experiment.carried_over_dir,
+                               self._fit_windows())
         dist.barrier()
         return self.experiment.carried_over_dir
+
+    def _fit_windows(self) -> torch.Tensor | None:
+        """With `model.fit_new_rows`, the training text the new rows are fitted on: the domain's for `extend`."""
+        experiment = self.experiment
+        if not experiment.model.fit_new_rows:
+            return None
+        domain = experiment.extend_domain_corpora() if experiment.model.embeddings == "extend" else experiment.corpora
+        stores = experiment_stores(experiment, "train")
+        return fit_windows([stores[c.name] for c in domain], self.mix.seq_len, experiment.model.fit_new_rows,
+                           experiment.seed)
 
     def _start_tracking(self, resumed: bool) -> None:
         experiment, mix, state = self.experiment, self.mix, self.state

@@ -248,6 +248,38 @@ def test_zero3_trains_from_the_transplanted_weights(base_and_domain, built_exper
         assert bpb == pytest.approx(results["corpora"][name]["bpb_before"], rel=1e-4), name
 
 
+def test_fitted_new_rows_start_closer_to_the_base_than_their_means(base_and_domain, built_experiment, tmp_path):
+    """`model.fit_new_rows`: the new rows alone learn on windows of the training stores; every other
+    weight stays the base's, and the step-0 held-out BPB falls below that of the mean rows."""
+    from dapt.data_mix.store import experiment_stores
+    from dapt.pretrain.model import CARRY_OVER_STAMP, write_carried_over
+    from dapt.pretrain.new_rows import FIT_BATCH, fit_windows
+
+    base_dir, domain_dir, lines, texts = base_and_domain
+    stores = list(experiment_stores(built_experiment, "train").values())
+    drawn = fit_windows(stores, seq_len=64, steps=40, seed=0)
+    assert drawn.shape == (40 * FIT_BATCH, 65) and torch.equal(drawn, fit_windows(stores, 64, 40, 0))
+    assert not torch.equal(drawn, fit_windows(stores, 64, 40, 1))
+    # The domain tokenizer's windows of the domain sample, as fit_windows cuts them from its stores.
+    tokenizer = AutoTokenizer.from_pretrained(domain_dir)
+    ids = torch.tensor([i for line in lines for i in tokenizer(line, add_special_tokens=False)["input_ids"]])
+    windows = torch.stack([ids[s:s + 65] for s in torch.randint(0, len(ids) - 65, (40 * FIT_BATCH,),
+                                                                 generator=torch.Generator().manual_seed(0))])
+    config = ModelConfig(path=str(base_dir), embeddings="transplant", fit_new_rows=40)
+    means, fitted = carried_over_model(config, tokenizer), carried_over_model(config, tokenizer, windows)
+    new = plan_rows(AutoTokenizer.from_pretrained(base_dir), tokenizer)[0].averaged
+    kept = torch.ones(len(tokenizer), dtype=torch.bool)
+    kept[new] = False
+    for (name, mean_weight), (_, fitted_weight) in zip(means.state_dict().items(), fitted.state_dict().items()):
+        rows_kept = kept if mean_weight.shape[:1] == (len(tokenizer),) else slice(None)
+        assert torch.equal(mean_weight[rows_kept], fitted_weight[rows_kept]), name
+    assert not torch.equal(means.get_input_embeddings().weight[new], fitted.get_input_embeddings().weight[new])
+    assert all(p.requires_grad for p in fitted.parameters()), "nothing stays frozen after the fit"
+    assert heldout_bpb(fitted, tokenizer, texts) < heldout_bpb(means, tokenizer, texts) - 0.05
+    write_carried_over(config, domain_dir, tmp_path / "carried-over", windows)
+    assert "fit_windows" in json.loads((tmp_path / "carried-over" / CARRY_OVER_STAMP).read_text())
+
+
 def test_the_carried_over_folder_is_written_once_and_rewritten_when_an_input_changes(base_and_domain, tmp_path, capsys):
     from dapt.data_mix.store import tokenizer_hash
     from dapt.pretrain.model import CARRY_OVER_STAMP, write_carried_over
