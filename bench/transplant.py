@@ -9,6 +9,8 @@ For each setting, on financial held-out text, before any training:
                (a normal with the trained rows' mean and covariance)
   ratio        (transplant − base) ÷ (random − base): the share of the random rows' loss the carry-over keeps
                (and the same against the resize draw)
+  fitted       (with --base-model) the carried-over model after `model.fit_new_rows: 20`: its new rows alone
+               fitted on 20 × 8 windows of 256 tokens of the financial training text, and its ratio to base
 
 Without arguments it builds its settings from the demo corpora: a general base tokenizer and a
 small Llama trained on public text with a little finance (the tests' stand-in for a pretrained
@@ -42,7 +44,10 @@ from dapt.data_mix.demo_corpora import write_demo_corpora  # noqa: E402
 from tests.conftest import write_experiment  # noqa: E402
 from tests.test_transplant import draw_new_rows, heldout_bpb, tiny_llama, train_base_model  # noqa: E402
 from dapt.tokenizer.config import TokenizerTrainConfig  # noqa: E402
+from dapt.pretrain.new_rows import FIT_BATCH, fit_new_rows  # noqa: E402
 from dapt.tokenizer.transplant import carry_over  # noqa: E402
+
+FIT_STEPS, FIT_WINDOW = 20, 256  # model.fit_new_rows: 20, mix.seq_len: 256
 
 
 @dataclass
@@ -71,10 +76,19 @@ def resize_draw(base_model, count: int, seed: int = 0) -> tuple[torch.Tensor, to
     return grown.get_input_embeddings().weight[-count:].detach(), grown.get_output_embeddings().weight[-count:].detach()
 
 
+def text_windows(tokenizer, lines: list[str], steps: int = FIT_STEPS, length: int = FIT_WINDOW) -> torch.Tensor:
+    """Random windows of the training text, as `fit_windows` cuts them from the stores."""
+    ids = torch.tensor([i for line in lines for i in [*tokenizer(line, add_special_tokens=False)["input_ids"],
+                                                      tokenizer.eos_token_id]])
+    starts = torch.randint(0, len(ids) - length - 1, (steps * FIT_BATCH,), generator=torch.Generator().manual_seed(0))
+    return torch.stack([ids[s:s + length + 1] for s in starts])
+
+
 def measure(base_model, base_tokenizer, domain_tokenizer, texts: list[str], window: int | None,
-            base_bpb: float | None = None) -> dict:
+            base_bpb: float | None = None, fit_lines: list[str] | None = None) -> dict:
     """The step-0 figures of one base model, tokenizer pair and held-out text (`base_bpb`: the base
-    model's own figure on `texts`, when measured already)."""
+    model's own figure on `texts`, when measured already; `fit_lines`: training text to fit the new
+    rows on, as `model.fit_new_rows` does)."""
     figures = {"base": base_bpb or heldout_bpb(base_model, base_tokenizer, texts, window)}
     carried = copy.deepcopy(base_model)
     plan = carry_over(carried, base_tokenizer, domain_tokenizer)
@@ -82,6 +96,11 @@ def measure(base_model, base_tokenizer, domain_tokenizer, texts: list[str], wind
     tokens = [i for text in texts for i in domain_tokenizer(text, add_special_tokens=False)["input_ids"]]
     figures.update(new_rows=len(new), rows=len(domain_tokenizer), new_share=sum(i in new for i in tokens) / len(tokens))
     figures["transplant"] = heldout_bpb(carried, domain_tokenizer, texts, window)
+    if fit_lines:
+        fitted = copy.deepcopy(carried)
+        fit_new_rows(fitted, plan.averaged, text_windows(domain_tokenizer, fit_lines))
+        figures["fitted"] = heldout_bpb(fitted, domain_tokenizer, texts, window)
+        del fitted
     drawn_in, drawn_out = resize_draw(base_model, len(plan.averaged))
     with torch.no_grad():
         carried.get_input_embeddings().weight[plan.averaged] = drawn_in
@@ -146,14 +165,28 @@ def demo_financial_texts() -> list[str]:
         return [t for c in experiment.corpora if c.group == "financial" for t in heldout_texts(c, experiment.heldout)]
 
 
+def demo_financial_training_lines() -> list[str]:
+    """Training text of the demo's financial corpora (the held-out documents left out), to fit new rows on."""
+    from dapt.experiment import load_experiment
+    from dapt.tokenizer.train import draw_sample
+
+    with tempfile.TemporaryDirectory() as scratch:
+        write_demo_corpora(Path(scratch) / "data")
+        experiment, _ = load_experiment(write_experiment(Path(scratch)))
+        financial = [c for c in experiment.corpora if c.group == "financial"]
+        return draw_sample(financial, {c.name: 1 / len(financial) for c in financial}, experiment.heldout, 1.0e6)
+
+
 def print_table(rows: list[tuple[str, dict]]) -> None:
     print("step-0 held-out BPB after carrying a base model over to a domain tokenizer; "
           "baseline: the same model with its new rows drawn as its initializer draws them")
     print(f"{'setting':52s} {'new rows':>10s} {'new tokens':>10s} {'base':>6s} {'transplant':>10s} "
-          f"{'random':>7s} {'resize draw':>11s} {'ratio':>6s} {'ratio to resize draw':>20s}")
+          f"{'random':>7s} {'resize draw':>11s} {'ratio':>6s} {'ratio to resize draw':>20s} {'fitted':>7s} {'fitted ÷ base':>13s}")
     for name, f in rows:
+        fitted = f"{f['fitted']:7.3f} {f['fitted'] / f['base']:13.3f}" if "fitted" in f else f"{'-':>7s} {'-':>13s}"
         print(f"{name:52s} {f['new_rows']:>4}/{f['rows']:<5} {100 * f['new_share']:9.1f}% {f['base']:6.3f} "
-              f"{f['transplant']:10.3f} {f['random']:7.3f} {f['resize draw']:11.3f} {f['ratio to random']:6.2f} {f['ratio to resize draw']:20.2f}")
+              f"{f['transplant']:10.3f} {f['random']:7.3f} {f['resize draw']:11.3f} {f['ratio to random']:6.2f} "
+              f"{f['ratio to resize draw']:20.2f} {fitted}")
 
 
 def main() -> None:
@@ -175,9 +208,10 @@ def main() -> None:
         texts = ([line for line in args.texts.read_text(encoding="utf-8").splitlines() if line.strip()] if args.texts
                  else demo_financial_texts())
         base_tokenizer, rows, base_bpb = AutoTokenizer.from_pretrained(args.base_model), [], None
+        fit_lines = demo_financial_training_lines()
         for folder in tokenizers:
             figures = measure(model.to(device), base_tokenizer, AutoTokenizer.from_pretrained(folder), texts,
-                              args.window, base_bpb)
+                              args.window, base_bpb, fit_lines)
             base_bpb = figures["base"]
             rows.append((f"{args.base_model.name} → {folder.name}", figures))
             print(f"measured: {folder}", flush=True)

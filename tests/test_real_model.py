@@ -62,7 +62,9 @@ def test_continued_pretraining_of_a_real_model_with_its_own_tokenizer(tmp_path, 
 def test_a_real_model_extended_by_a_domain_tokenizer(tmp_path, small_corpora, smollm2):
     experiment, results, output = real_model_run(
         tmp_path, small_corpora, smollm2, {"train": {"sample_bytes": 2.0e5}},
-        {"path": str(smollm2), "embeddings": "extend", "extend_pieces": 300, "extend_domain": ["financial"]})
+        {"path": str(smollm2), "embeddings": "extend", "extend_pieces": 300, "extend_domain": ["financial"],
+         "fit_new_rows": 2})
+    assert "new rows fitted on 16 windows of the training text" in output
     assert "embeddings: 49,152 rows copied from the base model" in output
     extended = AutoTokenizer.from_pretrained(experiment.export_dir)
     assert len(extended) > len(AutoTokenizer.from_pretrained(smollm2))
