@@ -134,7 +134,7 @@ def main() -> None:
     base, grown = figures.values()
     print(f"continued pretraining of {args.base_model.name}, {args.steps} steps of 8 sequences of the same bytes; "
           f"baseline: the model's own tokenizer")
-    print(f"{'':34s}{'own tokenizer':>16s}{'extend':>16s}{'extend ÷ own':>14s}")
+    print(f"{'':44s}{'own tokenizer':>16s}{'extend':>16s}{'extend ÷ own':>14s}")
     rows = [(f"held-out BPB {n} (before → after)", f"{base['corpora'][n]['bpb_before']:.3f} → {base['corpora'][n]['bpb_after']:.3f}",
              f"{grown['corpora'][n]['bpb_before']:.3f} → {grown['corpora'][n]['bpb_after']:.3f}",
              grown["corpora"][n]["bpb_after"] / base["corpora"][n]["bpb_after"]) for n in base["corpora"]]
@@ -147,7 +147,7 @@ def main() -> None:
              ("financial held-out BPB after", f"{base['financial_after']:.3f}", f"{grown['financial_after']:.3f}",
               grown["financial_after"] / base["financial_after"])]
     for label, own_value, extend_value, quotient in rows:
-        print(f"{label:34s}{own_value:>16s}{extend_value:>16s}{quotient:>14.3f}")
+        print(f"{label:44s}{own_value:>16s}{extend_value:>16s}{quotient:>14.3f}")
     print(f"runs in {root}")
 
 
