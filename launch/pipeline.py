@@ -86,7 +86,8 @@ def _extended_tokenizer(experiment: Experiment) -> Path:
     if not unigram:
         print(f"tokenizer: growing {base_dir}'s BPE by merges learnt on {', '.join(c.name for c in domain)} "
               f"(up to {sample_bytes:,.0f} bytes by mix share); no domain tokenizer is needed for it")
-    shares = {c.name: _mix_shares(experiment)[c.name] for c in domain}
+    mix_shares = _mix_shares(experiment)  # reads every corpus through to size it: once
+    shares = {c.name: mix_shares[c.name] for c in domain}
     total = sum(shares.values())  # the domain's own shares; even ones if the mix gives it none
     domain_shares = {name: share / total if total else 1 / len(shares) for name, share in shares.items()}
     lines = draw_sample(domain, domain_shares, experiment.heldout, sample_bytes)

@@ -173,7 +173,7 @@ class Trainer:
 
         experiment, train = self.experiment, self.train
         self.tokenizer = AutoTokenizer.from_pretrained(experiment.tokenizer_dir)
-        train_stores = experiment_stores(experiment, "train")
+        self.train_stores = train_stores = experiment_stores(experiment, "train")
         self.batches = batch_sizes(train)
         self.schedule = build_schedule(experiment.corpora, self.mix, experiment.seed, train_stores, self.batches,
                                        train.steps)
@@ -219,9 +219,8 @@ class Trainer:
         if not experiment.model.fit_new_rows:
             return None
         domain = experiment.extend_domain_corpora() if experiment.model.embeddings == "extend" else experiment.corpora
-        stores = experiment_stores(experiment, "train")
-        return fit_windows([stores[c.name] for c in domain], self.mix.seq_len, experiment.model.fit_new_rows,
-                           experiment.seed)
+        return fit_windows([self.train_stores[c.name] for c in domain], self.mix.seq_len,
+                           experiment.model.fit_new_rows, experiment.seed)
 
     def _start_tracking(self, resumed: bool) -> None:
         experiment, mix, state = self.experiment, self.mix, self.state

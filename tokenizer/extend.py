@@ -30,12 +30,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from dapt.base import DaptError
-from dapt.tokenizer.evaluate import load_tokenizer
+from dapt.tokenizer.evaluate import ENCODE_BATCH, SPACE_MARKERS, load_tokenizer
 from dapt.tokenizer.files import TOKENIZER_SETTINGS, copy_tokenizer_files
-from dapt.tokenizer.transplant import piece_keys
+from dapt.tokenizer.transplant import piece_bytes, piece_keys
 
-SPACE_MARKERS = ("Ġ", "▁")  # how byte-level and sentencepiece-style vocabularies write a leading space
-ENCODE_BATCH = 1024
 DIGITS = "0123456789"
 
 
@@ -92,8 +90,8 @@ def _grow_bpe(state: dict, backend, lines: list[str], pieces: int) -> list[str]:
     for offset, (left, right) in enumerate(merges):
         vocab[left + right] = next_id + offset
         model["merges"].append(f"{left} {right}" if as_strings else [left, right])
-    decoded = _decoder_of(state)
-    return [decoded(left + right) for left, right in merges]
+    to_bytes = piece_bytes(state)
+    return [to_bytes(left + right).decode("utf-8", errors="replace") for left, right in merges]
 
 
 def learn_merges(words: list[tuple[list[str], int]], count: int, known: set[str],
@@ -111,7 +109,7 @@ def learn_merges(words: list[tuple[list[str], int]], count: int, known: set[str]
     def pairs(index: int):
         word = symbols[index]
         return [(a, b) for a, b in zip(word, word[1:])
-                if not b.startswith(SPACE_MARKERS) and a + b not in known and not unmerged.intersection(a + b)]
+                if b[:1] not in SPACE_MARKERS and a + b not in known and not unmerged.intersection(a + b)]
 
     for index in range(len(symbols)):
         for pair in pairs(index):
@@ -155,16 +153,6 @@ def _merge(word: list[str], pair: tuple[str, str], merged: str) -> list[str]:
             out.append(word[index])
             index += 1
     return out
-
-
-def _decoder_of(state: dict):
-    """Vocabulary string → the text it stands for (byte-level pieces are bytes in GPT-2's printable stand-ins)."""
-    if "ByteLevel" not in json.dumps(state.get("decoder")):
-        return lambda piece: piece.replace("▁", " ")
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
-    return lambda piece: bytes(byte_of[char] for char in piece).decode("utf-8", errors="replace")
 
 
 def _grow_unigram(state: dict, base, domain, lines: list[str], pieces: int) -> list[str]:

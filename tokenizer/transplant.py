@@ -41,12 +41,7 @@ def piece_keys(tokenizer) -> dict[int, tuple]:
     """Every id → what its piece stands for, comparable across tokenizers: `("text", bytes)` for
     learnt pieces (sentencepiece `▁` and byte-level `Ġ` both read as a space), `("byte", n)` for
     byte-fallback pieces `<0xNN>`, `("special", role)` for special tokens (`eos`, ...)."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    byte_level = "ByteLevel" in json.dumps(backend.get("decoder"))
-    # GPT-2's printable stand-in character for each byte, inverted.
-    decoder = {char: byte for byte, char in bytes_to_unicode().items()} if byte_level else {}
+    to_bytes = piece_bytes(json.loads(tokenizer.backend_tokenizer.to_str()))
     roles = {tokenizer.convert_tokens_to_ids(token): role.removesuffix("_token")
              for role, token in tokenizer.special_tokens_map.items() if isinstance(token, str)}
     keys: dict[int, tuple] = {}
@@ -56,11 +51,20 @@ def piece_keys(tokenizer) -> dict[int, tuple]:
             keys[index] = ("special", roles.get(index, piece))
         elif byte:
             keys[index] = ("byte", int(byte.group(1), 16))
-        elif byte_level:
-            keys[index] = ("text", bytes(decoder.get(char, 0) for char in piece))
         else:
-            keys[index] = ("text", piece.replace("▁", " ").encode("utf-8"))
+            keys[index] = ("text", to_bytes(piece))
     return keys
+
+
+def piece_bytes(backend_state: dict):
+    """Vocabulary string → the bytes it stands for, for a tokenizer.json's state: byte-level pieces
+    spell bytes in GPT-2's printable stand-in characters; sentencepiece's `▁` is a space."""
+    if "ByteLevel" not in json.dumps(backend_state.get("decoder")):
+        return lambda piece: piece.replace("▁", " ").encode("utf-8")
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    return lambda piece: bytes(byte_of.get(char, 0) for char in piece)
 
 
 def _same_piece(key: tuple, base_index: dict[tuple, int]) -> int | None:
