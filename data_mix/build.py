@@ -32,7 +32,8 @@ from tqdm import tqdm
 from dapt.data_mix.config import CorpusConfig, HeldoutConfig
 from dapt.data_mix.sources import CorpusReader, resolve_files
 from dapt.data_mix.split import split_position
-from dapt.data_mix.store import MANIFEST, file_checksum, token_dtype, tokenizer_hash
+from dapt.data_mix.store import (MANIFEST, file_checksum, file_records, read_manifest, size_problem, token_dtype,
+                                 tokenizer_hash)
 from dapt.base import DaptError
 
 STORE_VERSION = 2
@@ -82,6 +83,47 @@ def source_fingerprint(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_d
                else {"hf_dataset": corpus.hf_dataset.model_dump()})
     return {"version": STORE_VERSION, "corpus_config": corpus.model_dump(), "heldout": heldout.model_dump(),
             "tokenizer_hash": tokenizer, "sources": sources}
+
+
+def _file_stat(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def store_staleness(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Path, stores_dir: Path) -> str | None:
+    """Why the corpus's store does not hold what the experiment would build now, or None when it does.
+
+    Cheap on an unchanged corpus: a source file is checksummed only when its size or
+    modification time differs from the build's; the store's own files are only sized."""
+    tokenizer = tokenizer_hash(tokenizer_dir)  # first: a missing tokenizer is the error to report
+    folder = stores_dir / corpus.name
+    if not (folder / MANIFEST).exists():
+        return "not built yet"
+    try:
+        manifest = read_manifest(folder)
+    except DaptError:
+        return f"its {MANIFEST} is unreadable"
+    built = manifest.get("fingerprint", {})
+    if built.get("version") != STORE_VERSION:
+        return "built by another version of dapt's store format"
+    if built.get("tokenizer_hash") != tokenizer:
+        return f"built with another tokenizer than {tokenizer_dir}"
+    if built.get("corpus_config") != corpus.model_dump():
+        return f"corpus '{corpus.name}' is configured differently since the build"
+    if built.get("heldout") != heldout.model_dump():
+        return "`heldout` is configured differently since the build"
+    if not corpus.paths:
+        if built.get("sources") != {"hf_dataset": corpus.hf_dataset.model_dump()}:
+            return "its `hf_dataset` changed since the build"
+    else:
+        now, then, stats = resolve_files(corpus), built.get("sources", {}), manifest.get("source_stats", {})
+        added, removed = sorted({str(p) for p in now} - then.keys()), sorted(then.keys() - {str(p) for p in now})
+        if added or removed:
+            return f"source files {'added: ' + ', '.join(added) if added else 'removed: ' + ', '.join(removed)} since the build"
+        for path in now:
+            if stats.get(str(path)) != _file_stat(path) and file_checksum(path) != then[str(path)]:
+                return f"source file {path} changed since the build"
+    return size_problem(folder, manifest)
 
 
 def load_encoder(tokenizer_dir: Path):
@@ -138,12 +180,14 @@ def _batches(reader: CorpusReader):
 def build_store(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Path, stores_dir: Path) -> dict:
     """Build (or keep, when up to date) one corpus's store; returns its manifest."""
     final = stores_dir / corpus.name
-    fingerprint = source_fingerprint(corpus, heldout, tokenizer_dir)
+    stale = store_staleness(corpus, heldout, tokenizer_dir, stores_dir)
+    if stale is None:
+        return read_manifest(final) | {"rebuilt": False}
     if (final / MANIFEST).exists():
-        manifest = json.loads((final / MANIFEST).read_text())
-        if manifest.get("fingerprint") == fingerprint:
-            return manifest | {"rebuilt": False}
-
+        print(f"store {corpus.name}: {stale}; rebuilding it", flush=True)
+    # Sizes and times before the checksums: a file changed while the build reads it is then checksummed again next time.
+    source_stats = {str(path): _file_stat(path) for path in resolve_files(corpus)} if corpus.paths else {}
+    fingerprint = source_fingerprint(corpus, heldout, tokenizer_dir)
     encoder, eos = load_encoder(tokenizer_dir)  # here for the vocabulary and EOS; workers load their own
     for leftover in stores_dir.glob(f".{corpus.name}.building-*"):  # from a build that was killed
         shutil.rmtree(leftover, ignore_errors=True)
@@ -186,7 +230,8 @@ def build_store(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Pat
     manifest = {
         "corpus": corpus.name, "group": corpus.group, "dtype": dtype.name, "vocab_size": vocab_size,
         "eos_token_id": eos, "tokenizer_hash": fingerprint["tokenizer_hash"], "splits": splits,
-        "accounting": reader.report.to_json(), "fingerprint": fingerprint,
+        "accounting": reader.report.to_json(), "fingerprint": fingerprint, "files": file_records(temporary),
+        "source_stats": source_stats,
     }
     if splits["train"]["documents"] == 0:
         shutil.rmtree(temporary, ignore_errors=True)

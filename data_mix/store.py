@@ -24,6 +24,8 @@ from dapt.experiment import Experiment
 
 SPLITS = ("train", "heldout")
 MANIFEST = "manifest.json"
+STORE_FILES = tuple(f"{split}{suffix}" for split in SPLITS for suffix in (".bin", ".docs.npy"))
+REBUILD = "rebuild it with `dapt data build` (it rebuilds stores that changed)"
 
 
 def file_checksum(path: Path) -> str:
@@ -43,11 +45,63 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
+def read_manifest(folder: Path) -> dict:
+    """A store's manifest; a missing or unreadable one is an error naming it."""
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DaptError(f"no token store in {folder} ({MANIFEST} missing); run `dapt data build` first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DaptError(f"token store {folder}: {path.name} is not valid JSON ({err}); {REBUILD}") from None
+    if not isinstance(manifest, dict) or not {"corpus", "dtype", "splits", "tokenizer_hash"} <= manifest.keys():
+        raise DaptError(f"token store {folder}: {path.name} is not a dapt store manifest; {REBUILD}")
+    return manifest
+
+
+def size_problem(folder: Path, manifest: dict) -> str | None:
+    """What is wrong with the store's file sizes against its manifest (cheap: no file is read), or None."""
+    recorded = manifest.get("files")  # sizes and checksums; stores built before they were recorded have only counts
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for name in STORE_FILES:
+        path = folder / name
+        if not path.exists():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        split = name.split(".")[0]
+        expected = (recorded[name]["bytes"] if recorded else
+                    manifest["splits"][split]["tokens"] * itemsize if name.endswith(".bin") else None)
+        if expected is not None and size != expected:
+            return f"{name} holds {size:,} bytes where its manifest says {expected:,} (changed or cut after the build)"
+    return None
+
+
+def checksum_problem(folder: Path, manifest: dict) -> str | None:
+    """What differs from the checksums written at build time (reads every file), or None."""
+    recorded = manifest.get("files")
+    if not recorded:
+        return "its manifest holds no checksums (built by an earlier dapt); rebuild it to record them"
+    for name in STORE_FILES:
+        if file_checksum(folder / name) != recorded[name]["checksum"]:
+            return f"{name} does not match the checksum written at build time"
+    return None
+
+
+def file_records(folder: Path) -> dict:
+    """What `size_problem` and `checksum_problem` check against, for a store's manifest."""
+    return {name: {"bytes": (folder / name).stat().st_size, "checksum": file_checksum(folder / name)}
+            for name in STORE_FILES}
+
+
 class TokenStore:
-    """Read side of one split of one corpus: a flat token array cut into windows."""
+    """Read side of one split of one corpus: a flat token array cut into windows. Opening it
+    checks its files' sizes against the manifest, so a cut or replaced file is named, not read."""
 
     def __init__(self, folder: Path, split: str):
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = read_manifest(folder)
+        problem = size_problem(folder, manifest)
+        if problem:
+            raise DaptError(f"token store {folder}: {problem}; {REBUILD}")
         self.folder, self.split = folder, split
         self.corpus = manifest["corpus"]
         self.manifest = manifest
@@ -88,10 +142,7 @@ def open_stores(stores_dir: Path, corpora: list[CorpusConfig], split: str, expec
             raise DaptError(f"no token store for corpus '{corpus.name}' in {stores_dir}; run `dapt data build` first")
         store = TokenStore(folder, split)
         if store.manifest["tokenizer_hash"] != expected_tokenizer:
-            raise DaptError(
-                f"token store {folder} was built with another tokenizer; "
-                "rebuild it with `dapt data build` (it rebuilds stores whose tokenizer changed)"
-            )
+            raise DaptError(f"token store {folder} was built with another tokenizer; {REBUILD}")
         stores[corpus.name] = store
     return stores
 

@@ -41,7 +41,7 @@ def cmd_data_prepare(args) -> None:
 def cmd_data_inspect(args) -> None:
     from dapt.launch.pipeline import inspect_stores
 
-    inspect_stores(_experiment(args), args.sample)
+    inspect_stores(_experiment(args), args.sample, verify=args.verify)
 
 
 def cmd_data_build(args) -> None:
@@ -59,11 +59,16 @@ def cmd_mix_plan(args) -> None:
 def cmd_train(args) -> None:
     import gc
 
+    import os
+
     from dapt.launch.pipeline import load_training_experiment
+    from dapt.launch.preflight import checked_by_launcher, preflight
     from dapt.pretrain.train import train_one_after_another
 
     for config in args.configs:  # every file is checked before the first run starts
-        load_training_experiment(config)
+        experiment = load_training_experiment(config)
+        if not checked_by_launcher():  # started by hand or by a launcher that is not dapt's
+            preflight(experiment, Path(config), wandb=os.environ.get("RANK", "0") == "0")
     train_one_after_another([Path(config) for config in args.configs], resume=not args.no_resume)
     # The interpreter's last garbage collection walks every object torch, DeepSpeed and
     # transformers made (~3 s on a CPU); nothing is left to release, so exit without it.
@@ -73,9 +78,11 @@ def cmd_train(args) -> None:
 def cmd_launch_local(args) -> None:
     from dapt.launch.local import default_nproc, run_local
     from dapt.launch.pipeline import load_training_experiment
+    from dapt.launch.preflight import preflight
 
-    run_local(Path(args.config), args.nproc or default_nproc(load_training_experiment(args.config)),
-              resume=not args.no_resume)
+    experiment = load_training_experiment(args.config)
+    preflight(experiment, Path(args.config))
+    run_local(Path(args.config), args.nproc or default_nproc(experiment), resume=not args.no_resume)
 
 
 def cmd_launch_slurm(args) -> None:
@@ -83,6 +90,10 @@ def cmd_launch_slurm(args) -> None:
     from dapt.launch.slurm import launch_slurm, slurm_options
 
     experiment = load_training_experiment(args.config)
+    if not args.dry_run:
+        from dapt.launch.preflight import preflight
+
+        preflight(experiment, Path(args.config))  # on this host: nothing is submitted for a job that would fail
     flags = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "partition": args.partition,
              "account": args.account, "time": args.time}
     launch_slurm(experiment, Path(args.config), slurm_options(experiment, flags), dry_run=args.dry_run)
@@ -92,7 +103,10 @@ def cmd_launch_deepspeed(args) -> None:
     from dapt.launch.deepspeed_launcher import run_deepspeed
     from dapt.launch.pipeline import load_training_experiment
 
-    load_training_experiment(args.config)  # a bad experiment file is reported here, not by every rank
+    from dapt.launch.preflight import preflight
+
+    # A bad experiment file, a missing store or tokenizer is reported here, not by every rank.
+    preflight(load_training_experiment(args.config), Path(args.config))
     run_deepspeed(Path(args.config), Path(args.hostfile), args.launcher, resume=not args.no_resume)
 
 
@@ -216,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     command(data, "build", cmd_data_build, "read, validate and tokenise the corpora into token stores")
     inspect = command(data, "inspect", cmd_data_inspect, "statistics of the built stores, and decoded samples")
     inspect.add_argument("--sample", type=int, default=0, metavar="N", help="print N decoded documents per corpus")
+    inspect.add_argument("--verify", action="store_true",
+                         help="check every store file against the checksums written at build time, and the sources")
     mix = commands.add_parser("mix", help="mix stages").add_subparsers(dest="sub", required=True, metavar="STAGE")
     command(mix, "plan", cmd_mix_plan, "print samples, tokens and epochs per corpus for the run")
 

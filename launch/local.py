@@ -11,6 +11,7 @@ import torch
 
 from dapt.base import DaptError
 from dapt.experiment import Experiment
+from dapt.launch.preflight import CHECKED
 
 
 def default_nproc(experiment: Experiment) -> int:
@@ -32,8 +33,10 @@ def torchrun_command(config_path: Path, nproc: int, resume: bool = True) -> list
 
 
 def training_environment(**defaults: str) -> dict[str, str]:
-    """This process's environment for the launcher, with `defaults` where the user set nothing."""
+    """This process's environment for the launcher, with `defaults` where the user set nothing;
+    its callers have run the preflight checks, so the ranks need not run them again."""
     env = dict(os.environ)
+    env[CHECKED] = "1"
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     for name, value in defaults.items():

@@ -12,14 +12,15 @@ from pathlib import Path
 
 from dapt.data_mix.batches import batch_sizes
 from dapt.data_mix.blend import build_schedule, target_shares
-from dapt.data_mix.build import build_store
+from dapt.data_mix.build import build_store, store_staleness
 from dapt.data_mix.plan import format_plan, plan, plot_plan
 from dapt.data_mix.report import format_accounting, format_statistics, prepare, sample_documents, store_statistics
 from dapt.data_mix.sources import CorpusReader
-from dapt.data_mix.store import experiment_stores, tokenizer_hash
+from dapt.data_mix.store import checksum_problem, experiment_stores, read_manifest, tokenizer_hash
 from dapt.base import DaptError
 from dapt.experiment import Experiment, load_experiment
 from dapt.launch.local import default_nproc, run_local
+from dapt.launch.preflight import preflight
 from dapt.pretrain.checkpoint import latest_tag, tag_for
 from dapt.pretrain.export import export_checkpoint
 from dapt.pretrain.model import check_model
@@ -163,10 +164,12 @@ def build_stores(experiment: Experiment) -> list[dict]:
     return manifests
 
 
-def inspect_stores(experiment: Experiment, samples: int) -> list[dict]:
+def inspect_stores(experiment: Experiment, samples: int, verify: bool = False) -> list[dict]:
     from transformers import AutoTokenizer
 
     experiment_stores(experiment, "train")
+    if verify:
+        verify_stores(experiment)
     rows = [store_statistics(experiment.stores_dir / c.name) for c in experiment.corpora]
     print(format_statistics(rows))
     if samples:
@@ -176,6 +179,20 @@ def inspect_stores(experiment: Experiment, samples: int) -> list[dict]:
                                                             experiment.seed), 1):
                 print(f"\n--- {corpus.name}, sample {number} ---\n{text}")
     return rows
+
+
+def verify_stores(experiment: Experiment) -> None:
+    """Every store against the checksums written when it was built, and against its sources now."""
+    problems = []
+    for corpus in experiment.corpora:
+        folder = experiment.stores_dir / corpus.name
+        problem = (store_staleness(corpus, experiment.heldout, experiment.tokenizer_dir, experiment.stores_dir)
+                   or checksum_problem(folder, read_manifest(folder)))
+        print(f"store {corpus.name}: {problem or 'verified (sizes, checksums, sources)'}")
+        if problem:
+            problems.append(f"token store {folder}: {problem}")
+    if problems:
+        raise DaptError("\n".join(problems) + "\nrebuild with `dapt data build` (it rebuilds stores that changed)")
 
 
 def mix_plan(experiment: Experiment) -> str:
@@ -233,6 +250,7 @@ def run_flow(config: Path, nproc: int | None, resume: bool = True) -> None:
     build_stores(experiment)
     print("== 3/5 mix", flush=True)
     mix_plan(experiment)
+    preflight(experiment, config)
     print("== 4/5 training", flush=True)
     run_local(config, nproc or default_nproc(experiment), resume)
     if not experiment.results_file.exists() or latest_tag(experiment.checkpoints_dir) != tag_for(experiment.train.steps):

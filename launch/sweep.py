@@ -30,6 +30,7 @@ from typing import Callable
 from dapt.base import DaptError
 from dapt.experiment import Experiment, load_experiment
 from dapt.launch.local import default_nproc, torchrun_command, training_environment
+from dapt.launch.preflight import preflight
 from dapt.launch.sweep_design import ProxyRun, base_weights, design, proxy_yaml, run_dir, sweep_dir, wandb_group
 from dapt.launch.sweep_results import write_results
 from dapt.launch.sweep_slurm import submit_array
@@ -149,6 +150,7 @@ def run_sweep(config_path: Path, only: list[str] | None = None, nproc: int | Non
     train_tokenizer(experiment)
     print("== token stores (shared by every run)", flush=True)
     build_stores(experiment)
+    preflight(experiment, config_path)
     left_out = [f"mix.{key}" for key in ("stages", "budgets") if getattr(experiment.mix, key)]
     if left_out:
         print(f"note: each proxy run trains on one mix from start to end; {' and '.join(left_out)} of the "

@@ -21,6 +21,16 @@ LATEST = "latest"
 META = "dapt-checkpoint.json"  # beside each checkpoint: what a resume must know before building the engine
 
 
+# Bytes per parameter in a checkpoint beyond the weights: Adam's two moments and the fp32 master
+# weights (which DeepSpeed keeps for fp32 training too, as its optimizer's flat partitions).
+OPTIMIZER_BYTES_PER_PARAMETER = 12
+
+
+def checkpoint_bytes(parameters: int, weight_bytes: int) -> int:
+    """About what one checkpoint of a model of `parameters` takes on disk, weights in `weight_bytes` each."""
+    return parameters * (weight_bytes + OPTIMIZER_BYTES_PER_PARAMETER)
+
+
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 

@@ -89,6 +89,23 @@ def build_model(config: ModelConfig, tokenizer, seed: int, activation_checkpoint
     return model
 
 
+def parameter_count(config: ModelConfig, vocab_size: int | None) -> int:
+    """The model's parameters, counted on a model built without memory (PyTorch's meta device);
+    `vocab_size` is the experiment's tokenizer's, when known (a carry-over resizes the embeddings)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config.config is not None:
+        fields = dict(config.config)
+        hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    else:
+        hf_config = AutoConfig.from_pretrained(config.path)
+    if vocab_size is not None and (config.config is not None or config.embeddings is not None):
+        hf_config.vocab_size = vocab_size
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
 def _check_own_tokenizer(config: ModelConfig, tokenizer) -> None:
     """Without a carry-over the experiment's tokenizer must be the one the model was trained with."""
     own = Path(config.base_tokenizer or config.path)

@@ -27,6 +27,36 @@ def _metrics_file(path: Path, resume_step: int | None):
 
 
 _USER_WANDB_DATA_DIR = os.environ.get("WANDB_DATA_DIR")
+DEFAULT_WANDB_URL = "https://api.wandb.ai"
+
+
+def online_problem(timeout: float = 5.0) -> str | None:
+    """Why `wandb.mode: online` would fail once the ranks run (no credentials, server out of reach), or None.
+    Credentials as wandb finds them: WANDB_API_KEY, an identity token file, or `wandb login`'s netrc entry."""
+    import netrc
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlparse
+
+    url = os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_URL).rstrip("/")
+    host = urlparse(url).hostname or url
+    if not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")):
+        try:
+            entry = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
+        except (FileNotFoundError, netrc.NetrcParseError):
+            entry = None
+        if not entry:
+            return (f"wandb.mode: online, but no W&B credentials for {host}: run `wandb login` (or set WANDB_API_KEY), "
+                    f"or set `wandb.mode: offline` and upload later with `wandb sync`")
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # the server answered
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        return (f"wandb.mode: online, but {url} did not answer within {timeout:.0f} s ({reason}); check the network "
+                f"(or WANDB_BASE_URL), or set `wandb.mode: offline` and upload later with `wandb sync`")
+    return None
 
 
 def _init_wandb(workdir: Path, settings: WandbConfig, **init):

@@ -1,0 +1,83 @@
+"""The checks every command that starts training runs first, before a rank or an sbatch starts.
+
+A job that can only fail should fail here, in one line per problem naming the field or
+file and the command that fixes it, not as a traceback on every rank after torchrun (or
+the Slurm queue) has started it: the tokenizer, the token stores against their
+manifests and sources, the model folder, W&B when it is online, and the free disk space
+a checkpoint needs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from dapt.base import DaptError
+from dapt.data_mix.build import store_staleness
+from dapt.data_mix.store import tokenizer_hash
+from dapt.experiment import Experiment
+from dapt.pretrain.checkpoint import checkpoint_bytes
+from dapt.pretrain.model import check_model, parameter_count
+from dapt.pretrain.tracking import online_problem
+
+# Set for the processes a dapt launcher starts, whose launcher has run the checks.
+CHECKED = "DAPT_PREFLIGHT_DONE"
+WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+GB = 1e9
+
+
+def preflight(experiment: Experiment, config: Path, wandb: bool = True) -> None:
+    """Every problem that would stop the job once started, reported together; `wandb`: also
+    try the W&B server when the run logs online (only one process of a job needs to)."""
+    problems = [*_tokenizer_and_stores(experiment, config), *_model(experiment), _disk(experiment)]
+    if wandb and experiment.wandb.mode == "online":
+        problems.append(online_problem())
+    problems = [problem for problem in problems if problem]
+    if problems:
+        raise DaptError(f"{config}: the job would fail, so nothing was started:\n  " + "\n  ".join(problems))
+
+
+def _tokenizer_and_stores(experiment: Experiment, config: Path) -> list[str]:
+    try:
+        tokenizer_hash(experiment.tokenizer_dir)
+    except DaptError:
+        return [f"no tokenizer at {experiment.tokenizer_dir}: run `dapt tokenizer train {config}` "
+                f"(or set `tokenizer.path` to a tokenizer folder)"]
+    problems = []
+    for corpus in experiment.corpora:
+        stale = store_staleness(corpus, experiment.heldout, experiment.tokenizer_dir, experiment.stores_dir)
+        if stale:
+            problems.append(f"token store of corpus '{corpus.name}' ({experiment.stores_dir / corpus.name}): {stale}; "
+                            f"run `dapt data build {config}`")
+    return problems
+
+
+def _model(experiment: Experiment) -> list[str]:
+    try:
+        check_model(experiment.model, experiment.mix.seq_len)
+    except DaptError as err:
+        return [str(err)]
+    return []
+
+
+def _disk(experiment: Experiment) -> str | None:
+    """Room for one more checkpoint where checkpoints go (the newest is written before old ones are removed)."""
+    from dapt.tokenizer.evaluate import load_tokenizer
+
+    folder = experiment.checkpoints_dir
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    vocab = len(load_tokenizer(experiment.tokenizer_dir)) if (experiment.tokenizer_dir / "tokenizer.json").exists() else None
+    parameters = parameter_count(experiment.model, vocab)
+    needed = checkpoint_bytes(parameters, WEIGHT_BYTES[experiment.train.precision])
+    if free < needed:
+        return (f"workdir: {free / GB:.1f} GB free on the disk of {existing}, and one checkpoint of this model "
+                f"({parameters / 1e6:,.0f}M parameters, {experiment.train.precision} weights and Adam's fp32 state) "
+                f"takes about {needed / GB:.1f} GB; free space there or set `workdir` to a larger disk")
+    return None
+
+
+def checked_by_launcher() -> bool:
+    """Whether a dapt launcher ran the checks before starting this process."""
+    return os.environ.get(CHECKED) == "1"
