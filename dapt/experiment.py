@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError
 from dapt.data_mix.config import CorpusConfig, HeldoutConfig, MixConfig
 from dapt.base import DaptError, StrictModel
 from dapt.config_file import config_error, dotted, line_of, read_yaml
+from dapt.workdir import claim_workdir
 from dapt.launch.config import LaunchConfig
 from dapt.launch.sweep_config import SweepConfig
 from dapt.pretrain.config import ModelConfig, TrainConfig, WandbConfig
@@ -124,7 +125,9 @@ def load_experiment(path: str | Path) -> tuple[Experiment, str]:
     _check_names(experiment, path, root)
     if experiment.sweep is not None:
         _check_sweep(experiment, path, root)
-    return _resolve_paths(experiment, path.parent.resolve()), text
+    experiment = _resolve_paths(experiment, path.parent.resolve())
+    claim_workdir(experiment.workpath)
+    return experiment, text
 
 
 def experiment_hash(text: str) -> str:

@@ -80,9 +80,12 @@ def cmd_launch_local(args) -> None:
     from dapt.launch.pipeline import load_training_experiment
     from dapt.launch.preflight import preflight
 
+    from dapt.workdir import workdir_lock
+
     experiment = load_training_experiment(args.config)
-    preflight(experiment, Path(args.config))
-    run_local(Path(args.config), args.nproc or default_nproc(experiment), resume=not args.no_resume)
+    with workdir_lock(experiment.workpath):
+        preflight(experiment, Path(args.config))
+        run_local(Path(args.config), args.nproc or default_nproc(experiment), resume=not args.no_resume)
 
 
 def cmd_launch_slurm(args) -> None:

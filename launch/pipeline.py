@@ -19,6 +19,7 @@ from dapt.data_mix.sources import CorpusReader
 from dapt.data_mix.store import checksum_problem, experiment_stores, read_manifest, tokenizer_hash
 from dapt.base import DaptError
 from dapt.experiment import Experiment, load_experiment
+from dapt.workdir import workdir_lock
 from dapt.launch.local import default_nproc, run_local
 from dapt.launch.preflight import preflight
 from dapt.pretrain.checkpoint import latest_tag, tag_for
@@ -243,6 +244,11 @@ def load_training_experiment(config: Path) -> Experiment:
 def run_flow(config: Path, nproc: int | None, resume: bool = True) -> None:
     """`dapt run`: every stage in order, training in `nproc` processes started by torchrun."""
     experiment = load_training_experiment(config)
+    with workdir_lock(experiment.workpath):
+        _run_stages(experiment, config, nproc, resume)
+
+
+def _run_stages(experiment: Experiment, config: Path, nproc: int | None, resume: bool) -> None:
     print(f"== {experiment.name}: everything goes to {experiment.workdir}")
     print("== 1/5 tokenizer", flush=True)
     train_tokenizer(experiment)

@@ -36,6 +36,7 @@ from dapt.launch.sweep_results import write_results
 from dapt.launch.sweep_slurm import submit_array
 from dapt.pretrain.stop import SIGNALS as STOP_SIGNALS
 from dapt.pretrain.train import RUN_MARKER, RUNS_STOPPED
+from dapt.workdir import workdir_lock
 
 
 def select(runs: list[ProxyRun], only: list[str] | None) -> list[ProxyRun]:
@@ -139,12 +140,19 @@ def run_sweep(config_path: Path, only: list[str] | None = None, nproc: int | Non
               slurm: bool = False) -> dict | None:
     """Build the shared tokenizer and stores, then train every proxy run not yet done here
     and write the results, or (`slurm`) submit them as a job array and return None."""
-    from dapt.launch.pipeline import build_stores, train_tokenizer
     experiment, _ = load_experiment(config_path)
     if experiment.sweep is None:
         raise DaptError(f"{config_path}: no `sweep:` section; add one with `grid:`, `mixes:` or `random:` "
                         "(see the README, Data-mix experiments)")
     check_tasks(experiment)
+    with workdir_lock(experiment.workpath):
+        return _sweep(experiment, config_path, only, nproc, slurm)
+
+
+def _sweep(experiment: Experiment, config_path: Path, only: list[str] | None, nproc: int | None,
+           slurm: bool) -> dict | None:
+    from dapt.launch.pipeline import build_stores, train_tokenizer
+
     print(f"== sweep {experiment.name}: everything goes to {sweep_dir(experiment)}")
     print("== tokenizer (shared by every run)", flush=True)
     train_tokenizer(experiment)

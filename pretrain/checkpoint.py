@@ -53,9 +53,11 @@ def _fsync_dir(folder: Path) -> None:
 
 def save_checkpoint(engine, folder: Path, step: int, client_state: dict, keep: int) -> str:
     tag = tag_for(step)
-    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0:  # first: a folder holding META is dapt's, so clean-up may remove it, and no other
+        (folder / tag).mkdir(parents=True, exist_ok=True)
         (folder / tag / META).write_text(json.dumps({"step": step, "world_size": dist.get_world_size()}))
+    dist.barrier()
+    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     _fsync_tree(folder / tag)
     dist.barrier()
@@ -67,11 +69,15 @@ def save_checkpoint(engine, folder: Path, step: int, client_state: dict, keep: i
             os.fsync(handle.fileno())
         os.replace(temporary, folder / LATEST)
         _fsync_dir(folder)
-        tags = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step"))
-        for old in tags[:-keep]:
+        for old in checkpoint_folders(folder)[:-keep]:
             shutil.rmtree(old)
     dist.barrier()
     return tag
+
+
+def checkpoint_folders(folder: Path) -> list[Path]:
+    """The checkpoints dapt wrote in `folder`, oldest first (a folder of another name or without META is not one)."""
+    return sorted(p for p in folder.glob("step*") if p.is_dir() and p.name[4:].isdigit() and (p / META).exists())
 
 
 def latest_tag(folder: Path) -> str | None:

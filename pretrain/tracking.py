@@ -18,9 +18,20 @@ METRIC_GROUPS = {"train/*": None, "eval/bpb/*": "min,last", "mix/*": None, "perf
 
 
 def _metrics_file(path: Path, resume_step: int | None):
+    """The run's metrics.jsonl: on a resume cut back to the checkpoint's step, less any line a killed
+    process left torn (counted, and said); otherwise started afresh."""
     if resume_step is not None and path.exists():
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= resume_step]
+        kept, torn = [], 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                torn += bool(line.strip())
+                continue
+            if record["step"] <= resume_step:
+                kept.append(line)
+        if torn:
+            print(f"{path}: {torn} line(s) cut short by an interrupted run left out", flush=True)
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         return open(path, "a", encoding="utf-8")
     return open(path, "w", encoding="utf-8")

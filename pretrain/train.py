@@ -9,6 +9,7 @@ checkpointing, safety and tracking live in their own functions and modules.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -39,9 +40,10 @@ from dapt.pretrain.metrics import flops_per_token, mfu, peak_flops
 from dapt.pretrain.model import PRECISION_DTYPES, build_model, write_carried_over
 from dapt.pretrain.new_rows import fit_windows
 from dapt.pretrain.progress import Progress
-from dapt.pretrain.stop import StopRequest
+from dapt.pretrain.stop import StopRequest, exit_with_launcher
 from dapt.pretrain.tracking import Tracker
 from dapt.tokenizer.files import copy_tokenizer_files
+from dapt.workdir import workdir_lock
 
 
 def train_step(engine, batch: StepBatch, num_corpora: int, device: torch.device,
@@ -102,6 +104,8 @@ def train_one_after_another(configs: list[Path], resume: bool = True) -> None:
 
     env = discover()
     export_for_torch(env)
+    if env.source != DistributedEnv.source:  # started by a launcher (torchrun, deepspeed, srun, mpirun)
+        exit_with_launcher(env.rank)
     # One stop request for the whole sequence: a signal that arrives between two runs still stops it.
     stop = StopRequest(init_distributed(env))
     measured_at_start: dict[str, dict[str, float]] = {}  # see `Evaluator`: runs here that start alike share it
@@ -110,11 +114,13 @@ def train_one_after_another(configs: list[Path], resume: bool = True) -> None:
             break
         experiment, text = load_experiment(config)
         _say(env, f"{RUN_MARKER}{number}/{len(configs)}: {config}")
-        trainer = Trainer(experiment, text, resume, env, stop, measured_at_start)
-        try:
-            trainer.fit()
-        finally:
-            trainer.release()
+        # One job per workdir: rank 0 holds its lock (a no-op under a dapt launcher, which holds it already).
+        with workdir_lock(experiment.workpath) if env.is_main else contextlib.nullcontext():
+            trainer = Trainer(experiment, text, resume, env, stop, measured_at_start)
+            try:
+                trainer.fit()
+            finally:
+                trainer.release()
         if trainer.stopped:
             break
     else:
