@@ -7,6 +7,7 @@ traceback and exits with status 2; everything else is a bug and keeps its traceb
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -59,8 +60,6 @@ def cmd_mix_plan(args) -> None:
 def cmd_train(args) -> None:
     import gc
 
-    import os
-
     from dapt.launch.pipeline import load_training_experiment
     from dapt.launch.preflight import checked_by_launcher, preflight
     from dapt.pretrain.train import train_one_after_another
@@ -68,7 +67,7 @@ def cmd_train(args) -> None:
     for config in args.configs:  # every file is checked before the first run starts
         experiment = load_training_experiment(config)
         if not checked_by_launcher():  # started by hand or by a launcher that is not dapt's
-            preflight(experiment, Path(config), wandb=os.environ.get("RANK", "0") == "0")
+            preflight(experiment, Path(config), resume=not args.no_resume, wandb=os.environ.get("RANK", "0") == "0")
     train_one_after_another([Path(config) for config in args.configs], resume=not args.no_resume)
     # The interpreter's last garbage collection walks every object torch, DeepSpeed and
     # transformers made (~3 s on a CPU); nothing is left to release, so exit without it.
@@ -84,7 +83,7 @@ def cmd_launch_local(args) -> None:
 
     experiment = load_training_experiment(args.config)
     with workdir_lock(experiment.workpath):
-        preflight(experiment, Path(args.config))
+        preflight(experiment, Path(args.config), resume=not args.no_resume)
         run_local(Path(args.config), args.nproc or default_nproc(experiment), resume=not args.no_resume)
 
 
@@ -109,7 +108,7 @@ def cmd_launch_deepspeed(args) -> None:
     from dapt.launch.preflight import preflight
 
     # A bad experiment file, a missing store or tokenizer is reported here, not by every rank.
-    preflight(load_training_experiment(args.config), Path(args.config))
+    preflight(load_training_experiment(args.config), Path(args.config), resume=not args.no_resume)
     run_deepspeed(Path(args.config), Path(args.hostfile), args.launcher, resume=not args.no_resume)
 
 
@@ -260,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     for starts_training in (demo, run, train, local, deepspeed):
         starts_training.add_argument("--no-resume", action="store_true",
                                      help="start training afresh even when the workdir holds a checkpoint")
+    for resumes in (demo, run, train, local, deepspeed, slurm):
+        resumes.add_argument("--allow-changed", nargs="+", metavar="FIELD", default=[],
+                             help="resume with these optimizer or schedule fields changed since the checkpoint "
+                                  "(e.g. train.lr train.steps); other changes of them are refused")
 
     evaluate = command(commands, "eval", cmd_eval,
                        "held-out bits-per-byte per corpus of a Hugging Face model directory, or downstream few-shot tasks")
@@ -295,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "allow_changed", None):  # for this process and the ranks it starts
+        from dapt.pretrain.resume_settings import ALLOW_CHANGED
+
+        os.environ[ALLOW_CHANGED] = ",".join(args.allow_changed)
     try:
         args.handler(args)
     except DaptError as err:

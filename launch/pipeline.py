@@ -256,7 +256,7 @@ def _run_stages(experiment: Experiment, config: Path, nproc: int | None, resume:
     build_stores(experiment)
     print("== 3/5 mix", flush=True)
     mix_plan(experiment)
-    preflight(experiment, config)
+    preflight(experiment, config, resume)
     print("== 4/5 training", flush=True)
     run_local(config, nproc or default_nproc(experiment), resume)
     if not experiment.results_file.exists() or latest_tag(experiment.checkpoints_dir) != tag_for(experiment.train.steps):

@@ -17,8 +17,9 @@ from dapt.base import DaptError
 from dapt.data_mix.build import store_staleness
 from dapt.data_mix.store import tokenizer_hash
 from dapt.experiment import Experiment
-from dapt.pretrain.checkpoint import checkpoint_bytes
+from dapt.pretrain.checkpoint import checkpoint_bytes, latest_meta, latest_tag
 from dapt.pretrain.model import check_model, parameter_count
+from dapt.pretrain.resume_settings import allowed_changes, check_resume_settings
 from dapt.pretrain.tracking import online_problem
 
 # Set for the processes a dapt launcher starts, whose launcher has run the checks.
@@ -27,10 +28,11 @@ WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GB = 1e9
 
 
-def preflight(experiment: Experiment, config: Path, wandb: bool = True) -> None:
+def preflight(experiment: Experiment, config: Path, resume: bool = True, wandb: bool = True) -> None:
     """Every problem that would stop the job once started, reported together; `wandb`: also
     try the W&B server when the run logs online (only one process of a job needs to)."""
-    problems = [*_tokenizer_and_stores(experiment, config), *_model(experiment), _disk(experiment)]
+    problems = [*_tokenizer_and_stores(experiment, config), *_model(experiment), _disk(experiment),
+                _resume(experiment, config) if resume else None]
     if wandb and experiment.wandb.mode == "online":
         problems.append(online_problem())
     problems = [problem for problem in problems if problem]
@@ -59,6 +61,19 @@ def _model(experiment: Experiment) -> list[str]:
     except DaptError as err:
         return [str(err)]
     return []
+
+
+def _resume(experiment: Experiment, config: Path) -> str | None:
+    """A resume under settings the checkpoint cannot take."""
+    meta = latest_meta(experiment.checkpoints_dir)
+    if not meta or "experiment_yaml" not in meta:
+        return None
+    try:
+        check_resume_settings(meta["experiment_yaml"], config.read_text(encoding="utf-8"),
+                              str(experiment.checkpoints_dir / latest_tag(experiment.checkpoints_dir)), allowed_changes())
+    except DaptError as err:
+        return str(err)
+    return None
 
 
 def _disk(experiment: Experiment) -> str | None:

@@ -51,11 +51,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(descriptor)
 
 
-def save_checkpoint(engine, folder: Path, step: int, client_state: dict, keep: int) -> str:
+def save_checkpoint(engine, folder: Path, step: int, client_state: dict, keep: int, experiment_yaml: str) -> str:
     tag = tag_for(step)
     if dist.get_rank() == 0:  # first: a folder holding META is dapt's, so clean-up may remove it, and no other
         (folder / tag).mkdir(parents=True, exist_ok=True)
-        (folder / tag / META).write_text(json.dumps({"step": step, "world_size": dist.get_world_size()}))
+        (folder / tag / META).write_text(json.dumps({"step": step, "world_size": dist.get_world_size(),
+                                                     "experiment_yaml": experiment_yaml}))
     dist.barrier()
     engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
@@ -85,9 +86,10 @@ def latest_tag(folder: Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def saved_world_size(folder: Path) -> int | None:
-    """The number of processes that wrote the latest checkpoint (None without one)."""
+def latest_meta(folder: Path) -> dict | None:
+    """What the latest checkpoint says of itself before it is loaded (None without one): its step, the
+    number of processes that wrote it, and (since dapt wrote it there) the experiment file it was trained from."""
     tag = latest_tag(folder)
     if tag is None:
         return None
-    return json.loads((folder / tag / META).read_text())["world_size"]
+    return json.loads((folder / tag / META).read_text())

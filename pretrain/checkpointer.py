@@ -18,9 +18,10 @@ from typing import Protocol
 import torch.distributed as dist
 
 from dapt.experiment import experiment_hash
-from dapt.pretrain.checkpoint import latest_tag, save_checkpoint, saved_world_size
+from dapt.pretrain.checkpoint import latest_meta, latest_tag, save_checkpoint
 from dapt.pretrain.config import TrainConfig
 from dapt.pretrain.resume import gather_rng_states, load_latest, restore_rng_states
+from dapt.pretrain.resume_settings import allowed_changes, check_resume_settings
 
 
 class Stateful(Protocol):
@@ -45,8 +46,12 @@ class Checkpointer:
         """`parts` by their client-state key; with `resume`, the latest checkpoint in `folder` is read back."""
         self.folder, self.yaml_text, self.parts = folder, yaml_text, parts
         self.every, self.last_step, self.keep = train.checkpoint_every, train.steps, train.keep_checkpoints
-        self.saved_world = saved_world_size(folder) if resume else None
+        meta = latest_meta(folder) if resume else None
+        self.saved_world = meta and meta["world_size"]
         self.universal = False
+        # Before anything is built: a refused change is one line, not a state-dict traceback after minutes.
+        self.changed = (check_resume_settings(meta["experiment_yaml"], yaml_text, str(self.latest()), allowed_changes())
+                        if meta and "experiment_yaml" in meta else [])
 
     @property
     def resuming(self) -> bool:
@@ -73,7 +78,8 @@ class Checkpointer:
         if dist.get_rank() == 0:
             world = dist.get_world_size()
             moved = f" (written by {self.saved_world} processes, now {world})" if self.saved_world != world else ""
-            print(f"resuming from {self.latest()} at step {state.step}{moved}", flush=True)
+            changed = "".join(f"\n  changed: {line}" for line in self.changed)
+            print(f"resuming from {self.latest()} at step {state.step}{moved}{changed}", flush=True)
         return state
 
     def due(self, step: int) -> bool:
@@ -85,7 +91,7 @@ class Checkpointer:
         client = {**dataclasses.asdict(state), **{key: part.state_dict() for key, part in self.parts.items()},
                   "rng": gather_rng_states(), "experiment_hash": experiment_hash(self.yaml_text),
                   "experiment_yaml": self.yaml_text}
-        return save_checkpoint(engine, self.folder, state.step, client, self.keep)
+        return save_checkpoint(engine, self.folder, state.step, client, self.keep, self.yaml_text)
 
     def latest(self) -> Path | None:
         """The checkpoint `latest` names, if any."""
