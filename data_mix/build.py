@@ -144,23 +144,92 @@ def load_encoder(tokenizer_dir: Path):
     return encoder, eos_id
 
 
+# A document longer than this is tokenised in pieces cut after line breaks, so that a worker's
+# memory stays bounded whatever one document's size (the tokenizer keeps offsets and strings for
+# every token: about 90 times the text).
+PIECE_CHARS = 1 << 20
 _worker: tuple | None = None
+
+
+def cuts_cleanly(encoder) -> bool:
+    """Whether this tokenizer cuts a text in the same tokens when it is encoded in pieces cut after a
+    line break between two non-space characters (true of byte-level BPE; not of a tokenizer that puts
+    a space marker before every text it is given)."""
+    for probe in ("Revenue rose.\nNet income fell", "end\nA b", "x\n1", "價格\nPrice"):
+        head, tail = probe.split("\n", 1)
+        whole, parts = (encoder.encode_batch_fast(texts, add_special_tokens=False) for texts in ([probe], [head + "\n", tail]))
+        if whole[0].ids != parts[0].ids + parts[1].ids:
+            return False
+    return True
+
+
+def document_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`text` cut after line breaks between non-space characters, into pieces of about `size`
+    characters (longer where a line is longer)."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = _line_start(text, start, start + size)
+        if cut is None:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _line_start(text: str, start: int, end: int) -> int | None:
+    """The last line start after `start` and before `end`, else the first after `end`; None without
+    one. A line start here follows a lone line break between two non-space characters: within a run
+    of white space a byte-level BPE tokenizer groups the characters by the run's whole length."""
+    def clean(position: int) -> bool:
+        return 0 < position < len(text) - 1 and not text[position - 1].isspace() and not text[position + 1].isspace()
+
+    position = text.rfind("\n", start + 1, end)
+    while position > start and not clean(position):
+        position = text.rfind("\n", start + 1, position)
+    if position > start:
+        return position + 1
+    position = text.find("\n", end)
+    while position != -1 and not clean(position):
+        position = text.find("\n", position + 1)
+    return position + 1 if position != -1 else None
 
 
 def _start_worker(tokenizer_dir: str, dtype: str) -> None:
     # One tokenizer thread per process: the processes are the parallelism.
     os.environ["RAYON_NUM_THREADS"] = "1"
     global _worker
-    _worker = (*load_encoder(Path(tokenizer_dir)), np.dtype(dtype))
+    encoder, eos = load_encoder(Path(tokenizer_dir))
+    _worker = (encoder, eos, np.dtype(dtype), cuts_cleanly(encoder))
 
 
 def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Worker: (ids of every document with EOS after each, each document's length with its EOS)."""
-    encoder, eos, dtype = _worker
-    ids = [encoding.ids for encoding in encoder.encode_batch_fast(texts, add_special_tokens=False)]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
-    return np.insert(flat, np.cumsum(lengths), eos), lengths + 1
+    """Worker: (ids of every document with EOS after each, each document's length with its EOS).
+    Encoded a piece group of at most PIECE_CHARS characters at a time, each turned into an array at once."""
+    encoder, eos, dtype, in_pieces = _worker
+    pieces_of = [document_pieces(text) if in_pieces and len(text) > PIECE_CHARS else [text] for text in texts]
+    arrays: list[np.ndarray] = []
+    group: list[str] = []
+
+    def encode_group() -> None:
+        arrays.extend(np.array(encoding.ids, dtype=dtype)
+                      for encoding in encoder.encode_batch_fast(group, add_special_tokens=False))
+        group.clear()
+
+    size = 0
+    for piece in itertools.chain.from_iterable(pieces_of):
+        if group and size + len(piece) > PIECE_CHARS:
+            encode_group()
+            size = 0
+        group.append(piece)
+        size += len(piece)
+    encode_group()
+    end_of_document = np.array([eos], dtype=dtype)
+    documents, first = [], 0
+    for pieces in pieces_of:
+        documents.append(np.concatenate([*arrays[first:first + len(pieces)], end_of_document]))
+        first += len(pieces)
+    return np.concatenate(documents), np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
 
 
 def _batches(reader: CorpusReader):

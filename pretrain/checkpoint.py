@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from dapt.base import DaptError
+
 LATEST = "latest"
 META = "dapt-checkpoint.json"  # beside each checkpoint: what a resume must know before building the engine
 
@@ -53,14 +55,18 @@ def _fsync_dir(folder: Path) -> None:
 
 def save_checkpoint(engine, folder: Path, step: int, client_state: dict, keep: int, experiment_yaml: str) -> str:
     tag = tag_for(step)
+    if tag == latest_tag(folder):  # a finished run started again: nothing trained since, and `latest` is never rewritten
+        return tag
     if dist.get_rank() == 0:  # first: a folder holding META is dapt's, so clean-up may remove it, and no other
         (folder / tag).mkdir(parents=True, exist_ok=True)
         (folder / tag / META).write_text(json.dumps({"step": step, "world_size": dist.get_world_size(),
                                                      "experiment_yaml": experiment_yaml}))
     dist.barrier()
-    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
-    dist.barrier()
-    _fsync_tree(folder / tag)
+    try:
+        engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+        _fsync_tree(folder / tag)
+    except Exception as err:  # a full disk surfaces from torch's writer as `basic_ios::clear: iostream error`
+        raise _save_failed(engine, folder, tag, err) from err
     dist.barrier()
     if dist.get_rank() == 0:
         temporary = folder / f"{LATEST}.tmp"
@@ -74,6 +80,28 @@ def save_checkpoint(engine, folder: Path, step: int, client_state: dict, keep: i
             shutil.rmtree(old)
     dist.barrier()
     return tag
+
+
+def _save_failed(engine, folder: Path, tag: str, err: Exception) -> DaptError:
+    """The error of a failed save, after removing what it left: the folder, its free space, the size
+    needed, the checkpoint a rerun resumes from."""
+    latest = latest_tag(folder)
+    shutil.rmtree(folder / tag, ignore_errors=True)
+    free = shutil.disk_usage(folder).free
+    previous = folder / latest if latest else None
+    if previous is not None:
+        needed = sum(p.stat().st_size for p in previous.rglob("*") if p.is_file())
+    else:
+        parameters = list(engine.module.parameters())
+        needed = checkpoint_bytes(sum(getattr(p, "ds_numel", p.numel()) for p in parameters),
+                                  parameters[0].element_size())
+    cause = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    room = ("not enough space left for it" if free < needed else
+            "the disk has room for it, so the cause is that error")
+    kept = f"the last good checkpoint, {previous}, is kept and a rerun resumes from it" if previous else \
+        "there is no earlier checkpoint to resume from"
+    return DaptError(f"saving checkpoint {folder / tag} failed ({cause}): {free / 1e9:.2f} GB free on that disk, a "
+                     f"checkpoint takes about {needed / 1e9:.2f} GB ({room}); the partial folder was removed, {kept}")
 
 
 def checkpoint_folders(folder: Path) -> list[Path]:
