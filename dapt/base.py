@@ -17,3 +17,11 @@ class DaptError(Exception):
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+def disk_size(num_bytes: float) -> str:
+    """A file or disk size as people read it: 512 KB, 3.2 MB, 14.0 GB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes / 1e3:.0f} KB"

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from dapt.base import DaptError
+from dapt.base import DaptError, disk_size
 from dapt.data_mix.build import store_staleness
 from dapt.data_mix.store import tokenizer_hash
 from dapt.experiment import Experiment
@@ -25,7 +25,6 @@ from dapt.pretrain.tracking import online_problem
 # Set for the processes a dapt launcher starts, whose launcher has run the checks.
 CHECKED = "DAPT_PREFLIGHT_DONE"
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-GB = 1e9
 
 
 def preflight(experiment: Experiment, config: Path, resume: bool = True, wandb: bool = True) -> None:
@@ -87,9 +86,9 @@ def _disk(experiment: Experiment) -> str | None:
     parameters = parameter_count(experiment.model, vocab)
     needed = checkpoint_bytes(parameters, WEIGHT_BYTES[experiment.train.precision])
     if free < needed:
-        return (f"workdir: {free / GB:.1f} GB free on the disk of {existing}, and one checkpoint of this model "
+        return (f"workdir: {disk_size(free)} free on the disk of {existing}, and one checkpoint of this model "
                 f"({parameters / 1e6:,.0f}M parameters, {experiment.train.precision} weights and Adam's fp32 state) "
-                f"takes about {needed / GB:.1f} GB; free space there or set `workdir` to a larger disk")
+                f"takes about {disk_size(needed)}; free space there or set `workdir` to a larger disk")
     return None
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from dapt.base import DaptError
+from dapt.base import DaptError, disk_size
 
 LATEST = "latest"
 META = "dapt-checkpoint.json"  # beside each checkpoint: what a resume must know before building the engine
@@ -100,8 +100,8 @@ def _save_failed(engine, folder: Path, tag: str, err: Exception) -> DaptError:
             "the disk has room for it, so the cause is that error")
     kept = f"the last good checkpoint, {previous}, is kept and a rerun resumes from it" if previous else \
         "there is no earlier checkpoint to resume from"
-    return DaptError(f"saving checkpoint {folder / tag} failed ({cause}): {free / 1e9:.2f} GB free on that disk, a "
-                     f"checkpoint takes about {needed / 1e9:.2f} GB ({room}); the partial folder was removed, {kept}")
+    return DaptError(f"saving checkpoint {folder / tag} failed ({cause}): {disk_size(free)} free on that disk, a "
+                     f"checkpoint takes about {disk_size(needed)} ({room}); the partial folder was removed, {kept}")
 
 
 def checkpoint_folders(folder: Path) -> list[Path]:

@@ -51,6 +51,14 @@ def write_experiment(folder: Path, overrides: dict | None = None, text: str | No
     return path
 
 
+def reusing(built) -> dict:
+    """Experiment sections that train on `built`'s tokenizer and stores: the same corpora and held-out
+    split, so the stores are up to date for it, and nothing is rebuilt."""
+    return {"corpora": [c.model_dump(exclude_defaults=True) for c in built.corpora],
+            "tokenizer": {"path": str(built.tokenizer_dir)}, "stores": str(built.stores_dir),
+            "heldout": built.heldout.model_dump()}
+
+
 def small_corpora_section(small_corpora: Path) -> list[dict]:
     """The demo's `corpora:` section with its paths pointing into `small_corpora`, for an
     experiment file written anywhere else."""

@@ -10,7 +10,7 @@ import yaml
 
 from dapt.experiment import load_experiment
 from dapt.launch.local import torchrun_command
-from tests.conftest import write_experiment
+from tests.conftest import reusing, write_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -22,15 +22,13 @@ def experiment_file(folder, built_experiment, steps: int):
     """A tiny training run on the session's stores (tokenizer and stores shared, not rebuilt)."""
     config = {
         "workdir": str(folder),
-        "tokenizer": {"path": str(built_experiment.tokenizer_dir)},
+        **reusing(built_experiment),
         "model": {"config": TINY},
         "mix": {"seq_len": 32, "group_weights": {"financial": 0.5, "public": 0.5}},
         "train": {"steps": steps, "global_batch_size": 8, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 1,
                   "precision": "fp32", "checkpoint_every": 3, "eval_max_tokens": 500, "log_every": 1},
     }
-    path = write_experiment(folder, config)
-    (folder / "stores").symlink_to(built_experiment.stores_dir)
-    return path
+    return write_experiment(folder, config)
 
 
 def train(path, *extra) -> subprocess.CompletedProcess:

@@ -20,7 +20,7 @@ from dapt.launch.mix_fit import fit_domain, propose
 from dapt.launch.sweep import run_sweep, train_here
 from dapt.launch.sweep_design import ProxyRun, design, proxy_yaml, run_dir, sweep_dir
 from dapt.launch.sweep_results import write_results
-from tests.conftest import write_experiment
+from tests.conftest import reusing, write_experiment
 from tests.test_cli import assert_one_line_error, dapt
 
 TASK_FILE = Path(__file__).parents[1] / "configs" / "tasks" / "headline_sentiment.yaml"
@@ -37,9 +37,7 @@ def sweep_experiment(folder, sweep: dict, built=None, **sections):
     """The demo experiment with a `sweep:` section; with `built`, reading its tokenizer and stores."""
     overrides = {"sweep": sweep, **sections}
     if built is not None:
-        overrides |= {"corpora": [c.model_dump(exclude_defaults=True) for c in built.corpora],
-                      "tokenizer": {"path": str(built.tokenizer_dir)}, "stores": str(built.stores_dir),
-                      "heldout": built.heldout.model_dump()}
+        overrides |= reusing(built)
     return write_experiment(folder, overrides)
 
 
