@@ -1,5 +1,5 @@
 """Imports run one way: the floor (errors, the strict config base, the YAML loader with line
-numbers, figure helpers) → each package's config → the experiment model → data_mix →
+numbers, figure helpers, the workdir marker and lock) → each package's config → the experiment model → data_mix →
 tokenizer → pretrain → launch, with no circle. Every import of every module counts, those inside functions too."""
 
 import ast
@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"dapt": "dapt", "data_mix": "dapt.data_mix", "tokenizer": "dapt.tokenizer", "pretrain": "dapt.pretrain",
             "launch": "dapt.launch"}
-FLOOR = {"dapt", "dapt.base", "dapt.config_file", "dapt.figures", "dapt.__main__"}
+FLOOR = {"dapt", "dapt.base", "dapt.config_file", "dapt.figures", "dapt.workdir", "dapt.__main__"}
 CONFIGS = {"dapt.data_mix.config", "dapt.tokenizer.config", "dapt.pretrain.config", "dapt.launch.config",
            "dapt.launch.sweep_config"}
 ORDER = ["dapt.data_mix", "dapt.tokenizer", "dapt.pretrain", "dapt.launch"]
