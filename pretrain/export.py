@@ -17,6 +17,7 @@ import torch
 
 from dapt.base import DaptError
 from dapt.pretrain.checkpoint import latest_tag
+from dapt.pretrain.hf_folder import save_model_folder
 from dapt.tokenizer.files import copy_tokenizer_files
 
 GENERATION_CONFIG = "generation_config.json"
@@ -45,7 +46,7 @@ def export_checkpoint(checkpoints: Path, out_dir: Path, tag: str | None = None) 
         raise DaptError(f"checkpoint {checkpoints / tag} does not match its model config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    save_model_folder(model, out_dir)
     if (checkpoints / "model" / GENERATION_CONFIG).exists():  # the base model's, as it was
         shutil.copy2(checkpoints / "model" / GENERATION_CONFIG, out_dir / GENERATION_CONFIG)
     copy_tokenizer_files(checkpoints / "tokenizer", out_dir)

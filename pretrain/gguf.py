@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from dapt.base import DaptError
+from dapt.pretrain.hf_folder import save_model_folder
+from dapt.tokenizer.files import make_portable
 
 
 def import_gguf(gguf_file: Path, out_dir: Path) -> Path:
@@ -32,6 +34,7 @@ def import_gguf(gguf_file: Path, out_dir: Path) -> Path:
     del model.config.quantization_config
     model.hf_quantizer = None
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    save_model_folder(model, out_dir)
     tokenizer.save_pretrained(out_dir)
+    make_portable(out_dir)
     return out_dir

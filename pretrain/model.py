@@ -21,6 +21,7 @@ import torch
 from dapt.data_mix.store import tokenizer_hash
 from dapt.base import DaptError
 from dapt.pretrain.config import ModelConfig
+from dapt.pretrain.hf_folder import save_model_folder
 from dapt.pretrain.new_rows import fit_new_rows
 from dapt.tokenizer.evaluate import load_tokenizer
 from dapt.tokenizer.files import copy_tokenizer_files
@@ -150,7 +151,7 @@ def write_carried_over(config: ModelConfig, tokenizer_dir: Path, out_dir: Path,
     # Written beside and renamed last: a killed start never leaves a folder that looks complete.
     temporary = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary, safe_serialization=True)
+    save_model_folder(model, temporary)
     del model
     copy_tokenizer_files(tokenizer_dir, temporary)
     (temporary / CARRY_OVER_STAMP).write_text(json.dumps(stamp, indent=1))

@@ -36,6 +36,7 @@ from dapt.pretrain.evaluate import Evaluator
 from dapt.pretrain.export import GENERATION_CONFIG
 from dapt.pretrain.guard import (StepGuard, engine_checks_overflow, injected_nan_steps, loss_for_backward,
                            step_skipping_nonfinite_gradients)
+from dapt.pretrain.hf_folder import make_config_portable
 from dapt.pretrain.metrics import flops_per_token, mfu, peak_flops
 from dapt.pretrain.model import PRECISION_DTYPES, build_model, write_carried_over
 from dapt.pretrain.new_rows import fit_windows
@@ -335,6 +336,7 @@ def _save_model_recipe(module, model_folder: Path | None, tokenizer_dir: Path, c
     config, and the tokenizer's files (only those: the tokenizer folder is often the base model's)."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     module.config.save_pretrained(checkpoints / "model")
+    make_config_portable(checkpoints / "model")
     if model_folder is not None and (model_folder / GENERATION_CONFIG).exists():
         shutil.copy2(model_folder / GENERATION_CONFIG, checkpoints / "model" / GENERATION_CONFIG)
     shutil.rmtree(checkpoints / "tokenizer", ignore_errors=True)

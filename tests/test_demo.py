@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from tests.conftest import assert_loads_alike
+
 pytestmark = pytest.mark.slow
 
 
@@ -74,6 +76,7 @@ def test_demo_export_loads_generates_and_matches_the_checkpoint(demo_run):
     from dapt.pretrain.evaluate import evaluate_model_dir
 
     workdir, experiment, stdout = demo_run
+    assert_loads_alike(experiment.export_dir, model=True)
     model = AutoModelForCausalLM.from_pretrained(experiment.export_dir)
     tokenizer = AutoTokenizer.from_pretrained(experiment.export_dir)
     inputs = tokenizer("Shares of", return_tensors="pt", add_special_tokens=False)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dapt.experiment import load_experiment
 from dapt.pretrain.evaluate import evaluate_model_dir
-from tests.conftest import small_corpora_section, write_experiment
+from tests.conftest import assert_loads_alike, small_corpora_section, write_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +37,7 @@ def real_model_run(folder, small_corpora, smollm2, tokenizer: dict, model: dict)
 
 def assert_export_loads_generates_and_matches(experiment, results):
     out = experiment.export_dir
+    assert_loads_alike(out, model=True)
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     inputs = tokenizer("Total revenue for the quarter was", return_tensors="pt")
@@ -47,6 +48,7 @@ def assert_export_loads_generates_and_matches(experiment, results):
 
 
 def test_continued_pretraining_of_a_real_model_with_its_own_tokenizer(tmp_path, small_corpora, smollm2):
+    assert_loads_alike(smollm2, model=True)  # the folder `dapt model import-gguf` wrote
     experiment, results, _ = real_model_run(tmp_path, small_corpora, smollm2, {"path": str(smollm2)},
                                             {"path": str(smollm2)})
     assert_export_loads_generates_and_matches(experiment, results)
@@ -66,6 +68,8 @@ def test_a_real_model_extended_by_a_domain_tokenizer(tmp_path, small_corpora, sm
          "fit_new_rows": 2})
     assert "new rows fitted on 16 windows of the training text" in output
     assert "embeddings: 49,152 rows copied from the base model" in output
+    assert_loads_alike(experiment.tokenizer_dir)  # tokenizer-extended/
+    assert_loads_alike(experiment.carried_over_dir, model=True)
     extended = AutoTokenizer.from_pretrained(experiment.export_dir)
     assert len(extended) > len(AutoTokenizer.from_pretrained(smollm2))
     assert_export_loads_generates_and_matches(experiment, results)

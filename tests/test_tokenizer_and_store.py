@@ -9,6 +9,7 @@ from dapt.data_mix.config import CorpusConfig, HeldoutConfig
 from dapt.data_mix.build import build_store
 from dapt.data_mix.store import TokenStore, open_stores, tokenizer_hash
 from dapt.base import DaptError
+from tests.conftest import assert_loads_alike
 
 HOSTILE = [
     "Seppälä Oyj (HEL: SEPP) booked €1,234.56m — up 7½% y/y.",
@@ -19,8 +20,7 @@ HOSTILE = [
 
 def test_tokenizer_loads_with_autotokenizer_and_round_trips(built_experiment):
     tokenizer = AutoTokenizer.from_pretrained(built_experiment.tokenizer_dir)
-    config = json.loads((built_experiment.tokenizer_dir / "tokenizer_config.json").read_text())
-    assert config["tokenizer_class"] == "PreTrainedTokenizerFast", "loadable by transformers 4.x too"
+    assert_loads_alike(built_experiment.tokenizer_dir)  # transformers 4.x reads it too, into the same ids
     assert (built_experiment.tokenizer_dir / "sentencepiece.model").exists()
     assert tokenizer.eos_token == "</s>" and tokenizer.pad_token == "<pad>"
     heldout = TokenStore(built_experiment.stores_dir / "filings", "heldout")

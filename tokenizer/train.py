@@ -20,6 +20,7 @@ from dapt.data_mix.sources import CorpusReader
 from dapt.data_mix.split import content_hash, heldout_threshold
 from dapt.base import DaptError
 from dapt.tokenizer.config import SPECIAL_TOKENS, TokenizerTrainConfig
+from dapt.tokenizer.files import make_portable
 from dapt.tokenizer.sentencepiece_trainer import train_sentencepiece
 from dapt.tokenizer.split_merge import train_split_merge
 
@@ -182,8 +183,4 @@ def _save(backend, extra_specials: list[str], out_dir: Path) -> None:
         **{f"{role}_token": token for role, token in SPECIAL_TOKENS.items()},
     )
     tokenizer.save_pretrained(out_dir)
-    # transformers 5 writes its own backend class name, which 4.x cannot load.
-    config_path = out_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config, indent=2))
+    make_portable(out_dir)
