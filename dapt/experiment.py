@@ -21,7 +21,7 @@ from dapt.config_file import config_error, dotted, line_of, read_yaml
 from dapt.workdir import claim_workdir
 from dapt.launch.config import LaunchConfig
 from dapt.launch.sweep_config import SweepConfig
-from dapt.pretrain.config import ModelConfig, TrainConfig, WandbConfig
+from dapt.pretrain.config import ExportConfig, ModelConfig, TrainConfig, WandbConfig
 from dapt.tokenizer.config import TokenizerConfig
 
 
@@ -48,6 +48,8 @@ class Experiment(StrictModel):
     """A native DeepSpeed config; fields set to `auto` (or left out) are filled from `train`."""
     wandb: WandbConfig = WandbConfig()
     """Weights & Biases logging (offline by default)."""
+    export: ExportConfig = ExportConfig()
+    """The exported Hugging Face folder: precision, shard size, and what its model card says."""
     launch: LaunchConfig = LaunchConfig()
     """Processes per node and the Slurm defaults."""
     sweep: SweepConfig | None = None

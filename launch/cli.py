@@ -115,7 +115,8 @@ def cmd_launch_deepspeed(args) -> None:
 def cmd_export(args) -> None:
     from dapt.pretrain.export import export_checkpoint
 
-    out = export_checkpoint(Path(args.checkpoint), Path(args.out), tag=args.tag)
+    out = export_checkpoint(Path(args.checkpoint), Path(args.out), tag=args.tag, dtype=args.dtype,
+                            max_shard_size=args.max_shard_size)
     print(f"exported a Hugging Face model directory to {out}")
 
 
@@ -293,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="checkpoint folder (holding `latest`)")
     export.add_argument("out", help="output directory")
     export.add_argument("--tag", help="checkpoint tag (default: the one `latest` names)")
+    export.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                        help="precision of the weights (default: export.dtype, else the training precision)")
+    export.add_argument("--max-shard-size", help="largest safetensors file, e.g. 2GB (default: export.max_shard_size, 5GB)")
     return parser
 
 

@@ -55,8 +55,6 @@ def _fsync_dir(folder: Path) -> None:
 
 def save_checkpoint(engine, folder: Path, step: int, client_state: dict, keep: int, experiment_yaml: str) -> str:
     tag = tag_for(step)
-    if tag == latest_tag(folder):  # a finished run started again: nothing trained since, and `latest` is never rewritten
-        return tag
     if dist.get_rank() == 0:  # first: a folder holding META is dapt's, so clean-up may remove it, and no other
         (folder / tag).mkdir(parents=True, exist_ok=True)
         (folder / tag / META).write_text(json.dumps({"step": step, "world_size": dist.get_world_size(),
@@ -76,7 +74,7 @@ def save_checkpoint(engine, folder: Path, step: int, client_state: dict, keep: i
             os.fsync(handle.fileno())
         os.replace(temporary, folder / LATEST)
         _fsync_dir(folder)
-        for old in checkpoint_folders(folder)[:-keep]:
+        for old in checkpoint_folders(folder)[:-keep]:  # the one just written is the newest
             shutil.rmtree(old)
     dist.barrier()
     return tag
@@ -105,8 +103,10 @@ def _save_failed(engine, folder: Path, tag: str, err: Exception) -> DaptError:
 
 
 def checkpoint_folders(folder: Path) -> list[Path]:
-    """The checkpoints dapt wrote in `folder`, oldest first (a folder of another name or without META is not one)."""
-    return sorted(p for p in folder.glob("step*") if p.is_dir() and p.name[4:].isdigit() and (p / META).exists())
+    """The checkpoints dapt wrote in `folder` (a folder of another name or without META is not one), in the
+    order they were written: after `--no-resume` a run's step-8 checkpoint is newer than an old run's step 30."""
+    found = [p for p in folder.glob("step*") if p.is_dir() and p.name[4:].isdigit() and (p / META).exists()]
+    return sorted(found, key=lambda p: ((p / META).stat().st_mtime_ns, p.name))
 
 
 def latest_tag(folder: Path) -> str | None:

@@ -18,7 +18,7 @@ from typing import Protocol
 import torch.distributed as dist
 
 from dapt.experiment import experiment_hash
-from dapt.pretrain.checkpoint import latest_meta, latest_tag, save_checkpoint
+from dapt.pretrain.checkpoint import latest_meta, latest_tag, save_checkpoint, tag_for
 from dapt.pretrain.config import TrainConfig
 from dapt.pretrain.resume import gather_rng_states, load_latest, restore_rng_states
 from dapt.pretrain.resume_settings import allowed_changes, check_resume_settings
@@ -49,6 +49,7 @@ class Checkpointer:
         meta = latest_meta(folder) if resume else None
         self.saved_world = meta and meta["world_size"]
         self.universal = False
+        self.resumed_at: int | None = None  # the step the latest checkpoint holds, once resumed from it
         # Before anything is built: a refused change is one line, not a state-dict traceback after minutes.
         self.changed = (check_resume_settings(meta["experiment_yaml"], yaml_text, str(self.latest()), allowed_changes())
                         if meta and "experiment_yaml" in meta else [])
@@ -75,6 +76,7 @@ class Checkpointer:
             part.load_state_dict(client[key])
         restore_rng_states(client["rng"])
         state = RunState(**{field.name: client[field.name] for field in dataclasses.fields(RunState)})
+        self.resumed_at = state.step
         if dist.get_rank() == 0:
             world = dist.get_world_size()
             moved = f" (written by {self.saved_world} processes, now {world})" if self.saved_world != world else ""
@@ -87,7 +89,11 @@ class Checkpointer:
         return bool(self.every) and step % self.every == 0 and step != self.last_step
 
     def save(self, engine, state: RunState) -> str:
-        """A checkpoint of `state.step` on every rank (a collective); its tag."""
+        """A checkpoint of `state.step` on every rank (a collective); its tag. Not again the checkpoint
+        this run resumed from (a finished run started again): nothing was trained since, and rewriting
+        the checkpoint `latest` names in place would break it if the write failed."""
+        if state.step == self.resumed_at:
+            return tag_for(state.step)
         client = {**dataclasses.asdict(state), **{key: part.state_dict() for key, part in self.parts.items()},
                   "rng": gather_rng_states(), "experiment_hash": experiment_hash(self.yaml_text),
                   "experiment_yaml": self.yaml_text}

@@ -130,6 +130,19 @@ class TrainConfig(StrictModel):
             raise ValueError(f"batch_warmup.steps ({warmup.steps}) must be smaller than steps ({self.steps})")
 
 
+class ExportConfig(StrictModel):
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    """Precision of the exported weights (default: `train.precision`; a 7B model is 28 GB in fp32, 14 in bf16)."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors file of the export, as transformers' `max_shard_size` (e.g. 2GB); larger models are sharded."""
+    base_model: str | None = None
+    """The Hugging Face hub id of `model.path`, named as `base_model` in the export's model card."""
+    license: str | None = None
+    """The exported model's license (e.g. apache-2.0), in the model card."""
+    tags: list[str] = []
+    """Model card tags beside `dapt`, `domain-adaptive-pretraining` and the corpus groups."""
+
+
 class WandbConfig(StrictModel):
     project: str = "dapt"
     """W&B project."""

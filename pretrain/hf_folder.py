@@ -26,7 +26,7 @@ def make_config_portable(folder: Path) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def save_model_folder(model, out_dir: Path) -> None:
+def save_model_folder(model, out_dir: Path, max_shard_size: str = "5GB") -> None:
     """`save_pretrained` in safetensors, its config readable by transformers 4.x and 5.x alike."""
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     make_config_portable(out_dir)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import yaml
 
 from tests.conftest import assert_loads_alike
 
@@ -86,3 +88,37 @@ def test_demo_export_loads_generates_and_matches_the_checkpoint(demo_run):
     exported = evaluate_model_dir(experiment, experiment.export_dir)
     for name, bpb in exported.items():
         assert bpb == pytest.approx(results["corpora"][name]["bpb_after"], rel=1e-4), name
+
+
+def test_demo_export_carries_a_model_card_and_its_experiment(demo_run):
+    workdir, experiment, _ = demo_run
+    card = (experiment.export_dir / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "transformers" and {"dapt", "financial", "public"} <= set(front["tags"])
+    results = json.loads((workdir / "results.json").read_text())
+    for name, row in results["corpora"].items():  # the per-corpus figures of the run, as the table shows them
+        assert f"| {row['tokens_seen']:,} | {row['bpb_before']:.3f} → {row['bpb_after']:.3f} |" in card, name
+    assert f"checkpoint `{results['checkpoint']}`" in card
+    assert (experiment.export_dir / "experiment.yaml").read_text() == (workdir / "demo.yaml").read_text()
+
+
+def test_a_sharded_bf16_export_loads_and_keeps_the_checkpoints_bpb(demo_run, tmp_path):
+    """bf16 weights change held-out BPB by their rounding only: within 1% of the fp32 checkpoint's."""
+    from safetensors import safe_open
+
+    from dapt.pretrain.evaluate import evaluate_model_dir
+
+    workdir, experiment, _ = demo_run
+    out = tmp_path / "bf16"
+    result = subprocess.run([sys.executable, "-m", "dapt", "export", str(experiment.checkpoints_dir), str(out),
+                             "--dtype", "bf16", "--max-shard-size", "1MB"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    with safe_open(out / shards[0], "pt") as weights:
+        assert weights.get_tensor(next(iter(weights.keys()))).dtype == torch.bfloat16
+    assert_loads_alike(out, model=True)
+    results = json.loads((workdir / "results.json").read_text())
+    for name, bpb in evaluate_model_dir(experiment, out).items():
+        assert bpb == pytest.approx(results["corpora"][name]["bpb_after"], rel=0.01), name
