@@ -234,11 +234,22 @@ def trained(tmp_path_factory, built_experiment) -> Path:
 
 
 @pytest.mark.slow
-def test_clean_up_removes_only_dapts_checkpoints(trained):
+def test_clean_up_removes_only_dapts_checkpoints(trained, tmp_path):
     checkpoints = trained.parent / "run" / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step00000006"
     assert not (checkpoints / "step00000003").exists()  # keep_checkpoints: 1
     assert (checkpoints / "step_notes").is_dir() and (checkpoints / "step00000001" / "MARKER").read_text() == "mine"
+    # Started afresh in a copy: its step-3 checkpoint is the newest, and the old run's step 6 the one to go.
+    shutil.copytree(trained.parent / "run", tmp_path / "run")
+    config = yaml.safe_load(trained.read_text())
+    config["workdir"], config["train"]["steps"] = str(tmp_path / "run"), 3
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    afresh = dapt("launch", "local", str(path), "--no-resume")
+    assert afresh.returncode == 0, afresh.stderr[-3000:]
+    copied = tmp_path / "run" / "checkpoints"
+    assert (copied / "latest").read_text() == "step00000003" and (copied / "step00000003").is_dir()
+    assert not (copied / "step00000006").exists()
 
 
 @pytest.mark.slow

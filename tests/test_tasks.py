@@ -139,8 +139,7 @@ def test_task_scores_join_the_experiments_wandb_run(tmp_path):
     from dapt.pretrain.tasks import log_tasks
     from tests.conftest import offline_run_records, write_experiment
 
-    experiment, _ = load_experiment(write_experiment(tmp_path, {"workdir": "run"}))
-    experiment.workpath.mkdir()
+    experiment, _ = load_experiment(write_experiment(tmp_path, {"workdir": "run"}))  # which makes the workdir
     experiment.results_file.write_text(json.dumps({"wandb_run_id": "abc123"}))
     log_tasks(experiment, {"model": "m", "tasks": [{"task": "toy", "shots": 2, "items": 10, "accuracy": 0.8,
                                                    "macro_f1": 0.75, "chance": 0.5}]})
