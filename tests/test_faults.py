@@ -325,3 +325,12 @@ def test_ranks_die_with_their_launcher(tmp_path, built_experiment):
     while rank_processes(path) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert rank_processes(path) == []
+
+
+def test_too_little_disk_for_a_checkpoint_is_named_before_the_job(tmp_path, built_experiment):
+    path = tiny_run(tmp_path, built_experiment)
+    huge = {**TINY, "hidden_size": 16384, "intermediate_size": 53248, "num_hidden_layers": 120,
+            "num_attention_heads": 128, "num_key_value_heads": 8}  # ~400B parameters: no disk here holds 6 PB
+    edit(path, lambda c: c["model"].update(config=huge))
+    refused(dapt("launch", "local", str(path)), "free on the disk of", "M parameters, fp32 weights and Adam's fp32 state",
+            "free space there or set `workdir` to a larger disk")
