@@ -78,7 +78,6 @@ def cmd_launch_local(args) -> None:
     from dapt.launch.local import default_nproc, run_local
     from dapt.launch.pipeline import load_training_experiment
     from dapt.launch.preflight import preflight
-
     from dapt.workdir import workdir_lock
 
     experiment = load_training_experiment(args.config)
@@ -104,7 +103,6 @@ def cmd_launch_slurm(args) -> None:
 def cmd_launch_deepspeed(args) -> None:
     from dapt.launch.deepspeed_launcher import run_deepspeed
     from dapt.launch.pipeline import load_training_experiment
-
     from dapt.launch.preflight import preflight
 
     # A bad experiment file, a missing store or tokenizer is reported here, not by every rank.
