@@ -9,7 +9,8 @@ lm-eval task (`<workdir>/eval_tasks/<task>/`, rerunnable with `lm_eval --include
 of type multiple_choice, so every label's words are scored by log-likelihood after a
 k-shot prompt. Train/test split and test subsample go by a hash of the text, never by
 file order (labelled files are often sorted by label); few-shot examples come from
-the train split only. lm-eval's `f1` is binary, so the task uses `macro_f1` below.
+the train split only. lm-eval's `f1` is binary, so the task uses `task_metrics.macro_f1`,
+copied into the folder so that lm-eval alone reruns it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -46,14 +48,6 @@ class TaskConfig(StrictModel):
     """Share of examples (by a hash of the text) scored; the rest supply the shots."""
     max_test_items: int | None = Field(default=None, ge=1)
     """Score at most this many test items (the lowest hashes, so the same ones every time)."""
-
-
-def macro_f1(items: list[tuple[int, int]]) -> float:
-    """lm-eval aggregation: F1 averaged over labels (its built-in `f1` is binary)."""
-    from sklearn.metrics import f1_score
-
-    golds, predictions = zip(*items)
-    return float(f1_score(golds, predictions, average="macro", zero_division=0))
 
 
 def load_task(path: Path) -> TaskConfig:
@@ -149,7 +143,7 @@ def write_lm_eval_task(task: TaskConfig, train: list[dict], test: list[dict], fo
                "  - {metric: f1, aggregation: !function utils.macro_f1, higher_is_better: true}\n")
     (folder / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True) + metrics,
                                          encoding="utf-8")
-    (folder / "utils.py").write_text("from dapt.pretrain.tasks import macro_f1  # noqa: F401\n", encoding="utf-8")
+    shutil.copyfile(Path(__file__).with_name("task_metrics.py"), folder / "utils.py")
     return name
 
 

@@ -82,6 +82,32 @@ def assert_loads_alike(folder: Path, model: bool = False) -> dict:
     return ours
 
 
+def assert_scored_alike(model_dir: Path, results: dict, eval_dir: Path) -> None:
+    """The task folders `dapt eval --tasks` wrote under `eval_dir`, scored on `model_dir` by lm-eval's
+    own command under transformers 4.x, in an environment without dapt: the same accuracy and
+    macro-F1 as `results` (what dapt's scoring under the project's transformers gave)."""
+    import glob
+    import subprocess
+    import tempfile
+
+    if OTHER_TRANSFORMERS_PYTHON is None:
+        assert not os.environ.get("CI"), "CI scores the export under transformers 4.x: set DAPT_OTHER_TRANSFORMERS_PYTHON"
+        return
+    for row in results["tasks"]:
+        with tempfile.TemporaryDirectory() as out:  # the working folder too: nothing of dapt importable
+            command = [OTHER_TRANSFORMERS_PYTHON, "-m", "lm_eval", "--model", "hf",
+                       "--model_args", f"pretrained={model_dir},dtype=float32", "--tasks", f"dapt_{row['task']}",
+                       "--include_path", str(eval_dir / row["task"]), "--device", "cpu", "--batch_size", "8",
+                       "--output_path", out]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=out,
+                                    env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+            assert result.returncode == 0, f"lm-eval under {OTHER_TRANSFORMERS_PYTHON}:\n{result.stderr[-3000:]}"
+            [written] = glob.glob(f"{out}/**/results_*.json", recursive=True)
+            scores = json.loads(Path(written).read_text())["results"][f"dapt_{row['task']}"]
+        assert (scores["acc,none"], scores["f1,none"]) == pytest.approx((row["accuracy"], row["macro_f1"]), abs=1e-9), \
+            f"{row['task']} scored differently by lm-eval under transformers 4.x: {scores}"
+
+
 def reusing(built) -> dict:
     """Experiment sections that train on `built`'s tokenizer and stores: the same corpora and held-out
     split, so the stores are up to date for it, and nothing is rebuilt."""

@@ -8,9 +8,11 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import assert_loads_alike
+from tests.conftest import DEMO_CONFIG, assert_loads_alike, assert_scored_alike
 
 pytestmark = pytest.mark.slow
+
+EXAMPLE_TASK = DEMO_CONFIG.parent / "tasks" / "headline_sentiment.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +90,16 @@ def test_demo_export_loads_generates_and_matches_the_checkpoint(demo_run):
     exported = evaluate_model_dir(experiment, experiment.export_dir)
     for name, bpb in exported.items():
         assert bpb == pytest.approx(results["corpora"][name]["bpb_after"], rel=1e-4), name
+
+
+def test_demo_export_is_scored_by_lm_eval_alike_under_transformers_4_and_5(demo_run, tmp_path):
+    """`dapt eval --tasks` on the export, then the task folder it wrote rerun by lm-eval alone."""
+    from dapt.pretrain.tasks import evaluate_tasks
+
+    _, experiment, _ = demo_run
+    results = evaluate_tasks([EXAMPLE_TASK], experiment.export_dir, tmp_path, shots=2)
+    assert results["tasks"][0]["items"] > 20
+    assert_scored_alike(experiment.export_dir, results, tmp_path / "eval_tasks")
 
 
 def test_demo_export_carries_a_model_card_and_its_experiment(demo_run):
