@@ -217,6 +217,10 @@ def summary_table(results: dict, experiment: Experiment) -> str:
             f"{name:<14}{groups[name]:<11}{row['bpb_before']:>18.3f} → {row['bpb_after']:<8.3f}{row['tokens_seen']:>13,}"
             f"{row['planned_share']:>17.2%} / {row['realised_share']:<7.2%}"
         )
+    based = {name: row for name, row in results["corpora"].items() if "bpb_base" in row}
+    if based:
+        lines.append(f"step 0 against the base model with its own tokenizer ({experiment.model.embeddings}): " + ", ".join(
+            f"{name} {row['bpb_before']:.3f} vs {row['bpb_base']:.3f}" for name, row in based.items()))
     lines.append(f"training loss {results['first_loss']:.3f} → {results['final_loss']:.3f}")
     return "\n".join(lines)
 

@@ -37,6 +37,7 @@ class RunState:
     step: int = 0
     wandb_run_id: str | None = None
     bpb_before: dict[str, float] | None = None  # held-out BPB of the initial weights, per corpus
+    bpb_base: dict[str, float] | None = None  # with a carry-over: the base model's, with its own tokenizer
     first_loss: float | None = None
     last_loss: float | None = None
 

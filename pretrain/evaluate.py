@@ -21,13 +21,21 @@ import torch.nn.functional as F
 from dapt.base import DaptError
 from dapt.data_mix.store import TokenStore, experiment_stores, tokenizer_hash
 from dapt.experiment import Experiment, experiment_hash
+from dapt.pretrain.model import CARRY_OVER_STAMP
 from dapt.pretrain.tracking import Tracker
+from dapt.tokenizer.evaluate import load_tokenizer
+
+BASE_BPB_FILE = "dapt-base-bpb.json"  # in the carried-over folder: the base model's start, see `base_model_bpb`
+
+
+def _eval_documents(store: TokenStore, max_tokens: int) -> int:
+    """How many documents are evaluated: the first whole ones that fit in `max_tokens` (at least one)."""
+    return max(1, int(np.searchsorted(store.doc_ends, max_tokens, side="right")))
 
 
 def _eval_stream(store: TokenStore, max_tokens: int) -> tuple[np.ndarray, int]:
-    """EOS + the first whole documents that fit in `max_tokens` (at least one), and their bytes."""
-    fitting = int(np.searchsorted(store.doc_ends, max_tokens, side="right"))
-    docs = max(1, fitting)
+    """EOS + the evaluated documents (each ending in its EOS), and their bytes."""
+    docs = _eval_documents(store, max_tokens)
     end = int(store.doc_ends[docs - 1])
     eos = store.manifest["eos_token_id"]
     stream = np.concatenate([[eos], np.asarray(store.tokens[:end], dtype=np.int64)])
@@ -50,33 +58,90 @@ def heldout_bpb(
     batch_size: int,
     device: torch.device,
 ) -> dict[str, float]:
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
     was_training = model.training
     model.eval()
     results = {}
     for name, store in stores.items():
         stream, num_bytes = _eval_stream(store, max_tokens)
-        starts = list(range(0, len(stream) - 1, seq_len))
-        full = [s for s in starts if s + seq_len + 1 <= len(stream)]
-        # Every rank makes the same number of forward passes (ZeRO-3 gathers parameters
-        # collectively in each one); a rank short of windows recomputes one and discards it.
-        batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
-        batches += [[s] for s in starts[len(full):]]  # the stream's last, shorter window
-        nats = torch.zeros((), dtype=torch.float64, device=device)
-        for round_start in range(0, len(batches), world):
-            index = round_start + rank
-            batch = batches[index] if index < len(batches) else batches[0]
-            end = min(len(stream), batch[0] + seq_len + 1)
-            windows = np.stack([stream[s : s + end - batch[0]] for s in batch])
-            batch_nats = window_nats(model, torch.from_numpy(windows).to(device))
-            if index < len(batches):
-                nats += batch_nats
-        if world > 1:
-            dist.all_reduce(nats)
-        results[name] = nats.item() / math.log(2) / num_bytes
+        results[name] = _stream_nats(model, stream, seq_len, batch_size, device, shared=True) / math.log(2) / num_bytes
     model.train(was_training)
     return results
+
+
+def _stream_nats(model: torch.nn.Module, stream: np.ndarray, seq_len: int, batch_size: int, device: torch.device,
+                 shared: bool) -> float:
+    """Summed nats of predicting every token of `stream` but the first, in windows of `seq_len`;
+    `shared`: the windows are shared out across the process group's ranks and the sum all-reduced."""
+    shared = shared and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if shared else (0, 1)
+    starts = list(range(0, len(stream) - 1, seq_len))
+    full = [s for s in starts if s + seq_len + 1 <= len(stream)]
+    # Every rank makes the same number of forward passes (ZeRO-3 gathers parameters
+    # collectively in each one); a rank short of windows recomputes one and discards it.
+    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+    batches += [[s] for s in starts[len(full):]]  # the stream's last, shorter window
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    for round_start in range(0, len(batches), world):
+        index = round_start + rank
+        batch = batches[index] if index < len(batches) else batches[0]
+        end = min(len(stream), batch[0] + seq_len + 1)
+        windows = np.stack([stream[s : s + end - batch[0]] for s in batch])
+        batch_nats = window_nats(model, torch.from_numpy(windows).to(device))
+        if index < len(batches):
+            nats += batch_nats
+    if world > 1:
+        dist.all_reduce(nats)
+    return nats.item()
+
+
+@torch.no_grad()
+def retokenized_bpb(model: torch.nn.Module, model_tokenizer, tokenizer, stores: dict[str, TokenStore], seq_len: int,
+                    max_tokens: int, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Held-out BPB of a model that reads another tokenizer's ids (a base model with its own, beside the
+    model carried over from it) on the documents `heldout_bpb` evaluates: each given back as text by
+    `tokenizer`, the stores' own, and encoded by `model_tokenizer`, over the bytes of that text.
+    In this process alone (no ranks share the work)."""
+    model.eval()
+    results = {}
+    eos = model_tokenizer.eos_token_id
+    for name, store in stores.items():
+        ends = [0, *store.doc_ends[:_eval_documents(store, max_tokens)].tolist()]
+        texts = [tokenizer.decode(store.tokens[start : end - 1].tolist(), clean_up_tokenization_spaces=False)
+                 for start, end in zip(ends[:-1], ends[1:])]  # each without its EOS
+        ids = [eos]
+        for encoded in model_tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            ids += [*encoded, eos]
+        num_bytes = sum(len(text.encode("utf-8")) for text in texts)
+        nats = _stream_nats(model, np.asarray(ids, dtype=np.int64), seq_len, batch_size, device, shared=False)
+        results[name] = nats / math.log(2) / num_bytes
+    return results
+
+
+def base_model_bpb(experiment: Experiment, dtype: torch.dtype, device: torch.device) -> dict[str, float] | None:
+    """With a carry-over (`model.embeddings`), the base model's held-out BPB with its own tokenizer on
+    the documents the run evaluates: where the carried-over model should start. Measured once by the
+    calling process alone and kept in the carried-over folder while the base model, both tokenizers,
+    the held-out stores and the evaluation settings stay as they were."""
+    from transformers import AutoModelForCausalLM
+
+    model_config, train = experiment.model, experiment.train
+    if model_config.embeddings is None:
+        return None
+    stores = experiment_stores(experiment, "heldout")
+    record = experiment.carried_over_dir / BASE_BPB_FILE
+    key = experiment_hash(json.dumps([
+        (experiment.carried_over_dir / CARRY_OVER_STAMP).read_text(), {n: s.manifest for n, s in stores.items()},
+        experiment.mix.seq_len, train.eval_max_tokens, train.micro_batch_size, str(dtype),
+    ], sort_keys=True, default=str))
+    if record.exists() and json.loads(record.read_text())["key"] == key:
+        return json.loads(record.read_text())["bpb"]
+    base = Path(model_config.base_tokenizer or model_config.path)
+    model = AutoModelForCausalLM.from_pretrained(model_config.path, attn_implementation="sdpa", dtype=dtype).to(device)
+    bpb = retokenized_bpb(model, load_tokenizer(base), load_tokenizer(experiment.tokenizer_dir), stores,
+                          experiment.mix.seq_len, train.eval_max_tokens, train.micro_batch_size, device)
+    del model
+    record.write_text(json.dumps({"key": key, "bpb": bpb}, indent=1))
+    return bpb
 
 
 class Evaluator:
@@ -106,11 +171,18 @@ class Evaluator:
         self.tracker.log({f"eval/bpb/{name}": value for name, value in bpb.items()}, step=step)
         return bpb
 
-    def at_start(self, model: torch.nn.Module) -> dict[str, float]:
-        """Held-out BPB of the initial weights, logged at step 0."""
+    def at_start(self, model: torch.nn.Module, base: dict[str, float] | None = None) -> dict[str, float]:
+        """Held-out BPB of the initial weights, logged at step 0; with `base` (a carry-over's base model
+        with its own tokenizer) that too, and the two side by side."""
         start = self._start_key()
-        self.measured_at_start[start] = self.evaluate(model, step=0, measured=self.measured_at_start.get(start))
-        return self.measured_at_start[start]
+        self.measured_at_start[start] = bpb = self.evaluate(model, step=0, measured=self.measured_at_start.get(start))
+        if base:
+            self.tracker.log({f"eval/bpb_base/{name}": value for name, value in base.items()}, step=0)
+            print(f"step 0: held-out BPB of the carried-over model (model.embeddings: "
+                  f"{self.experiment.model.embeddings}) against the base model with its own tokenizer: "
+                  + ", ".join(f"{name} {bpb[name]:.3f} vs {base[name]:.3f} ({bpb[name] / base[name] - 1:+.1%})"
+                              for name in bpb), flush=True)
+        return bpb
 
     def _start_key(self) -> str:
         """Everything the initial weights and their evaluation depend on."""

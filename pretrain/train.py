@@ -32,7 +32,7 @@ from dapt.experiment import Experiment
 from dapt.pretrain.checkpointer import Checkpointer, RunState
 from dapt.pretrain.ds_config import resolve_deepspeed_config
 from dapt.pretrain.env import DistributedEnv, discover, export_for_torch
-from dapt.pretrain.evaluate import Evaluator
+from dapt.pretrain.evaluate import Evaluator, base_model_bpb
 from dapt.pretrain.export import GENERATION_CONFIG
 from dapt.pretrain.guard import (StepGuard, engine_checks_overflow, injected_nan_steps, loss_for_backward,
                            step_skipping_nonfinite_gradients)
@@ -163,6 +163,7 @@ class Trainer:
         self.train, self.mix, self.names = experiment.train, experiment.mix, experiment.corpus_names()
         self.env, self.device = env, stop.device
         self._build_data()
+        self.base_bpb: dict[str, float] | None = None  # rank 0's, with a carry-over: see `base_model_bpb`
         self.checkpointer = Checkpointer(experiment.checkpoints_dir, self.train, yaml_text, resume,
                                          parts={"loader": self.loader, "ledger": self.ledger, "guard": self.guard})
         self._build_engine()
@@ -171,7 +172,8 @@ class Trainer:
         self._start_tracking(resumed is not None)
         self.evaluator = Evaluator(experiment, self.device, self.tracker, measured_at_start)
         if resumed is None:
-            self.state.bpb_before = self.evaluator.at_start(self.engine.module)
+            self.state.bpb_before = self.evaluator.at_start(self.engine.module, base=self.base_bpb)
+            self.state.bpb_base = self.base_bpb
         self.stopped = False
         self.summary: dict | None = None  # the W&B summary, once the run has finished
 
@@ -217,6 +219,7 @@ class Trainer:
         if self.env.is_main:
             write_carried_over(model, self.experiment.tokenizer_dir, self.experiment.carried_over_dir,
                                self._fit_windows())
+            self.base_bpb = base_model_bpb(self.experiment, PRECISION_DTYPES[self.train.precision], self.device)
         dist.barrier()
         return self.experiment.carried_over_dir
 
@@ -345,10 +348,11 @@ def _save_model_recipe(module, model_folder: Path | None, tokenizer_dir: Path, c
 
 def _results(names, planned_shares, ledger: MixLedger, state: RunState, after, tag, tracker) -> dict:
     tokens, shares, before = ledger.tokens(), ledger.shares(), state.bpb_before
+    base = {name: {"bpb_base": value} for name, value in (state.bpb_base or {}).items()}
     return {
         "corpora": {
             name: {"bpb_before": before[name], "bpb_after": after[name], "tokens_seen": tokens[name],
-                   "planned_share": planned_shares[i], "realised_share": shares[name]}
+                   "planned_share": planned_shares[i], "realised_share": shares[name], **base.get(name, {})}
             for i, name in enumerate(names)
         },
         "first_loss": state.first_loss,

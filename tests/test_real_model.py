@@ -76,6 +76,12 @@ def test_a_real_model_extended_by_a_domain_tokenizer(tmp_path, small_corpora, sm
     # Every rank trained from the folder rank 0 carried over: the step-0 figure is that folder's.
     for name, bpb in evaluate_model_dir(experiment, experiment.carried_over_dir).items():
         assert bpb == pytest.approx(results["corpora"][name]["bpb_before"], abs=1e-4), name
+    # Beside it, where the base model stands with its own tokenizer on the same documents: public text
+    # is cut as the base cuts it, so there the carried-over model starts where the base does.
+    assert "against the base model with its own tokenizer: " in output
+    corpora = results["corpora"]
+    for name in experiment.groups()["public"]:
+        assert corpora[name]["bpb_before"] == pytest.approx(corpora[name]["bpb_base"], rel=0.01), name
 
 
 def test_extending_the_real_tokenizer_shortens_the_domain_and_leaves_the_rest(tmp_path, small_corpora, smollm2):
