@@ -3,8 +3,8 @@ DeepSpeed, in one run on one device: the same Llama-shape model (~1.1B parameter
 Llama-3.2-1B-like widths), sequence length 2048, bf16, ZeRO-2, the same micro-batch
 and gradient accumulation, AdamW with the same hyper-parameters, random tokens.
 
-dapt's side is its real step (`pretrain.train.train_step` on an engine configured by
-`resolve_deepspeed_config`, with the step guard); the Trainer's side is
+dapt's side is its real step (`pretrain.train.train_step` with its chunked loss, on an engine
+configured by `resolve_deepspeed_config`, with the step guard); the Trainer's side is
 `transformers.Trainer(args=TrainingArguments(deepspeed=...))`, timed per optimizer
 step by a callback. MFU uses dapt's formula (pretrain/metrics.py: 6·N + 12·L·H·S per
 token) and the device's dense bf16 peak.
@@ -28,6 +28,7 @@ from dapt.data_mix.loader import StepBatch
 from dapt.pretrain.config import TrainConfig
 from dapt.pretrain.ds_config import resolve_deepspeed_config
 from dapt.pretrain.guard import StepGuard
+from dapt.pretrain.loss import install_chunked_loss
 from dapt.pretrain.metrics import flops_per_token, peak_flops
 from dapt.pretrain.train import train_step
 
@@ -54,6 +55,7 @@ def time_dapt(model, train: TrainConfig, tokens: np.ndarray, on_gpu: bool) -> li
     import deepspeed
 
     config = resolve_deepspeed_config({"zero_optimization": {"stage": 2}}, train, world_size=1, on_gpu=on_gpu)
+    install_chunked_loss(model, train.loss_chunk_tokens)  # as the trainer does
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     guard = StepGuard(train.max_skipped_in_a_row, train.spike_window, train.spike_threshold)
     device = engine.device

@@ -23,6 +23,7 @@ from dapt.data_mix.loader import StepBatch
 from dapt.pretrain.config import TrainConfig
 from dapt.pretrain.ds_config import resolve_deepspeed_config
 from dapt.pretrain.guard import StepGuard
+from dapt.pretrain.loss import install_chunked_loss
 from dapt.pretrain.train import step_metrics, train_step
 
 VOCAB, SEQ, MICRO, CORPORA = 8000, 256, 8, 4
@@ -72,6 +73,7 @@ def main() -> None:
     config = resolve_deepspeed_config({"zero_optimization": {"stage": 0}}, train, world_size=1, on_gpu=False)
     del config["scheduler"]  # a constant lr on both sides
     model = tiny_llama(0)
+    install_chunked_loss(model, train.loss_chunk_tokens)  # as the trainer does: dapt's default chunked loss
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     bare = tiny_llama(0)
     optimizer = torch.optim.AdamW(bare.parameters(), lr=train.lr, betas=train.betas, eps=1e-8, weight_decay=train.weight_decay)

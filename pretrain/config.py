@@ -84,6 +84,10 @@ class TrainConfig(StrictModel):
     """Training precision; bf16 and fp16 keep fp32 master weights, and the model is loaded in it."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, about a third more compute)."""
+    loss_chunk_tokens: int = Field(default=256, ge=0)
+    """The loss and held-out BPB are computed this many positions at a time, the output head's matmul
+    and the loss's gradient inside each chunk, so the whole [tokens, vocabulary] logits never exist
+    (0: whole logits)."""
     checkpoint_every: int = Field(default=0, ge=0)
     """Save every N steps (0: only at the end)."""
     keep_checkpoints: int = Field(default=2, gt=0)

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from dapt.base import DaptError
 from dapt.data_mix.store import TokenStore, experiment_stores, tokenizer_hash
 from dapt.experiment import Experiment, experiment_hash
+from dapt.pretrain.loss import next_token_loss
 from dapt.pretrain.model import CARRY_OVER_STAMP
 from dapt.pretrain.tracking import Tracker
 from dapt.tokenizer.evaluate import load_tokenizer
@@ -44,9 +44,7 @@ def _eval_stream(store: TokenStore, max_tokens: int) -> tuple[np.ndarray, int]:
 
 def window_nats(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
     """Summed next-token nats of a batch of equal-length windows, in float64."""
-    logits = model(input_ids=windows[:, :-1]).logits
-    nats = F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten(), reduction="sum")
-    return nats.double()
+    return next_token_loss(model, windows)[1].double().sum()
 
 
 @torch.no_grad()

@@ -37,9 +37,8 @@ def engine_checks_overflow(engine) -> bool:
     return hasattr(engine.optimizer, "overflow")
 
 
-def loss_for_backward(per_sample: torch.Tensor) -> torch.Tensor:
+def loss_for_backward(loss: torch.Tensor) -> torch.Tensor:
     """The micro-batch loss to back-propagate; a non-finite one poisons the gradient so the step is skipped."""
-    loss = per_sample.mean()
     # A tensor op, not an `if`: deciding in Python would wait for the device on every micro-batch.
     return loss * torch.where(torch.isfinite(loss), 1.0, float("nan"))
 

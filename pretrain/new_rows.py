@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dapt.data_mix.store import TokenStore
+from dapt.pretrain.loss import next_token_loss
 
 FIT_BATCH = 8  # windows a step
 FIT_LR = 1e-3
@@ -57,8 +57,7 @@ def fit_new_rows(model, new_ids: list[int], windows: torch.Tensor) -> tuple[floa
     losses = []
     try:
         for batch in windows.to(device).split(FIT_BATCH):
-            logits = model(input_ids=batch[:, :-1]).logits
-            loss = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:])
+            loss, _ = next_token_loss(model, batch)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from dapt.data_mix.batches import batch_sizes
 from dapt.data_mix.blend import build_schedule
@@ -37,6 +36,7 @@ from dapt.pretrain.export import GENERATION_CONFIG
 from dapt.pretrain.guard import (StepGuard, engine_checks_overflow, injected_nan_steps, loss_for_backward,
                            step_skipping_nonfinite_gradients)
 from dapt.pretrain.hf_folder import make_config_portable
+from dapt.pretrain.loss import check_chunked_loss, install_chunked_loss, next_token_loss
 from dapt.pretrain.metrics import flops_per_token, mfu, peak_flops
 from dapt.pretrain.model import PRECISION_DTYPES, build_model, write_carried_over
 from dapt.pretrain.new_rows import fit_windows
@@ -53,10 +53,10 @@ def train_step(engine, batch: StepBatch, num_corpora: int, device: torch.device,
     ranks, and whether the update was applied (not skipped for a non-finite loss or gradient)."""
     sums = torch.zeros(2, num_corpora, dtype=torch.float64, device=device)
     for tokens, corpus_ids in zip(batch.tokens.to(device), batch.corpus_ids.to(device)):
-        logits = engine(input_ids=tokens[:, :-1]).logits
-        per_token = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
-        per_sample = per_token.mean(dim=1) * (float("nan") if inject_nan else 1.0)
-        engine.backward(loss_for_backward(per_sample))
+        poison = float("nan") if inject_nan else 1.0
+        loss, per_token = next_token_loss(engine, tokens)
+        per_sample = per_token.mean(dim=1) * poison
+        engine.backward(loss_for_backward(loss * poison))
         if engine.is_gradient_accumulation_boundary() and not engine_checks_overflow(engine):
             step_skipping_nonfinite_gradients(engine)
         else:
@@ -208,7 +208,11 @@ class Trainer:
         model = build_model(experiment.model, self.tokenizer, experiment.seed, train.activation_checkpointing,
                             folder=self.model_folder, dtype=PRECISION_DTYPES[train.precision])
         self.model_flops, self.peak = flops_per_token(model, self.mix.seq_len), peak_flops(train.peak_flops_per_device)
+        install_chunked_loss(model, train.loss_chunk_tokens)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=self.ds_config)
+        unchunked = check_chunked_loss(self.engine, model.config.vocab_size, self.mix.seq_len, self.device)
+        if unchunked and self.env.is_main:
+            print(f"note: {unchunked}", flush=True)
 
     def _base_model_folder(self) -> Path | None:
         """The folder every rank loads: `model.path`, or with `model.embeddings` the base model carried

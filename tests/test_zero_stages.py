@@ -40,3 +40,24 @@ def test_zero_stage_trains_and_exports(tmp_path, built_experiment, stage, offloa
     exported = evaluate_model_dir(experiment, out)
     for name, bpb in exported.items():
         assert bpb == pytest.approx(results["corpora"][name]["bpb_after"], rel=1e-4), name
+
+
+def test_the_chunked_loss_trains_as_the_whole_logits_do_under_zero3(tmp_path, built_experiment):
+    """Under ZeRO-3 in 2 processes (the head's weight partitioned, its gradient computed in the forward
+    pass and handed to the partitioned reduction in the backward): the same losses step by step and
+    held-out BPB, chunks of 16 positions against whole logits."""
+    curves = {}
+    for chunk in (16, 0):
+        folder = tmp_path / f"chunk{chunk}"
+        folder.mkdir()
+        path = experiment_file(folder, built_experiment, steps=4)
+        config = yaml.safe_load(path.read_text())
+        config["deepspeed"] = {"zero_optimization": {"stage": 3}}
+        config["train"].update(checkpoint_every=0, lr=1e-2, precision="fp32", loss_chunk_tokens=chunk)
+        path.write_text(yaml.safe_dump(config))
+        train(path)
+        curves[chunk] = losses(folder)
+        curves[chunk, "bpb"] = json.loads((folder / "results.json").read_text())["corpora"]
+    assert curves[16] == pytest.approx(curves[0], abs=1e-5)
+    for name, row in curves[0, "bpb"].items():
+        assert curves[16, "bpb"][name]["bpb_after"] == pytest.approx(row["bpb_after"], abs=1e-5), name
