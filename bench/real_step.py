@@ -14,8 +14,8 @@ any comparison of fp32 losses: how far each side's arithmetic is from the exact 
 
 Memory: one forward and backward pass of one sequence of `--memory-seq-len` tokens, each way in
 a fresh process (the gradients allocated before), its peak anonymous resident memory above what
-the process held before the pass: with the whole logits (as the Trainer and a plain
-`model(...).logits` loss compute them), chunked at each of `--chunks`, and with no head at all
+the process held before the pass: with the whole logits (as transformers' causal LM loss, and so
+the Trainer, computes them), chunked at each of `--chunks`, and with no head at all
 (the decoder's hidden states into a stand-in loss). The head's share of a step is the way's peak
 minus the headless one.
 
@@ -154,6 +154,9 @@ def memory_probe(folder: Path, way: str, seq_len: int) -> int:
     if way == "no head":
         hidden = model.model(input_ids=tokens[:, :-1]).last_hidden_state
         hidden.float().square().mean().backward()
+    elif way == "whole logits":  # as transformers computes a causal LM's loss
+        logits = model(input_ids=tokens[:, :-1]).logits
+        F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
     else:
         next_token_loss(model, tokens)[0].backward()
     return sampler.take() - before

@@ -104,6 +104,18 @@ def test_the_loss_is_as_exact_as_fp32_allows_on_a_real_vocabulary():
     assert abs((F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").double() - exact).mean()) > 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_whole_logits_loss_has_torchs_gradient(dtype):
+    logits = torch.randn(3, 17, VOCAB, generator=torch.Generator().manual_seed(7)).to(dtype).requires_grad_()
+    targets = torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(8))
+    scale = torch.rand(3, 17, generator=torch.Generator().manual_seed(9))
+    (cross_entropy(logits, targets) * scale).sum().backward()
+    ours, logits.grad = logits.grad, None
+    (F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none") * scale).sum().backward()
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, logits.grad, rtol=1e-5, atol=1e-6)
+
+
 class SoftCapped(LlamaForCausalLM):
     """A model that transforms its logits after the head, as Gemma 2 soft-caps them."""
 
