@@ -19,6 +19,14 @@ from dapt.data_mix.demo_corpora import write_demo_corpora  # noqa: E402
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
+def shipped_config(folder: Path, name: str = "demo.yaml") -> Path:
+    """A copy in `folder` of one of the experiment files dapt ships: loading an experiment takes its
+    workdir (relative to the file), which must not be a folder of the checkout."""
+    import shutil
+
+    return Path(shutil.copy(DEMO_CONFIG.parent / name, folder / name))
+
+
 def offline_run_records(run_dir: Path) -> list[dict]:
     """The records of an offline W&B run folder, read back with W&B's own `wandb leet inspect`."""
     import json

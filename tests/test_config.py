@@ -2,14 +2,15 @@ import pytest
 
 from dapt.base import DaptError
 from dapt.experiment import load_experiment
-from tests.conftest import DEMO_CONFIG, write_experiment
+from tests.conftest import DEMO_CONFIG, shipped_config, write_experiment
 
 
-def test_demo_config_validates_into_typed_sections():
-    experiment, text = load_experiment(DEMO_CONFIG)
+def test_demo_config_validates_into_typed_sections(tmp_path):
+    config = shipped_config(tmp_path)
+    experiment, text = load_experiment(config)
     assert experiment.train.steps > 0 and experiment.mix.seq_len == 128
     assert [c.group for c in experiment.corpora] == ["financial", "financial", "public", "public"]
-    assert experiment.corpora[0].paths[0].startswith(str(DEMO_CONFIG.parent)), "paths are relative to the file"
+    assert experiment.corpora[0].paths[0].startswith(str(tmp_path)), "paths are relative to the file"
     assert "finance-demo" in text
 
 

@@ -6,7 +6,7 @@ import sys
 
 from dapt.pretrain.dashboard import SECTIONS, build_workspace, workspace_spec
 from dapt.pretrain.tracking import METRIC_GROUPS
-from tests.conftest import DEMO_CONFIG, offline_run_records
+from tests.conftest import offline_run_records, shipped_config
 
 CORPORA = ["filings", "news", "encyclopedia", "web"]
 
@@ -33,7 +33,8 @@ def test_the_spec_holds_a_panel_for_every_metric_group_and_corpus():
 
 def test_dapt_wandb_dashboard_dry_run_writes_the_spec_of_the_experiments_corpora(tmp_path):
     output = tmp_path / "spec.json"
-    result = subprocess.run([sys.executable, "-m", "dapt", "wandb", "dashboard", "--config", str(DEMO_CONFIG),
+    config = shipped_config(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "dapt", "wandb", "dashboard", "--config", str(config),
                              "--entity", "team", "--dry-run", "--output", str(output)], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr

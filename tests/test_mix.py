@@ -39,11 +39,11 @@ def test_group_weights_budgets_and_temperature():
         target_shares(MixConfig(), CORPORA, SIZES, budgets={"filings": 2000}, total_tokens=1000)
 
 
-def test_bloomberggpt_config_reproduces_the_paper_shares():
+def test_bloomberggpt_config_reproduces_the_paper_shares(tmp_path):
     from dapt.experiment import load_experiment
-    from tests.conftest import DEMO_CONFIG
+    from tests.conftest import shipped_config
 
-    experiment, _ = load_experiment(DEMO_CONFIG.parent / "bloomberggpt.yaml")
+    experiment, _ = load_experiment(shipped_config(tmp_path, "bloomberggpt.yaml"))
     shares = target_shares(experiment.mix, experiment.corpora, {c.name: 1.0 for c in experiment.corpora})
     assert shares["finpile_web"] == pytest.approx(0.4201) and shares["wikipedia"] == pytest.approx(0.0335)
     financial = sum(shares[c.name] for c in experiment.corpora if c.group == "financial")

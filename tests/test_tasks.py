@@ -125,10 +125,10 @@ def test_two_tasks_of_one_name_are_refused(tmp_path):
 
 def test_dapt_eval_tasks_reports_a_bad_row_as_one_line(tmp_path, capsys):
     from dapt.launch.cli import main
-    from tests.conftest import DEMO_CONFIG
+    from tests.conftest import shipped_config
 
     task = write_task(tmp_path, '{"text": "shares rose", "label": "up"}\n{"text": "shares fell", "label": "sideways"}\n')
-    assert main(["eval", str(DEMO_CONFIG), "--tasks", str(task), "--model", str(tmp_path)]) == 2
+    assert main(["eval", str(shipped_config(tmp_path)), "--tasks", str(task), "--model", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and f"{tmp_path / 'rows.jsonl'}:2: label 'sideways' has no label words" in error
 
