@@ -5,9 +5,9 @@ Steps: the base model (SmolLM2-135M by default: 49,152 pieces, tied head; with `
 model of its shape with N pieces and random weights) in fp32 on a CPU, bf16 on a GPU, the same
 batches of text (the demo's web pages, the model's own tokenizer), AdamW with the same settings and
 clipping, a constant lr, the same DeepSpeed config (dapt's own, `resolve_deepspeed_config`, ZeRO-2),
-one process, each side in a fresh process. dapt's side is its real step (`pretrain.train.train_step`
-with the chunked loss, as the trainer installs it, and once more with the whole logits); the
-Trainer's is `transformers.Trainer(args=TrainingArguments(deepspeed=<that config>))`, batches in
+one process, each side in a fresh process, the sides in turn for `--rounds` rounds. dapt's side
+is its real step (`pretrain.train.train_step` with the chunked loss, as the trainer installs it,
+and once more with the whole logits); the Trainer's is `transformers.Trainer(args=TrainingArguments(deepspeed=<that config>))`, batches in
 order, timed per optimizer step by a callback, its loss recorded as computed. Reported: median step
 time and its ratio to the Trainer's, the largest difference of the step losses from the Trainer's,
 and each side's first loss against the same loss computed in float64 throughout (the floor of
@@ -222,7 +222,9 @@ def measure_side(folder: Path, vocab: int | None, side: str, steps: int, seq_len
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-model", type=Path, default=REAL_MODEL, help="a Hugging Face causal LM folder with its tokenizer")
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per side (the first 2 not timed)")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per side and round (the first 2 not timed)")
+    parser.add_argument("--rounds", type=int, default=2, help="the sides run in turn this many times (drift on a "
+                        "shared machine falls on every side alike); their timed steps are pooled")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--memory-seq-len", type=int, default=2048)
     parser.add_argument("--chunks", type=int, nargs="+", default=[128, 256, 1024], help="chunk sizes measured for memory (dapt's default: 256)")
@@ -244,20 +246,25 @@ def main() -> None:
         return
 
     model_args = ["--vocab", str(args.vocab)] if args.vocab else []
-    sides = {side: in_fresh_process(args.base_model, ["--side", side, "--steps", str(args.steps),
-                                                      "--seq-len", str(args.seq_len), *model_args]) for side in SIDES}
+    sides: dict[str, dict] = {}
+    for _ in range(args.rounds):
+        for side in SIDES:
+            row = in_fresh_process(args.base_model, ["--side", side, "--steps", str(args.steps),
+                                                     "--seq-len", str(args.seq_len), *model_args])
+            sides.setdefault(side, {"times": [], "losses": row["losses"]})["times"] += row["times"][2:]
     exact = float64_first_loss(args.base_model, args.vocab, text_batches(args.base_model, 1, args.seq_len))
     model = args.base_model.name + (f" shape, {args.vocab:,} pieces, random weights" if args.vocab else "")
     device = torch.cuda.get_device_name() if ON_GPU else "CPU"
     print(f"real-model step: {model}, {PRECISION}, {device}, 1 process, ZeRO-2, batch {MICRO} x {ACCUMULATION} "
-          f"accumulation x {args.seq_len} tokens, {args.steps - 2} timed steps, each side in a fresh process; "
+          f"accumulation x {args.seq_len} tokens, {args.rounds} x {args.steps - 2} timed steps, each side in a fresh "
+          f"process, the sides in turn; "
           f"baseline: transformers Trainer with the same DeepSpeed config")
     print(f"{'what':<46}{'median step':>14}{'ratio':>9}{'largest loss diff':>19}{'step-1 loss - fp64':>20}")
     baseline = sides["transformers Trainer + DeepSpeed (baseline)"]
     for side, row in sides.items():
-        median = statistics.median(row["times"][2:])
+        median = statistics.median(row["times"])
         difference = max(abs(a - b) for a, b in zip(baseline["losses"], row["losses"]))
-        print(f"{side:<46}{median * 1000:>11.1f} ms{median / statistics.median(baseline['times'][2:]):>9.3f}"
+        print(f"{side:<46}{median * 1000:>11.1f} ms{median / statistics.median(baseline['times']):>9.3f}"
               f"{difference:>19.2e}{row['losses'][0] - exact:>20.2e}")
     print(f"(step-1 loss in float64: {exact:.7f})")
 
