@@ -62,7 +62,8 @@ def time_dapt(model, train: TrainConfig, tokens: np.ndarray, on_gpu: bool) -> li
     times = []
     for step, step_tokens in enumerate(tokens):
         corpus_ids = torch.zeros(step_tokens.shape[:2], dtype=torch.int64)
-        batch = StepBatch(step, torch.from_numpy(step_tokens), corpus_ids, corpus_ids.numpy().ravel())
+        batch = StepBatch(step, torch.from_numpy(step_tokens), corpus_ids, corpus_ids.numpy().ravel(),
+                          step_tokens[..., 1:].size)
         started = time.perf_counter()
         sums, applied = train_step(engine, batch, 1, device)
         guard.record((sums[0].sum() / sums[1].sum()).item(), applied)  # .item() waits for the step to finish

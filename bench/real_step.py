@@ -100,7 +100,8 @@ def time_dapt(folder: Path, vocab: int | None, train: TrainConfig, batches: np.n
     for step, tokens in enumerate(batches):
         corpus_ids = torch.zeros(tokens.shape[:2], dtype=torch.int64)
         started = time.perf_counter()
-        sums, _ = train_step(engine, StepBatch(step, torch.from_numpy(tokens), corpus_ids, corpus_ids.numpy().ravel()),
+        sums, _ = train_step(engine, StepBatch(step, torch.from_numpy(tokens), corpus_ids, corpus_ids.numpy().ravel(),
+                                                   tokens[..., 1:].size),
                              1, engine.device)
         losses.append((sums[0].sum() / sums[1].sum()).item())  # waits for the device
         times.append(time.perf_counter() - started)

@@ -44,7 +44,7 @@ def batches(steps: int) -> list[StepBatch]:
     for step in range(steps):
         tokens = torch.from_numpy(rng.integers(0, VOCAB, (1, MICRO, SEQ + 1)))
         corpora = rng.integers(0, CORPORA, (1, MICRO))
-        out.append(StepBatch(step, tokens, torch.from_numpy(corpora), corpora.ravel()))
+        out.append(StepBatch(step, tokens, torch.from_numpy(corpora), corpora.ravel(), tokens[..., 1:].numel()))
     return out
 
 

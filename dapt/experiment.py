@@ -164,6 +164,16 @@ def _check_names(experiment: Experiment, path: Path, root: yaml.Node) -> None:
         raise DaptError(f"{path}:{line_of(root, ('model',))}: model.extend_domain: required with `embeddings: extend` "
                         f"when the corpora form more than one group ({', '.join(groups)}): name the groups or corpora "
                         f"whose text the new pieces are learnt on, e.g. `extend_domain: [{groups[0]}]`")
+    if experiment.train.lora is not None and model.path is None:
+        loc = ("train", "lora")
+        raise DaptError(f"{path}:{line_of(root, loc)}: train.lora: adapters tune a pretrained model, whose weights "
+                        "stay frozen; set `model.path` to one (a model built from `model.config` trains whole)")
+    for index, corpus in enumerate(experiment.corpora):
+        if corpus.record_format != "text" and corpus.max_tokens > mix.seq_len + 1:
+            loc = ("corpora", index, "max_tokens")
+            raise DaptError(f"{path}:{line_of(root, loc)}: {dotted(loc)}: {corpus.max_tokens} tokens do not fit a "
+                            f"window of mix.seq_len + 1 = {mix.seq_len + 1} tokens, and records are never cut "
+                            f"across windows; set `max_tokens` to at most {mix.seq_len + 1} or raise `mix.seq_len`")
     for index, stage in enumerate(mix.stages):
         if stage.start_step >= experiment.train.steps:
             loc = ("mix", "stages", index, "start_step")

@@ -30,13 +30,15 @@ import numpy as np
 from tqdm import tqdm
 
 from dapt.data_mix.config import CorpusConfig, HeldoutConfig
-from dapt.data_mix.sources import CorpusReader, resolve_files
+from dapt.data_mix.records import (OVER_LENGTH, ChatRenderer, Record, account_records, encode_records,
+                                   record_statistics, trained_text_bytes)
+from dapt.data_mix.sources import CorpusReader, Document, resolve_files
 from dapt.data_mix.split import split_position
-from dapt.data_mix.store import (MANIFEST, file_checksum, file_records, read_manifest, size_problem, token_dtype,
-                                 tokenizer_hash)
+from dapt.data_mix.store import (MANIFEST, TRAINED_SUFFIX, file_checksum, file_records, read_manifest, size_problem,
+                                 token_dtype, tokenizer_hash)
 from dapt.base import DaptError
 
-STORE_VERSION = 2
+STORE_VERSION = 3  # 3: stores of tuning records (which tokens are trained targets)
 # A batch goes to a worker at this many documents or bytes, whichever comes first.
 BATCH_DOCUMENTS = 512
 BATCH_BYTES = 1 << 20
@@ -44,36 +46,54 @@ IN_FLIGHT_PER_WORKER = 2
 
 
 class _SplitWriter:
-    """Appends documents (token ids + EOS) to one `.bin` file and remembers their ends and bytes."""
+    """Appends documents (token ids + EOS) to one `.bin` file and remembers their ends and bytes;
+    for tuning records also which tokens are trained targets (`.trained.bin`), and per record how
+    many, and the UTF-8 bytes of the text they stand for (the completion's)."""
 
-    def __init__(self, folder: Path, name: str, dtype: np.dtype):
+    def __init__(self, folder: Path, name: str, dtype: np.dtype, records: bool):
         self.folder, self.name, self.dtype = folder, name, dtype
         self.handle = open(folder / f"{name}.bin", "wb")
-        self.ends, self.bytes = array("q"), array("q")
+        self.trained_handle = open(folder / f"{name}{TRAINED_SUFFIX}", "wb") if records else None
+        self.ends, self.bytes, self.trained, self.trained_bytes = array("q"), array("q"), array("q"), array("q")
         self.hashes = array("d")
         self.count = 0
 
-    def add_arrays(self, flat: np.ndarray, lengths: np.ndarray, num_bytes: np.ndarray, positions: np.ndarray) -> None:
+    def add_arrays(self, flat: np.ndarray, lengths: np.ndarray, num_bytes: np.ndarray, positions: np.ndarray,
+                   trained: np.ndarray | None = None, trained_bytes: np.ndarray | None = None) -> None:
         """Documents given as one array of ids (EOS included) and each one's length in tokens."""
         self.handle.write(flat.astype(self.dtype, copy=False).tobytes())
-        self.ends.extend((self.count + np.cumsum(lengths)).tolist())
+        ends = np.cumsum(lengths)
+        self.ends.extend((self.count + ends).tolist())
         self.count += len(flat)
         self.bytes.extend(num_bytes.tolist())
         self.hashes.extend(positions.tolist())
+        if self.trained_handle is not None:
+            self.trained_handle.write(trained.tobytes())
+            self.trained.extend(np.add.reduceat(trained, ends - lengths).tolist() if len(lengths) else [])
+            self.trained_bytes.extend(trained_bytes.tolist())
 
-    def add_slice(self, tokens: np.ndarray, num_bytes: int) -> None:
+    def add_slice(self, tokens: np.ndarray, num_bytes: int, trained: np.ndarray | None = None,
+                  trained_bytes: int = 0) -> None:
         self.handle.write(tokens.tobytes())
         self.count += len(tokens)
         self.ends.append(self.count)
         self.bytes.append(num_bytes)
+        if self.trained_handle is not None:
+            self.trained_handle.write(trained.tobytes())
+            self.trained.append(int(trained.sum()))
+            self.trained_bytes.append(trained_bytes)
 
     def close(self) -> dict:
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        docs = np.stack([np.frombuffer(self.ends, dtype=np.int64), np.frombuffer(self.bytes, dtype=np.int64)], axis=1)
+        columns = [self.ends, self.bytes] + ([self.trained, self.trained_bytes] if self.trained_handle else [])
+        for handle in filter(None, (self.handle, self.trained_handle)):
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+        docs = np.stack([np.frombuffer(column, dtype=np.int64) for column in columns], axis=1)
         np.save(self.folder / f"{self.name}.docs.npy", docs)
-        return {"documents": len(self.ends), "tokens": self.count, "bytes": int(docs[:, 1].sum())}
+        counts = {"documents": len(self.ends), "tokens": self.count, "bytes": int(docs[:, 1].sum())}
+        return counts | ({"trained_tokens": int(docs[:, 2].sum()), "trained_bytes": int(docs[:, 3].sum())}
+                         if self.trained_handle is not None else {})
 
 
 def source_fingerprint(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Path) -> dict:
@@ -203,6 +223,18 @@ def _start_worker(tokenizer_dir: str, dtype: str) -> None:
     _worker = (encoder, eos, np.dtype(dtype), cuts_cleanly(encoder))
 
 
+def _encode_records(records: list[Record], max_tokens: int, truncate: bool) -> tuple[np.ndarray, ...]:
+    """Worker: as `_encode`, for tuning records, with which tokens are trained targets, what was
+    done with each record (records.KEPT, TRUNCATED, OVER_LENGTH) and its prompt's and completion's
+    tokens. Over-length records are left out of the ids."""
+    encoder, eos, dtype, _ = _worker
+    ids, trained, status, lengths = encode_records(encoder, eos, records, max_tokens, truncate)
+    kept = [index for index in range(len(records)) if status[index] != OVER_LENGTH]
+    flat = np.concatenate([ids[i] for i in kept]).astype(dtype) if kept else np.empty(0, dtype)
+    mask = np.concatenate([trained[i] for i in kept]) if kept else np.empty(0, np.uint8)
+    return flat, np.array([len(ids[i]) for i in kept], dtype=np.int64), mask, status, lengths
+
+
 def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Worker: (ids of every document with EOS after each, each document's length with its EOS).
     Encoded a piece group of at most PIECE_CHARS characters at a time, each turned into an array at once."""
@@ -233,17 +265,15 @@ def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _batches(reader: CorpusReader):
-    """(texts, split positions, UTF-8 bytes) of consecutive documents, bounded in count and size."""
-    texts, positions, sizes = [], [], []
-    for text, digest, num_bytes in reader.documents_with_digests():
-        texts.append(text)
-        positions.append(split_position(digest))
-        sizes.append(num_bytes)
-        if len(texts) == BATCH_DOCUMENTS or sum(sizes) >= BATCH_BYTES:
-            yield texts, np.array(positions), np.array(sizes, dtype=np.int64)
-            texts, positions, sizes = [], [], []
-    if texts:
-        yield texts, np.array(positions), np.array(sizes, dtype=np.int64)
+    """Consecutive documents, bounded in count and size."""
+    documents: list[Document] = []
+    for document in reader.documents_with_digests():
+        documents.append(document)
+        if len(documents) == BATCH_DOCUMENTS or sum(d.num_bytes for d in documents) >= BATCH_BYTES:
+            yield documents
+            documents = []
+    if documents:
+        yield documents
 
 
 def build_store(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Path, stores_dir: Path) -> dict:
@@ -264,18 +294,29 @@ def build_store(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Pat
     temporary.mkdir(parents=True)
     vocab_size = encoder.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
-    train, candidates = _SplitWriter(temporary, "train", dtype), _SplitWriter(temporary, "candidates", dtype)
+    records = corpus.record_format != "text"
+    train, candidates = (_SplitWriter(temporary, name, dtype, records) for name in ("train", "candidates"))
 
-    reader = CorpusReader(corpus)
+    reader = CorpusReader(corpus, ChatRenderer(tokenizer_dir) if corpus.record_format == "messages" else None)
+    record_lengths: list[np.ndarray] = []
     workers = len(os.sched_getaffinity(0))
     progress = tqdm(desc=f"tokenising {corpus.name}", unit="doc", leave=False, disable=None)
 
-    def write(positions: np.ndarray, sizes: np.ndarray, encoded) -> None:
-        flat, lengths = encoded.result()
+    def write(documents: list[Document], encoded) -> None:
+        if records:
+            flat, lengths, trained, status, token_lengths = encoded.result()
+            documents = account_records(reader.report, documents, status)
+            record_lengths.append(token_lengths[status != OVER_LENGTH])
+            trained_bytes = np.array([trained_text_bytes(d.value) for d in documents], dtype=np.int64)
+        else:
+            flat, lengths = encoded.result()
+        positions = np.array([split_position(d.digest) for d in documents])
+        sizes = np.array([d.num_bytes for d in documents], dtype=np.int64)
         held = positions < heldout.fraction
         tokens_held = np.repeat(held, lengths)
-        train.add_arrays(flat[~tokens_held], lengths[~held], sizes[~held], positions[~held])
-        candidates.add_arrays(flat[tokens_held], lengths[held], sizes[held], positions[held])
+        for writer, chosen, chosen_tokens in ((train, ~held, ~tokens_held), (candidates, held, tokens_held)):
+            writer.add_arrays(flat[chosen_tokens], lengths[chosen], sizes[chosen], positions[chosen],
+                              *((trained[chosen_tokens], trained_bytes[chosen]) if records else ()))
         progress.update(len(lengths))
 
     try:
@@ -283,8 +324,11 @@ def build_store(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Pat
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                  initargs=(str(tokenizer_dir), dtype.str)) as pool:
             in_flight: deque = deque()
-            for texts, positions, sizes in _batches(reader):
-                in_flight.append((positions, sizes, pool.submit(_encode, texts)))
+            for documents in _batches(reader):
+                values = [d.value for d in documents]
+                encoded = (pool.submit(_encode_records, values, corpus.max_tokens, corpus.over_length == "truncate")
+                           if records else pool.submit(_encode, values))
+                in_flight.append((documents, encoded))
                 if len(in_flight) >= IN_FLIGHT_PER_WORKER * workers:
                     write(*in_flight.popleft())
             while in_flight:
@@ -296,15 +340,20 @@ def build_store(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Pat
         progress.close()
 
     splits = _split_heldout(train, candidates, heldout, temporary, dtype)
+    if records:
+        reader.report.records = record_statistics(np.concatenate(record_lengths) if record_lengths else
+                                                  np.empty((0, 2), np.int64))
     manifest = {
         "corpus": corpus.name, "group": corpus.group, "dtype": dtype.name, "vocab_size": vocab_size,
         "eos_token_id": eos, "tokenizer_hash": fingerprint["tokenizer_hash"], "splits": splits,
-        "accounting": reader.report.to_json(), "fingerprint": fingerprint, "files": file_records(temporary),
-        "source_stats": source_stats,
+        "accounting": reader.report.to_json(), "fingerprint": fingerprint, "files": file_records(temporary, records),
+        "source_stats": source_stats, "records": records,
     }
     if splits["train"]["documents"] == 0:
         shutil.rmtree(temporary, ignore_errors=True)
-        raise DaptError(f"corpus '{corpus.name}': every document fell into the held-out split; lower `heldout.fraction`")
+        raise DaptError(f"corpus '{corpus.name}': no document is left for training ({reader.report.kept} kept, "
+                        f"{splits['heldout']['documents']} held out; rejected {dict(reader.report.rejected) or 'none'}); "
+                        f"lower `heldout.fraction`, or see why records were rejected with `dapt data prepare`")
     (temporary / MANIFEST).write_text(json.dumps(manifest, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(temporary, final)
@@ -314,19 +363,31 @@ def build_store(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Pat
 def _split_heldout(train: _SplitWriter, candidates: _SplitWriter, heldout: HeldoutConfig, folder: Path,
                    dtype: np.dtype) -> dict:
     """The `max_documents` candidates with the lowest hashes are held out; the others join training."""
+    records = candidates.trained_handle is not None
     candidates.close()
-    tokens = np.memmap(folder / "candidates.bin", dtype=dtype, mode="r") if candidates.count else np.empty(0, dtype)
+
+    def stored(suffix: str, kind) -> np.ndarray:
+        return np.memmap(folder / f"candidates{suffix}", dtype=kind, mode="r") if candidates.count else np.empty(0, kind)
+
+    tokens = stored(".bin", dtype)
+    trained = stored(TRAINED_SUFFIX, np.uint8) if records else None
     ends = np.frombuffer(candidates.ends, dtype=np.int64)
     starts = np.concatenate([[0], ends[:-1]])
     order = np.argsort(np.frombuffer(candidates.hashes, dtype=np.float64), kind="stable")
-    held = _SplitWriter(folder, "heldout", dtype)
+    held = _SplitWriter(folder, "heldout", dtype, records)
     held_set = set(order[: heldout.max_documents].tolist())
+
+    def move(index: int, writer: _SplitWriter) -> None:
+        span = slice(starts[index], ends[index])
+        writer.add_slice(np.asarray(tokens[span]), candidates.bytes[index],
+                         *((np.asarray(trained[span]), candidates.trained_bytes[index]) if records else ()))
+
     for index in order[: heldout.max_documents]:
-        held.add_slice(np.asarray(tokens[starts[index] : ends[index]]), candidates.bytes[index])
+        move(index, held)
     for index in range(len(ends)):
         if index not in held_set:
-            train.add_slice(np.asarray(tokens[starts[index] : ends[index]]), candidates.bytes[index])
-    del tokens
-    for leftover in ("candidates.bin", "candidates.docs.npy"):
+            move(index, train)
+    del tokens, trained
+    for leftover in ("candidates.bin", "candidates.docs.npy", f"candidates{TRAINED_SUFFIX}"):
         (folder / leftover).unlink(missing_ok=True)
     return {"train": train.close(), "heldout": held.close()}

@@ -39,8 +39,14 @@ class CorpusConfig(StrictModel):
     """Field holding the text in records (jsonl, json, csv, tsv, xlsx, parquet, datasets)."""
     text_template: str | None = None
     """Join several fields, e.g. `"{headline}\n\n{body}"`; replaces `text_field`."""
-    record_format: Literal["text", "prompt_completion"] = "text"
-    """`prompt_completion`: records with `prompt` and `completion` fields become prompt + completion."""
+    record_format: Literal["text", "prompt_completion", "messages"] = "text"
+    """`prompt_completion`: tuning records with `prompt` and `completion` fields, the loss on the
+    completion only; `messages`: chat records (`messages: [{role, content}]`) rendered with the
+    tokenizer's chat template, the loss on the assistant turns. Records are packed whole into windows."""
+    max_tokens: int = Field(default=2048, ge=2)
+    """Tuning records: the most tokens one record may take, everything around its text counted."""
+    over_length: Literal["reject", "truncate"] = "reject"
+    """Tuning records over `max_tokens`: rejected, or their prompt cut from the left (counted either way)."""
     txt_split: Literal["file", "line", "separator"] = "file"
     """For txt files: one document per file, per non-empty line, or per `separator`."""
     separator: str | None = None
@@ -63,6 +69,9 @@ class CorpusConfig(StrictModel):
             raise ValueError("give either `paths` (files) or `hf_dataset`, exactly one of them")
         if (self.txt_split == "separator") != (self.separator is not None):
             raise ValueError("`separator` goes with `txt_split: separator`, and that needs a `separator`")
+        if self.record_format != "text" and (self.text_template is not None or self.text_field != "text"):
+            raise ValueError(f"`record_format: {self.record_format}` reads its own fields; drop `text_field` and "
+                             "`text_template`")
         if self.max_chars is not None and self.max_chars < self.min_chars:
             raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
         return self

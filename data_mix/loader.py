@@ -33,6 +33,11 @@ class StepBatch:
     tokens: torch.Tensor  # (micro_steps, micro_batch, seq_len + 1): inputs [..., :-1], targets [..., 1:]
     corpus_ids: torch.Tensor  # (micro_steps, micro_batch): index into the schedule's corpus names
     global_corpus_ids: np.ndarray  # (global_batch,): every rank's samples, for the ledger
+    trained_targets: int  # the targets the loss covers in the whole step, every rank's
+    # With tuning records in the mix (else None): which targets the loss covers, and each input's
+    # position in its record, (micro_steps, micro_batch, seq_len); text runs on from 0.
+    trained: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
 
 class _Steps(IterableDataset):
@@ -58,6 +63,7 @@ class MixLoader:
                     f"micro_batch_size × processes ({micro_batch} × {world_size} = {per_pass})"
                 )
         self.schedule, self.stores, self.seq_len = schedule, stores, seq_len
+        self.records = any(store.records for store in stores)
         self.micro_batch, self.batches = micro_batch, batches
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.samples_consumed = 0
@@ -69,10 +75,23 @@ class MixLoader:
         # Row a·world + r of the (micro_steps·world, micro_batch) grid is rank r's micro-step a.
         micro_steps = size // (self.micro_batch * self.world_size)
         grid = np.arange(size).reshape(micro_steps, self.world_size, self.micro_batch)[:, self.rank]
-        tokens = np.stack([
-            np.stack([self.stores[corpus_ids[i]].sample(int(sample_ids[i]), self.seq_len) for i in row]) for row in grid
-        ])
-        return StepBatch(step, torch.from_numpy(tokens), torch.from_numpy(corpus_ids[grid].astype(np.int64)), corpus_ids)
+        windows = [[self.stores[corpus_ids[i]].window(int(sample_ids[i]), self.seq_len) for i in row] for row in grid]
+        batch = StepBatch(step, torch.from_numpy(np.array([[w[0] for w in row] for row in windows])),
+                          torch.from_numpy(corpus_ids[grid].astype(np.int64)), corpus_ids,
+                          self._trained_targets(corpus_ids, sample_ids))
+        if self.records:
+            every, running = np.ones(self.seq_len, dtype=bool), np.arange(self.seq_len)
+            batch.trained = torch.from_numpy(np.array([[every if w[1] is None else w[1] for w in row]
+                                                       for row in windows]))
+            batch.positions = torch.from_numpy(np.array([[running if w[2] is None else w[2] for w in row]
+                                                         for row in windows]))
+        return batch
+
+    def _trained_targets(self, corpus_ids: np.ndarray, sample_ids: np.ndarray) -> int:
+        if not self.records:
+            return len(corpus_ids) * self.seq_len
+        return int(sum(self.stores[c].trained_targets(sample_ids[corpus_ids == c], self.seq_len).sum()
+                       for c in np.unique(corpus_ids)))
 
     def iterate(self, steps: int):
         """Step batches from where the loader stands up to `steps`, counting what is consumed."""

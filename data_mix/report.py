@@ -3,26 +3,50 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
 
 from dapt.data_mix.config import CorpusConfig
+from dapt.data_mix.records import OVER_LENGTH, ChatRenderer, account_records, encode_records, record_statistics
 from dapt.data_mix.sources import CorpusReader, SourceReport
 from dapt.data_mix.store import TokenStore
 
 PERCENTILES = (10, 50, 90, 99)
 
 
-def prepare(corpora: list[CorpusConfig]) -> list[SourceReport]:
-    """Read and validate every corpus without tokenising; one report per corpus."""
+def prepare(corpora: list[CorpusConfig], tokenizer_dir: Path | None = None) -> list[SourceReport]:
+    """Read and validate every corpus; one report per corpus. Text is not tokenised; tuning records
+    are, with `tokenizer_dir` (when it holds a tokenizer), for their length in tokens."""
     reports = []
+    tokenizer = tokenizer_dir if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").exists() else None
     for corpus in corpora:
+        if corpus.record_format != "text" and tokenizer is not None:
+            reports.append(_tokenised_records(corpus, tokenizer))
+            continue
         reader = CorpusReader(corpus)
         for _ in reader.documents():
             pass
         reports.append(reader.report)
     return reports
+
+
+def _tokenised_records(corpus: CorpusConfig, tokenizer_dir: Path) -> SourceReport:
+    """The report of a corpus of tuning records read and tokenised as `dapt data build` does: over-length
+    records rejected or truncated, and the tokens of prompts and completions."""
+    from dapt.data_mix.build import load_encoder
+
+    encoder, eos = load_encoder(tokenizer_dir)
+    reader = CorpusReader(corpus, ChatRenderer(tokenizer_dir) if corpus.record_format == "messages" else None)
+    documents, lengths = iter(reader.documents_with_digests()), []
+    while batch := list(itertools.islice(documents, 512)):
+        _, _, status, token_lengths = encode_records(encoder, eos, [d.value for d in batch], corpus.max_tokens,
+                                                     corpus.over_length == "truncate")
+        account_records(reader.report, batch, status)
+        lengths.append(token_lengths[status != OVER_LENGTH])
+    reader.report.records = record_statistics(np.concatenate(lengths) if lengths else np.empty((0, 2), np.int64))
+    return reader.report
 
 
 def format_accounting(reports: list[dict]) -> str:
@@ -34,7 +58,14 @@ def format_accounting(reports: list[dict]) -> str:
         lines.append(f"{report['corpus']:<14}{report['files']:>6}{report['read']:>10,}{report['kept']:>10,}"
                      f"{rejected:>10,}  {report['read']:,} = {report['kept']:,} + {rejected:,} ({check})")
         for reason, places in report["examples"].items():
-            lines.append(f"    {reason}: {report['rejected'][reason]:,}, first at {'; '.join(places)}")
+            count = report["rejected"].get(reason) or report.get("notes", {}).get(reason, 0)
+            kind = "" if reason in report["rejected"] else " (kept)"
+            lines.append(f"    {reason}{kind}: {count:,}, first at {'; '.join(places)}")
+        records = report.get("records")
+        if records:
+            for part in ("prompt_tokens", "completion_tokens"):
+                figures = ", ".join(f"{key} {value:,}" for key, value in records[part].items())
+                lines.append(f"    {part.replace('_', ' ')} of the {records['records']:,} records kept: {figures}")
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from dapt.data_mix.config import CorpusConfig
+from dapt.data_mix.records import ChatRenderer, Record, prompt_completion
 from dapt.data_mix.split import content_digest
 from dapt.base import DaptError
 
@@ -53,7 +54,26 @@ HINTS = {
     "not_a_string": "point `text_field` at a field that holds text",
     "shorter_than_min_chars": "lower `min_chars`",
     "longer_than_max_chars": "raise `max_chars`",
+    "empty_prompt": "give every record a prompt (the loss covers only the completion)",
+    "empty_completion": "give every record a completion",
+    "no_assistant_turn": "give every chat record an assistant turn to train on",
+    "longer_than_max_tokens": "raise the corpus `max_tokens` (and `mix.seq_len`), or set `over_length: truncate`",
 }
+
+
+@dataclass(frozen=True)
+class Document:
+    """A kept document: its text (or tuning `Record`), content digest and UTF-8 bytes, and where it was read."""
+
+    value: str | Record
+    digest: bytes
+    num_bytes: int
+    source: str
+    where: str
+
+    @property
+    def text(self) -> str:
+        return self.value.text if isinstance(self.value, Record) else self.value
 
 
 @dataclass
@@ -78,7 +98,27 @@ class SourceReport:
     total: Counts = field(default_factory=Counts)
     per_file: dict[str, Counts] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
-    """The first few locations per rejection reason."""
+    """The first few locations per rejection reason, and per note."""
+    notes: Counter = field(default_factory=Counter)
+    """Kept records worth a look, by kind (a prompt truncated, a prompt seen with another completion)."""
+    records: dict | None = None
+    """Tuning records, once tokenised: their prompts' and completions' tokens (percentiles)."""
+
+    def note(self, kind: str, where: str) -> None:
+        self.notes[kind] += 1
+        shown = self.examples.setdefault(kind, [])
+        if len(shown) < EXAMPLES_PER_REASON:
+            shown.append(where)
+
+    def reject_kept(self, document: Document, reason: str) -> None:
+        """A document counted as kept turns out to be rejected (a record over `max_tokens`, known once tokenised)."""
+        for counts in (self.total, self.per_file[document.source]):
+            counts.kept -= 1
+            counts.kept_chars -= len(document.text)
+            counts.rejected[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < EXAMPLES_PER_REASON:
+            shown.append(document.where)
 
     @property
     def read(self) -> int:
@@ -97,7 +137,8 @@ class SourceReport:
 
     def to_json(self) -> dict:
         return {"corpus": self.corpus, "files": len(self.per_file), **self.total.to_json(),
-                "invariant_holds": self.balanced(), "examples": self.examples,
+                "invariant_holds": self.balanced(), "examples": self.examples, "notes": dict(self.notes),
+                **({"records": self.records} if self.records is not None else {}),
                 "per_file": {name: counts.to_json() for name, counts in self.per_file.items()}}
 
 
@@ -131,41 +172,52 @@ def file_format(corpus: CorpusConfig, path: Path) -> str:
 
 
 class CorpusReader:
-    """Yields the kept documents of one corpus; `report` holds the accounting afterwards."""
+    """Yields the kept documents of one corpus; `report` holds the accounting afterwards.
+    Documents are text, or `Record`s for a corpus of tuning records (their text for `documents`);
+    `chat` renders chat records (`record_format: messages`) with a tokenizer's template."""
 
-    def __init__(self, corpus: CorpusConfig):
-        self.corpus = corpus
+    def __init__(self, corpus: CorpusConfig, chat: ChatRenderer | None = None):
+        self.corpus, self.chat = corpus, chat
         self.report = SourceReport(corpus.name)
 
     def documents(self) -> Iterator[str]:
-        for text, _, _ in self.documents_with_digests():
-            yield text
+        for document in self.documents_with_digests():
+            yield document.text
 
-    def documents_with_digests(self) -> Iterator[tuple[str, bytes, int]]:
-        """(text, content digest, UTF-8 bytes) per kept document: what the store build needs, computed once."""
+    def documents_with_digests(self) -> Iterator[Document]:
+        """Each kept document with its content digest, UTF-8 bytes, file and place: what the store
+        build needs, computed once."""
         self.report = SourceReport(self.corpus.name)
+        self._completions: dict[bytes, tuple[str, str]] = {}  # per prompt: its first completion and where
         seen: set[bytes] = set()
         for source, records in self._sources():
             counts = self.report.per_file.setdefault(source, Counts())
             for where, value in records:
                 kept = self._keep(value, where, seen, counts)
                 if kept is not None:
+                    text = value.text if isinstance(value, Record) else value
                     for tally in (counts, self.report.total):
                         tally.kept += 1
-                        tally.kept_chars += len(value)
-                    yield value, *kept
+                        tally.kept_chars += len(text)
+                    yield Document(value, *kept, source, where)
         if self.report.kept == 0:
             common = self.report.rejected.most_common(1)
-            hint = HINTS.get(common[0][0], "check `paths`") if common else "check `paths`"
+            hint = self.hint(common[0][0]) if common else "check `paths`"
             raise DaptError(
                 f"corpus '{self.corpus.name}': no documents kept from {len(self.report.per_file)} file(s) "
                 f"({self.report.read} read, rejected {dict(self.report.rejected) or 'none'}); {hint}"
             )
 
+    def hint(self, reason: str) -> str:
+        if reason == "missing_field" and self.corpus.record_format != "text":
+            fields = "`prompt` and `completion`" if self.corpus.record_format == "prompt_completion" else "`messages`"
+            return f"every record of `record_format: {self.corpus.record_format}` needs {fields}"
+        return HINTS.get(reason, "check `paths`")
+
     def _reject(self, reason: str, where: str, counts: Counts) -> None:
         if reason in BAD_RECORD and self.corpus.on_error == "fail":
-            raise DaptError(f"corpus '{self.corpus.name}': {reason.replace('_', ' ')} at {where} "
-                            "(set `on_error: skip` to count and skip such records)")
+            raise DaptError(f"corpus '{self.corpus.name}': {reason.replace('_', ' ')} at {where}; {self.hint(reason)} "
+                            "(or set `on_error: skip` to count and skip such records)")
         counts.rejected[reason] += 1
         self.report.total.rejected[reason] += 1
         shown = self.report.examples.setdefault(reason, [])
@@ -177,28 +229,41 @@ class CorpusReader:
         counts.read += 1
         self.report.total.read += 1
         reason = None
+        text = value.text if isinstance(value, Record) else value
         if isinstance(value, Rejected):
             reason = value.reason
         elif value is None:
             reason = "missing_field"
-        elif not isinstance(value, str):
+        elif not isinstance(text, str):
             reason = "not_a_string"
-        elif not value.strip():
+        elif isinstance(value, Record) and (not value.prompt.strip() or not value.completion.strip()):
+            reason = "empty_prompt" if not value.prompt.strip() else "empty_completion"
+        elif not text.strip():
             reason = "empty"
-        elif len(value) < self.corpus.min_chars:
+        elif len(text) < self.corpus.min_chars:
             reason = "shorter_than_min_chars"
-        elif self.corpus.max_chars is not None and len(value) > self.corpus.max_chars:
+        elif self.corpus.max_chars is not None and len(text) > self.corpus.max_chars:
             reason = "longer_than_max_chars"
         else:
-            data = value.encode("utf-8", "surrogatepass")
-            digest = content_digest(data)
+            data = text.encode("utf-8", "surrogatepass")
+            # A record's digest tells its segments apart: "ab" + "c" is not "a" + "bc".
+            digest = content_digest(json.dumps(value.segments).encode() if isinstance(value, Record) else data)
             if digest in seen:
                 reason = "duplicate"
             else:
                 seen.add(digest)
+                if isinstance(value, Record):
+                    self._note_conflict(value, where)
                 return digest, len(data)
         self._reject(reason, value.where if isinstance(value, Rejected) else where, counts)
         return None
+
+    def _note_conflict(self, record: Record, where: str) -> None:
+        """Count a prompt seen before with another completion (conflicting labels); kept all the same."""
+        prompt = content_digest(record.prompt.encode("utf-8", "surrogatepass"))
+        first = self._completions.setdefault(prompt, (record.completion, where))
+        if first[0] != record.completion:
+            self.report.note("prompt_with_other_completion", f"{where} (first at {first[1]})")
 
     # Each source yields (location, text | None | Rejected) per record; None: the field is missing.
 
@@ -215,19 +280,27 @@ class CorpusReader:
     def _text_of(self, record: object) -> object:
         if not isinstance(record, dict):
             return Rejected("malformed_record", "")
-        if self.corpus.record_format == "prompt_completion":
-            prompt, completion = record.get("prompt"), record.get("completion")
-            if prompt is None or completion is None:
-                return None
-            if not (isinstance(prompt, str) and isinstance(completion, str)):
-                return Rejected("not_a_string", "")
-            return prompt + completion
+        if self.corpus.record_format != "text":
+            value = (prompt_completion(record) if self.corpus.record_format == "prompt_completion"
+                     else self._chat_record(record.get("messages")))
+            return Rejected(value, "") if isinstance(value, str) else value
         if self.corpus.text_template is None:
             return record.get(self.corpus.text_field)
         try:
             return self.corpus.text_template.format_map(record)
         except KeyError:
             return None
+
+    def _chat_record(self, messages: object) -> Record | str | None:
+        if self.chat is not None:
+            return self.chat.record(messages)
+        # Without a chat template (training a tokenizer on the records, sizing them): their contents.
+        if messages is None or not isinstance(messages, list):
+            return None if messages is None else "malformed_record"
+        contents = [m.get("content") if isinstance(m, dict) else None for m in messages]
+        if not all(isinstance(c, str) for c in contents):
+            return "malformed_record"
+        return Record(tuple((content + "\n", m.get("role") == "assistant") for content, m in zip(contents, messages)))
 
     def _record(self, where: str, record: object) -> tuple[str, object]:
         value = self._text_of(record)

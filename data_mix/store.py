@@ -20,11 +20,17 @@ import numpy as np
 
 from dapt.base import DaptError
 from dapt.data_mix.config import CorpusConfig
+from dapt.data_mix.records import pack, window
 from dapt.experiment import Experiment
 
 SPLITS = ("train", "heldout")
 MANIFEST = "manifest.json"
-STORE_FILES = tuple(f"{split}{suffix}" for split in SPLITS for suffix in (".bin", ".docs.npy"))
+TRAINED_SUFFIX = ".trained.bin"  # stores of tuning records: per token, 1 where the loss covers it
+
+
+def store_files(records: bool) -> tuple[str, ...]:
+    suffixes = (".bin", ".docs.npy") + ((TRAINED_SUFFIX,) if records else ())
+    return tuple(f"{split}{suffix}" for split in SPLITS for suffix in suffixes)
 REBUILD = "rebuild it with `dapt data build` (it rebuilds stores that changed)"
 
 
@@ -63,7 +69,7 @@ def size_problem(folder: Path, manifest: dict) -> str | None:
     """What is wrong with the store's file sizes against its manifest (cheap: no file is read), or None."""
     recorded = manifest.get("files")  # sizes and checksums; stores built before they were recorded have only counts
     itemsize = np.dtype(manifest["dtype"]).itemsize
-    for name in STORE_FILES:
+    for name in store_files(manifest.get("records", False)):
         path = folder / name
         if not path.exists():
             return f"{name} is missing"
@@ -81,21 +87,22 @@ def checksum_problem(folder: Path, manifest: dict) -> str | None:
     recorded = manifest.get("files")
     if not recorded:
         return "its manifest holds no checksums (built by an earlier dapt); rebuild it to record them"
-    for name in STORE_FILES:
+    for name in store_files(manifest.get("records", False)):
         if file_checksum(folder / name) != recorded[name]["checksum"]:
             return f"{name} does not match the checksum written at build time"
     return None
 
 
-def file_records(folder: Path) -> dict:
+def file_records(folder: Path, records: bool) -> dict:
     """What `size_problem` and `checksum_problem` check against, for a store's manifest."""
     return {name: {"bytes": (folder / name).stat().st_size, "checksum": file_checksum(folder / name)}
-            for name in STORE_FILES}
+            for name in store_files(records)}
 
 
 class TokenStore:
-    """Read side of one split of one corpus: a flat token array cut into windows. Opening it
-    checks its files' sizes against the manifest, so a cut or replaced file is named, not read."""
+    """Read side of one split of one corpus: a flat token array cut into windows (a store of tuning
+    records: records packed whole into windows, see `records`). Opening it checks its files' sizes
+    against the manifest, so a cut or replaced file is named, not read."""
 
     def __init__(self, folder: Path, split: str):
         manifest = read_manifest(folder)
@@ -105,32 +112,67 @@ class TokenStore:
         self.folder, self.split = folder, split
         self.corpus = manifest["corpus"]
         self.manifest = manifest
-        self.tokens = self._open_tokens()
+        self.records = bool(manifest.get("records"))
+        self._open_files()
         docs = np.load(folder / f"{split}.docs.npy")
         self.doc_ends, self.doc_bytes = docs[:, 0], docs[:, 1]
+        # Records: per record, its trained targets and the UTF-8 bytes of the text they stand for.
+        self.doc_trained, self.doc_trained_bytes = (docs[:, 2], docs[:, 3]) if self.records else (None, None)
+        # Records, per seq_len: the windows' bounds in documents, and each window's trained targets.
+        self._windows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _open_tokens(self) -> np.memmap:
-        return np.memmap(self.folder / f"{self.split}.bin", dtype=self.manifest["dtype"], mode="r")
+    def _open_files(self) -> None:
+        self.tokens = np.memmap(self.folder / f"{self.split}.bin", dtype=self.manifest["dtype"], mode="r")
+        self.trained = (np.memmap(self.folder / f"{self.split}{TRAINED_SUFFIX}", dtype=np.uint8, mode="r")
+                        if self.records else None)
 
     def __getstate__(self) -> dict:
         # A pickled memmap would copy the whole store into each DataLoader worker; reopen it instead.
-        return {key: value for key, value in self.__dict__.items() if key != "tokens"}
+        return {key: value for key, value in self.__dict__.items() if key not in ("tokens", "trained")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.tokens = self._open_tokens()
+        self._open_files()
 
     @property
     def total_bytes(self) -> int:
         return int(self.doc_bytes.sum())
 
+    def window_bounds(self, seq_len: int) -> np.ndarray:
+        """Records: window w holds documents [bounds[w], bounds[w + 1])."""
+        return self._packed(seq_len)[0]
+
+    def _packed(self, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        if seq_len not in self._windows:
+            bounds = pack(self.doc_ends, seq_len)
+            trained = np.add.reduceat(self.doc_trained, bounds[:-1]) if len(bounds) > 1 else np.empty(0, np.int64)
+            self._windows[seq_len] = bounds, trained
+        return self._windows[seq_len]
+
     def num_samples(self, seq_len: int) -> int:
+        if self.records:
+            return len(self.window_bounds(seq_len)) - 1
         # Windows of seq_len + 1 tokens overlap by one: every token but the first is a target once.
         return max(0, (len(self.tokens) - 1) // seq_len)
 
     def sample(self, index: int, seq_len: int) -> np.ndarray:
+        """The ids of window `index` (`seq_len + 1` of them)."""
+        return self.window(index, seq_len)[0]
+
+    def window(self, index: int, seq_len: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Window `index`: its `seq_len + 1` ids, and for records which targets are trained on and each
+        input's position in its record (None for text: every target, positions running on)."""
+        if self.records:
+            return window(self.tokens, self.trained, self.doc_ends, self.window_bounds(seq_len), index, seq_len,
+                          self.manifest["eos_token_id"])
         start = index * seq_len
-        return np.asarray(self.tokens[start : start + seq_len + 1], dtype=np.int64)
+        return np.asarray(self.tokens[start : start + seq_len + 1], dtype=np.int64), None, None
+
+    def trained_targets(self, indices: np.ndarray, seq_len: int) -> np.ndarray:
+        """How many targets of each window in `indices` the loss covers."""
+        if not self.records:
+            return np.full(len(indices), seq_len, dtype=np.int64)
+        return self._packed(seq_len)[1][indices]
 
 
 def open_stores(stores_dir: Path, corpora: list[CorpusConfig], split: str, expected_tokenizer: str) -> dict[str, TokenStore]:

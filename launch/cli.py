@@ -114,7 +114,7 @@ def cmd_export(args) -> None:
     from dapt.pretrain.export import export_checkpoint
 
     out = export_checkpoint(Path(args.checkpoint), Path(args.out), tag=args.tag, dtype=args.dtype,
-                            max_shard_size=args.max_shard_size)
+                            max_shard_size=args.max_shard_size, lora=args.lora)
     print(f"exported a Hugging Face model directory to {out}")
 
 
@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                         help="precision of the weights (default: export.dtype, else the training precision)")
     export.add_argument("--max-shard-size", help="largest safetensors file, e.g. 2GB (default: export.max_shard_size, 5GB)")
+    export.add_argument("--lora", choices=["merged", "adapter"],
+                        help="a LoRA run: the base model with the adapters merged in, or peft's adapter folder "
+                             "(default: export.lora, merged)")
     return parser
 
 

@@ -143,7 +143,13 @@ def _mix_shares(experiment: Experiment) -> dict[str, float]:
 
 def prepare_data(experiment: Experiment, as_json: bool = False) -> list[dict]:
     """Read and validate every corpus; a table (or JSON) and `data_report.json` in the workdir."""
-    reports = [r.to_json() for r in prepare(experiment.corpora)]
+    reports = [r.to_json() for r in prepare(experiment.corpora, experiment.tokenizer_dir)]
+    waiting = [c.name for c in experiment.corpora
+               if c.record_format != "text" and not (experiment.tokenizer_dir / "tokenizer.json").exists()]
+    if waiting:
+        print(f"note: the tuning records of {', '.join(waiting)} are measured in tokens (and checked against "
+              f"`max_tokens`) once the tokenizer exists at {experiment.tokenizer_dir} (`dapt tokenizer train`); "
+              "`dapt data build` does it then", flush=True)
     path = experiment.workpath / "data_report.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(reports, indent=1))

@@ -59,6 +59,19 @@ class BatchWarmupConfig(StrictModel):
     """Default: `start_batch_size` (e.g. 1,024 then 2,048 as in BloombergGPT)."""
 
 
+class LoraSettings(StrictModel):
+    """Low-rank adapters (LoRA, through `peft`): only they are trained, the base weights stay frozen."""
+
+    r: int = Field(default=16, gt=0)
+    """The adapters' rank."""
+    alpha: float = Field(default=32.0, gt=0)
+    """Scale of the adapters' update: alpha / r."""
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Dropout on the adapters' input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (e.g. `[q_proj, v_proj]`), or every linear layer but the output head."""
+
+
 class TrainConfig(StrictModel):
     steps: int = Field(gt=0)
     """Optimizer steps."""
@@ -84,6 +97,8 @@ class TrainConfig(StrictModel):
     """Training precision; bf16 and fp16 keep fp32 master weights, and the model is loaded in it."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, about a third more compute)."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters instead of every weight (`{}` for the defaults)."""
     loss_chunk_tokens: int = Field(default=256, ge=0)
     """The loss and held-out BPB are computed this many positions at a time, the output head's matmul
     and the loss's gradient inside each chunk, so the whole [tokens, vocabulary] logits never exist
@@ -135,6 +150,9 @@ class TrainConfig(StrictModel):
 
 
 class ExportConfig(StrictModel):
+    lora: Literal["merged", "adapter"] = "merged"
+    """A LoRA run's export: the base model with the adapters merged in, or the adapter folder
+    (`adapter_config.json`, `adapter_model.safetensors`) that peft loads on top of the base model."""
     dtype: Literal["fp32", "bf16", "fp16"] | None = None
     """Precision of the exported weights (default: `train.precision`; a 7B model is 28 GB in fp32, 14 in bf16)."""
     max_shard_size: str = "5GB"

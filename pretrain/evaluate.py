@@ -56,12 +56,18 @@ def heldout_bpb(
     batch_size: int,
     device: torch.device,
 ) -> dict[str, float]:
+    """Per corpus, bits per byte of its first held-out documents (`max_tokens` tokens of them); of a
+    corpus of tuning records, bits per byte of their completions, each record read alone as in training."""
     was_training = model.training
     model.eval()
     results = {}
     for name, store in stores.items():
-        stream, num_bytes = _eval_stream(store, max_tokens)
-        results[name] = _stream_nats(model, stream, seq_len, batch_size, device, shared=True) / math.log(2) / num_bytes
+        if store.records:
+            nats, num_bytes = _record_nats(model, store, seq_len, max_tokens, batch_size, device)
+        else:
+            stream, num_bytes = _eval_stream(store, max_tokens)
+            nats = _stream_nats(model, stream, seq_len, batch_size, device, shared=True)
+        results[name] = nats / math.log(2) / num_bytes
     model.train(was_training)
     return results
 
@@ -70,26 +76,55 @@ def _stream_nats(model: torch.nn.Module, stream: np.ndarray, seq_len: int, batch
                  shared: bool) -> float:
     """Summed nats of predicting every token of `stream` but the first, in windows of `seq_len`;
     `shared`: the windows are shared out across the process group's ranks and the sum all-reduced."""
-    shared = shared and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if shared else (0, 1)
     starts = list(range(0, len(stream) - 1, seq_len))
     full = [s for s in starts if s + seq_len + 1 <= len(stream)]
-    # Every rank makes the same number of forward passes (ZeRO-3 gathers parameters
-    # collectively in each one); a rank short of windows recomputes one and discards it.
     batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
     batches += [[s] for s in starts[len(full):]]  # the stream's last, shorter window
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    for round_start in range(0, len(batches), world):
-        index = round_start + rank
-        batch = batches[index] if index < len(batches) else batches[0]
+
+    def nats(batch: list[int]) -> torch.Tensor:
         end = min(len(stream), batch[0] + seq_len + 1)
         windows = np.stack([stream[s : s + end - batch[0]] for s in batch])
-        batch_nats = window_nats(model, torch.from_numpy(windows).to(device))
+        return window_nats(model, torch.from_numpy(windows).to(device))
+
+    return _summed(batches, nats, device, shared)
+
+
+def _record_nats(model: torch.nn.Module, store: TokenStore, seq_len: int, max_tokens: int, batch_size: int,
+                 device: torch.device) -> tuple[float, int]:
+    """Summed nats of the completions of a record store's first held-out windows (the records that
+    fit in `max_tokens` tokens, at least one window), packed as in training; and their UTF-8 bytes.
+    Shared out across the process group's ranks."""
+    bounds = store.window_bounds(seq_len)
+    records = _eval_documents(store, max_tokens)
+    count = max(1, int(np.searchsorted(bounds, records, side="right")) - 1)
+    indices = list(range(count))
+
+    def nats(batch: list[int]) -> torch.Tensor:
+        ids, trained, positions = (torch.from_numpy(np.stack(part)).to(device)
+                                   for part in zip(*(store.window(i, seq_len) for i in batch)))
+        losses = next_token_loss(model, ids, trained.float(), positions)[1]
+        return (losses.double() * trained).sum()
+
+    total = _summed([indices[i : i + batch_size] for i in range(0, count, batch_size)], nats, device, shared=True)
+    return total, int(store.doc_trained_bytes[: bounds[count]].sum())
+
+
+def _summed(batches: list, nats, device: torch.device, shared: bool) -> float:
+    """Σ `nats(batch)` over `batches` (float64); `shared`: shared out across the process group's ranks
+    and the sum all-reduced."""
+    shared = shared and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if shared else (0, 1)
+    # Every rank makes the same number of forward passes (ZeRO-3 gathers parameters
+    # collectively in each one); a rank short of batches recomputes one and discards it.
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for round_start in range(0, len(batches), world):
+        index = round_start + rank
+        batch_nats = nats(batches[index] if index < len(batches) else batches[0])
         if index < len(batches):
-            nats += batch_nats
+            total += batch_nats
     if world > 1:
-        dist.all_reduce(nats)
-    return nats.item()
+        dist.all_reduce(total)
+    return total.item()
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from dapt.experiment import Experiment
 from dapt.pretrain.checkpoint import META, latest_tag
 from dapt.pretrain.config import ExportConfig
 from dapt.pretrain.hf_folder import save_model_folder
+from dapt.pretrain.lora import ADAPTER, lora_model
 from dapt.pretrain.model import PRECISION_DTYPES
 from dapt.pretrain.model_card import write_model_card
 from dapt.tokenizer.files import copy_tokenizer_files
@@ -33,10 +34,11 @@ GENERATION_CONFIG = "generation_config.json"
 
 
 def export_checkpoint(checkpoints: Path, out_dir: Path, tag: str | None = None, dtype: str | None = None,
-                      max_shard_size: str | None = None) -> Path:
+                      max_shard_size: str | None = None, lora: str | None = None) -> Path:
     """The checkpoint `tag` (default: the latest) as a Hugging Face folder in `out_dir`: weights in `dtype`
     (default: the experiment's `export.dtype`, else its training precision), safetensors shards of at most
-    `max_shard_size`, the tokenizer, and a model card with the experiment file beside it."""
+    `max_shard_size`, the tokenizer, and a model card with the experiment file beside it. A LoRA run's
+    adapters are merged in, or with `lora` "adapter" (default: `export.lora`) written as peft's folder."""
     checkpoints = Path(checkpoints)
     tag = tag or latest_tag(checkpoints)
     if tag is None or not (checkpoints / tag).is_dir():
@@ -49,20 +51,28 @@ def export_checkpoint(checkpoints: Path, out_dir: Path, tag: str | None = None, 
             raise DaptError(f"{checkpoints / needed} is missing; it is written when training starts")
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
+    state = _consolidated_weights(checkpoints, tag)
     config = AutoConfig.from_pretrained(checkpoints / "model")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    adapters = experiment.train.lora if experiment else None
+    if adapters is None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    else:
+        model, missing, unexpected = lora_model(model, adapters, state)
     # Tied output heads are absent from the state dict by design; anything else is a real mismatch.
-    missing = [key for key in missing if not (config.tie_word_embeddings and key == "lm_head.weight")]
+    missing = [key for key in missing if not (config.tie_word_embeddings and key.endswith("lm_head.weight"))]
     if missing or unexpected:
         raise DaptError(f"checkpoint {checkpoints / tag} does not match its model config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
-    model.to(PRECISION_DTYPES[dtype])
     out_dir.mkdir(parents=True, exist_ok=True)
+    if adapters is not None and (lora or export.lora) == "adapter":
+        _save_adapter(model, experiment, out_dir, checkpoints / "tokenizer")
+        return out_dir
+    if adapters is not None:
+        model = model.merge_and_unload()  # W + (alpha / r) B A, a plain model again
+    model.to(PRECISION_DTYPES[dtype])
     save_model_folder(model, out_dir, max_shard_size or export.max_shard_size)
     if (checkpoints / "model" / GENERATION_CONFIG).exists():  # the base model's, as it was
         shutil.copy2(checkpoints / "model" / GENERATION_CONFIG, out_dir / GENERATION_CONFIG)
@@ -73,6 +83,31 @@ def export_checkpoint(checkpoints: Path, out_dir: Path, tag: str | None = None, 
         write_model_card(out_dir, experiment, yaml_text, results if results and results["checkpoint"] == tag else None,
                          tag)
     return out_dir
+
+
+def _consolidated_weights(checkpoints: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The model's weights in fp32: gathered from the ZeRO partitions by DeepSpeed's own helper, or,
+    without ZeRO (stage 0), as the checkpoint holds them whole."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    model_states = checkpoints / tag / "mp_rank_00_model_states.pt"
+    if model_states.exists():
+        saved = torch.load(model_states, map_location="cpu", weights_only=False)
+        if saved.get("param_shapes") is None:  # no ZeRO partitions to gather
+            return {name: value.float() for name, value in saved["module"].items()}
+        del saved
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
+
+
+def _save_adapter(model, experiment: Experiment, out_dir: Path, tokenizer_dir: Path) -> None:
+    """The LoRA adapters as peft writes them, pointing at the base model they go on, with the tokenizer."""
+    if experiment.model.embeddings is not None:
+        raise DaptError("export.lora: adapter: this run carried the base model over to another tokenizer "
+                        f"(model.embeddings: {experiment.model.embeddings}), so its adapters do not fit "
+                        f"{experiment.model.path}; export the merged model (export.lora: merged)")
+    model.peft_config[ADAPTER].base_model_name_or_path = experiment.export.base_model or experiment.model.path
+    model.save_pretrained(out_dir)
+    copy_tokenizer_files(tokenizer_dir, out_dir)
 
 
 def _trained_from(checkpoint: Path) -> tuple[Experiment | None, str | None]:

@@ -27,6 +27,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from dapt.base import DaptError
+
 
 class CrossEntropy(torch.autograd.Function):
     """Per-position cross-entropy in fp32 as log-sum-exp minus the target's logit. Over 49,152 logits
@@ -105,32 +107,31 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 
 class ChunkedLossHead(torch.nn.Module):
-    """A linear output head that, inside `targeting(targets)`, returns the mean cross-entropy of the
-    targets (fp32, a scalar) computed `chunk` positions at a time, and keeps each position's in
-    `losses`; outside it (or with `chunk` 0), the logits as the head it replaced."""
+    """A linear output head that, inside `targeting(targets, weights)`, returns the weighted sum of
+    the targets' cross-entropies (fp32, a scalar) computed `chunk` positions at a time, and keeps
+    each position's in `losses`; outside it (or with `chunk` 0), the logits as the head it replaced."""
 
     def __init__(self, head: torch.nn.Linear, chunk: int):
         super().__init__()
         self.weight, self.bias, self.chunk = head.weight, head.bias, chunk
         self.targets: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None
         self.losses: torch.Tensor | None = None
 
     @contextmanager
-    def targeting(self, targets: torch.Tensor):
-        self.targets = targets
+    def targeting(self, targets: torch.Tensor, weights: torch.Tensor):
+        self.targets, self.weights = targets, weights
         try:
             yield
         finally:
-            self.targets = self.losses = None
+            self.targets = self.weights = self.losses = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.targets is None or not self.chunk:
             return F.linear(hidden, self.weight, self.bias)
-        targets = self.targets.flatten()
-        weights = torch.full(targets.shape, 1.0 / len(targets), dtype=torch.float32, device=targets.device)
         with_grad = torch.is_grad_enabled() and (hidden.requires_grad or self.weight.requires_grad)
-        loss, losses = ChunkedCrossEntropy.apply(hidden.flatten(0, -2), self.weight, self.bias, targets, weights,
-                                                 self.chunk, with_grad)
+        loss, losses = ChunkedCrossEntropy.apply(hidden.flatten(0, -2), self.weight, self.bias, self.targets.flatten(),
+                                                 self.weights.flatten(), self.chunk, with_grad)
         self.losses = losses.view(self.targets.shape)
         return loss
 
@@ -146,18 +147,25 @@ def install_chunked_loss(model: torch.nn.Module, chunk: int) -> bool:
     return True
 
 
-def next_token_loss(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean cross-entropy of `tokens[:, 1:]` after `tokens[:, :-1]`, to back-propagate, and each
-    position's (fp32, [batch, length - 1], detached). `model` is a causal LM or a DeepSpeed engine
-    holding one, its head chunked or not."""
+def next_token_loss(model, tokens: torch.Tensor, weights: torch.Tensor | None = None,
+                    positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-entropies of `tokens[:, 1:]` after `tokens[:, :-1]` summed with `weights` ([batch,
+    length - 1]; default: their mean), to back-propagate, and each position's (fp32, detached).
+    `positions`: each input's position, restarting where a packed record starts, so that a token
+    attends only to its own record. `model` is a causal LM or a DeepSpeed engine holding one, its
+    head chunked or not."""
     head = getattr(model, "module", model).get_output_embeddings()
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if weights is None:
+        weights = torch.full(targets.shape, 1.0 / targets.numel(), dtype=torch.float32, device=targets.device)
+    # No cache: a training pass needs none, and transformers reads packed records from the positions only without one.
+    arguments = {"input_ids": inputs, "use_cache": False} | ({} if positions is None else {"position_ids": positions})
     if isinstance(head, ChunkedLossHead) and head.chunk:
-        with head.targeting(targets):
-            loss = model(input_ids=inputs).logits
+        with head.targeting(targets, weights):
+            loss = model(**arguments).logits
             return loss, head.losses
-    losses = cross_entropy(model(input_ids=inputs).logits, targets)
-    return losses.mean(), losses.detach()
+    losses = cross_entropy(model(**arguments).logits, targets)
+    return (losses * weights).sum(), losses.detach()
 
 
 @torch.no_grad()
@@ -183,3 +191,24 @@ def check_chunked_loss(model, vocab_size: int, seq_len: int, device: torch.devic
         return None
     return (f"train.loss_chunk_tokens: {type(module).__name__} changes its logits after the output head; "
             f"the loss is computed from the whole logits instead")
+
+
+@torch.no_grad()
+def check_packed_records(model, vocab_size: int, device: torch.device) -> None:
+    """Refuse a model that lets a packed record see the one before it: the losses of a probe record
+    packed after another (its positions restarting) must equal its losses alone. transformers builds
+    the block-diagonal attention from the positions for the models that use its masking functions;
+    a model with its own attention code may ignore them. Every rank runs it (ZeRO-3)."""
+    module = getattr(model, "module", model)
+    was_training = module.training
+    module.eval()
+    probe = torch.randint(0, vocab_size, (1, 24), generator=torch.Generator().manual_seed(0)).to(device)
+    alone = next_token_loss(model, probe[:, 10:])[1]
+    positions = torch.cat([torch.arange(10), torch.arange(13)]).unsqueeze(0).to(device)
+    packed = next_token_loss(model, probe, positions=positions)[1][:, 10:]
+    module.train(was_training)
+    if not torch.allclose(packed, alone, rtol=1e-3, atol=1e-3):
+        raise DaptError(f"{type(module).__name__} lets a packed record attend to the record before it (its losses "
+                        f"differ by up to {(packed - alone).abs().max().item():.3g} from the record's alone), so it "
+                        "cannot train on tuning records packed into windows; use a model whose attention follows "
+                        "transformers' masking (Llama, Mistral, Qwen, SmolLM and most causal LMs do)")

@@ -36,7 +36,8 @@ from dapt.pretrain.export import GENERATION_CONFIG
 from dapt.pretrain.guard import (StepGuard, engine_checks_overflow, injected_nan_steps, loss_for_backward,
                            step_skipping_nonfinite_gradients)
 from dapt.pretrain.hf_folder import make_config_portable
-from dapt.pretrain.loss import check_chunked_loss, install_chunked_loss, next_token_loss
+from dapt.pretrain.loss import check_chunked_loss, check_packed_records, install_chunked_loss, next_token_loss
+from dapt.pretrain.lora import with_lora
 from dapt.pretrain.metrics import flops_per_token, mfu, peak_flops
 from dapt.pretrain.model import PRECISION_DTYPES, build_model, write_carried_over
 from dapt.pretrain.new_rows import fit_windows
@@ -49,29 +50,38 @@ from dapt.workdir import workdir_lock
 
 def train_step(engine, batch: StepBatch, num_corpora: int, device: torch.device,
                inject_nan: bool = False) -> tuple[torch.Tensor, bool]:
-    """One optimizer step. Returns per corpus [Σ per-sample token-mean loss, samples], summed over
-    ranks, and whether the update was applied (not skipped for a non-finite loss or gradient)."""
-    sums = torch.zeros(2, num_corpora, dtype=torch.float64, device=device)
-    for tokens, corpus_ids in zip(batch.tokens.to(device), batch.corpus_ids.to(device)):
+    """One optimizer step: the gradient of the mean loss over every target the loss covers in the
+    step, every rank's and micro-batch's (tuning records: their completions). Returns per corpus
+    [Σ loss, targets, samples], summed over ranks, and whether the update was applied (not skipped
+    for a non-finite loss or gradient)."""
+    # DeepSpeed divides each micro-batch's gradient by the micro-batches and averages the ranks':
+    # weighting each target by their product over the step's targets leaves the mean over them all.
+    scale = engine.gradient_accumulation_steps() * dist.get_world_size() / batch.trained_targets
+    sums = torch.zeros(3, num_corpora, dtype=torch.float64, device=device)
+    for micro, (tokens, corpus_ids) in enumerate(zip(batch.tokens.to(device), batch.corpus_ids.to(device))):
         poison = float("nan") if inject_nan else 1.0
-        loss, per_token = next_token_loss(engine, tokens)
-        per_sample = per_token.mean(dim=1) * poison
+        trained = (torch.ones(tokens[:, 1:].shape, dtype=torch.bool, device=device) if batch.trained is None
+                   else batch.trained[micro].to(device))
+        positions = None if batch.positions is None else batch.positions[micro].to(device)
+        loss, per_token = next_token_loss(engine, tokens, trained * scale, positions)
         engine.backward(loss_for_backward(loss * poison))
         if engine.is_gradient_accumulation_boundary() and not engine_checks_overflow(engine):
             step_skipping_nonfinite_gradients(engine)
         else:
             engine.step()
-        sums[0].index_add_(0, corpus_ids, per_sample.detach().double())
-        sums[1].index_add_(0, corpus_ids, torch.ones_like(per_sample, dtype=torch.float64))
+        sums[0].index_add_(0, corpus_ids, (per_token * trained).sum(dim=1).double() * poison)
+        sums[1].index_add_(0, corpus_ids, trained.sum(dim=1).double())
+        sums[2].index_add_(0, corpus_ids, torch.ones(len(corpus_ids), dtype=torch.float64, device=device))
     dist.all_reduce(sums)
     return sums, engine.was_step_applied()
 
 
 def step_metrics(sums: torch.Tensor, names: list[str], engine, lr: float, seconds: float, seq_len: int,
                  flops_per_token: float, peak_flops_per_device: float | None) -> dict[str, float]:
-    samples = sums[1].sum().item()
+    """The step's metrics from `train_step`'s sums: losses per target the loss covers."""
+    samples = sums[2].sum().item()
     metrics = {
-        "train/loss": sums[0].sum().item() / samples,
+        "train/loss": sums[0].sum().item() / sums[1].sum().item(),
         "train/lr": lr,
         "train/batch_size": samples,
         "perf/samples_per_s": samples / seconds,
@@ -208,8 +218,13 @@ class Trainer:
         model = build_model(experiment.model, self.tokenizer, experiment.seed, train.activation_checkpointing,
                             folder=self.model_folder, dtype=PRECISION_DTYPES[train.precision])
         self.model_flops, self.peak = flops_per_token(model, self.mix.seq_len), peak_flops(train.peak_flops_per_device)
-        install_chunked_loss(model, train.loss_chunk_tokens)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=self.ds_config)
+        install_chunked_loss(model, train.loss_chunk_tokens)  # before LoRA: the head is not a layer to adapt
+        if train.lora is not None:
+            model = with_lora(model, train.lora)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=self.ds_config)
+        if self.loader.records:
+            check_packed_records(self.engine, model.config.vocab_size, self.device)
         unchunked = check_chunked_loss(self.engine, model.config.vocab_size, self.mix.seq_len, self.device)
         if unchunked and self.env.is_main:
             print(f"note: {unchunked}", flush=True)

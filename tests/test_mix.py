@@ -152,11 +152,13 @@ def test_plan_reports_epochs_exhaustion_and_refuses_too_many(tmp_path):
 class FakeStore:
     """Stands in for a token store: sample i of corpus c is the sequence [c, i, i, ...]."""
 
+    records = False
+
     def __init__(self, corpus: int):
         self.corpus = corpus
 
-    def sample(self, index: int, seq_len: int) -> np.ndarray:
-        return np.array([self.corpus] + [index] * seq_len)
+    def window(self, index: int, seq_len: int) -> tuple[np.ndarray, None, None]:
+        return np.array([self.corpus] + [index] * seq_len), None, None
 
 
 def loaders(world_size: int, micro_batch: int, num_workers: int = 0, batches: BatchSizes = BatchSizes(8)) -> list[MixLoader]:

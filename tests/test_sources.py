@@ -47,7 +47,7 @@ def test_jsonl_accounts_for_every_rejection_reason(tmp_path):
 
 def test_on_error_fail_stops_at_the_first_bad_record(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": ""}\n{broken\n')
-    with pytest.raises(DaptError, match=r"corpus 'c': malformed record at .*a.jsonl:3 \(set `on_error: skip`"):
+    with pytest.raises(DaptError, match=r"corpus 'c': malformed record at .*a.jsonl:3; check `format`.*\(or set `on_error: skip`"):
         read(paths=[str(tmp_path / "a.jsonl")], on_error="fail")
 
 
@@ -112,6 +112,28 @@ def test_prompt_completion_records(tmp_path):
     (tmp_path / "ft.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     docs, report = read(paths=[str(tmp_path / "ft.jsonl")], record_format="prompt_completion")
     assert docs == ["Q: EPS of ACME?\nA: $2.10"] and report.rejected == {"missing_field": 1}
+    assert report.examples["missing_field"] == [f"{tmp_path / 'ft.jsonl'}:2"]
+    with pytest.raises(DaptError, match=r"missing field at .*ft.jsonl:2; every record of `record_format: "
+                                        r"prompt_completion` needs `prompt` and `completion`"):
+        read(paths=[str(tmp_path / "ft.jsonl")], record_format="prompt_completion", on_error="fail")
+
+
+def test_records_are_checked_for_what_tuning_needs(tmp_path):
+    """Empty prompts and completions are rejected, a record repeated whole is a duplicate, and a prompt
+    seen with another completion is kept and noted with both places; "ab" + "c" is not "a" + "bc"."""
+    records = [{"prompt": "Headline: rates cut\nSentiment:", "completion": " positive"},
+               {"prompt": "  ", "completion": " negative"},
+               {"prompt": "Headline: fine\nSentiment:", "completion": ""},
+               {"prompt": "Headline: rates cut\nSentiment:", "completion": " positive"},
+               {"prompt": "Headline: rates cut\nSentiment:", "completion": " negative"},
+               {"prompt": "ab", "completion": "c"}, {"prompt": "a", "completion": "bc"}]
+    path = tmp_path / "ft.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    docs, report = read(paths=[str(path)], record_format="prompt_completion")
+    assert len(docs) == 4 and report.balanced()
+    assert report.rejected == {"empty_prompt": 1, "empty_completion": 1, "duplicate": 1}
+    assert report.notes == {"prompt_with_other_completion": 1}
+    assert report.examples["prompt_with_other_completion"] == [f"{path}:5 (first at {path}:1)"]
 
 
 def test_hugging_face_dataset_saved_to_disk(tmp_path):

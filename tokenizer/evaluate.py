@@ -27,8 +27,9 @@ ENCODE_BATCH = 256
 
 def heldout_texts(corpus: CorpusConfig, heldout: HeldoutConfig) -> list[str]:
     """The corpus's held-out documents: lowest content hashes below the fraction, capped."""
-    candidates = [(split_position(digest), text) for text, digest, _ in CorpusReader(corpus).documents_with_digests()
-                  if split_position(digest) < heldout.fraction]
+    candidates = [(split_position(document.digest), document.text)
+                  for document in CorpusReader(corpus).documents_with_digests()
+                  if split_position(document.digest) < heldout.fraction]
     return [text for _, text in sorted(candidates)[: heldout.max_documents]]
 
 
