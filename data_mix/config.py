@@ -43,6 +43,10 @@ class CorpusConfig(StrictModel):
     """`prompt_completion`: tuning records with `prompt` and `completion` fields, the loss on the
     completion only; `messages`: chat records (`messages: [{role, content}]`) rendered with the
     tokenizer's chat template, the loss on the assistant turns. Records are packed whole into windows."""
+    prompt_template: str | None = None
+    """`prompt_completion` from other fields, e.g. `"Headline: {text}\nSentiment:"` (default: the `prompt` field)."""
+    completion_template: str | None = None
+    """`prompt_completion` from other fields, e.g. `" {label}"` (default: the `completion` field)."""
     max_tokens: int = Field(default=2048, ge=2)
     """Tuning records: the most tokens one record may take, everything around its text counted."""
     over_length: Literal["reject", "truncate"] = "reject"
@@ -72,6 +76,8 @@ class CorpusConfig(StrictModel):
         if self.record_format != "text" and (self.text_template is not None or self.text_field != "text"):
             raise ValueError(f"`record_format: {self.record_format}` reads its own fields; drop `text_field` and "
                              "`text_template`")
+        if (self.prompt_template or self.completion_template) and self.record_format != "prompt_completion":
+            raise ValueError("`prompt_template` and `completion_template` make `record_format: prompt_completion` records")
         if self.max_chars is not None and self.max_chars < self.min_chars:
             raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
         return self

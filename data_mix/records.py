@@ -57,10 +57,16 @@ def trained_text_bytes(record: Record) -> int:
     return sum(len(text.encode("utf-8", "surrogatepass")) for text, trained in record.segments if trained)
 
 
-def prompt_completion(record: dict) -> Record | str | None:
-    """The record of a `{prompt, completion}` mapping; None when a field is missing, or the
-    rejection reason when one is not text."""
-    prompt, completion = record.get("prompt"), record.get("completion")
+def prompt_completion(record: dict, prompt_template: str | None = None, completion_template: str | None = None
+                      ) -> Record | str | None:
+    """The record of a `{prompt, completion}` mapping, or of the templates filled from its fields;
+    None when a field is missing, or the rejection reason when one is not text."""
+    try:
+        prompt = record.get("prompt") if prompt_template is None else prompt_template.format_map(record)
+        completion = (record.get("completion") if completion_template is None
+                      else completion_template.format_map(record))
+    except KeyError:
+        return None
     if prompt is None or completion is None:
         return None
     if not (isinstance(prompt, str) and isinstance(completion, str)):

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from dapt.data_mix.config import CorpusConfig
 from dapt.data_mix.records import OVER_LENGTH, ChatRenderer, account_records, encode_records, record_statistics
-from dapt.data_mix.sources import CorpusReader, SourceReport
+from dapt.data_mix.sources import CorpusReader, Document, SourceReport
 from dapt.data_mix.store import TokenStore
 
 PERCENTILES = (10, 50, 90, 99)
@@ -35,18 +36,27 @@ def prepare(corpora: list[CorpusConfig], tokenizer_dir: Path | None = None) -> l
 def _tokenised_records(corpus: CorpusConfig, tokenizer_dir: Path) -> SourceReport:
     """The report of a corpus of tuning records read and tokenised as `dapt data build` does: over-length
     records rejected or truncated, and the tokens of prompts and completions."""
+    reader = CorpusReader(corpus, ChatRenderer(tokenizer_dir) if corpus.record_format == "messages" else None)
+    for _ in kept_records(reader, tokenizer_dir):
+        pass
+    return reader.report
+
+
+def kept_records(reader: CorpusReader, tokenizer_dir: Path) -> Iterator[Document]:
+    """The records of `reader`'s corpus that `dapt data build` keeps, in order: those within `max_tokens`
+    (or truncated to it) in the tokenizer's tokens; its report counts the rest, and holds the tokens
+    of prompts and completions at the end."""
     from dapt.data_mix.build import load_encoder
 
+    corpus = reader.corpus
     encoder, eos = load_encoder(tokenizer_dir)
-    reader = CorpusReader(corpus, ChatRenderer(tokenizer_dir) if corpus.record_format == "messages" else None)
     documents, lengths = iter(reader.documents_with_digests()), []
     while batch := list(itertools.islice(documents, 512)):
         _, _, status, token_lengths = encode_records(encoder, eos, [d.value for d in batch], corpus.max_tokens,
                                                      corpus.over_length == "truncate")
-        account_records(reader.report, batch, status)
+        yield from account_records(reader.report, batch, status)
         lengths.append(token_lengths[status != OVER_LENGTH])
     reader.report.records = record_statistics(np.concatenate(lengths) if lengths else np.empty((0, 2), np.int64))
-    return reader.report
 
 
 def format_accounting(reports: list[dict]) -> str:

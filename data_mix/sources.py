@@ -210,7 +210,9 @@ class CorpusReader:
 
     def hint(self, reason: str) -> str:
         if reason == "missing_field" and self.corpus.record_format != "text":
-            fields = "`prompt` and `completion`" if self.corpus.record_format == "prompt_completion" else "`messages`"
+            fields = ("`messages`" if self.corpus.record_format == "messages" else "the fields of `prompt_template` and "
+                      "`completion_template`" if self.corpus.prompt_template or self.corpus.completion_template
+                      else "`prompt` and `completion`")
             return f"every record of `record_format: {self.corpus.record_format}` needs {fields}"
         return HINTS.get(reason, "check `paths`")
 
@@ -281,8 +283,9 @@ class CorpusReader:
         if not isinstance(record, dict):
             return Rejected("malformed_record", "")
         if self.corpus.record_format != "text":
-            value = (prompt_completion(record) if self.corpus.record_format == "prompt_completion"
-                     else self._chat_record(record.get("messages")))
+            corpus = self.corpus
+            value = (prompt_completion(record, corpus.prompt_template, corpus.completion_template)
+                     if corpus.record_format == "prompt_completion" else self._chat_record(record.get("messages")))
             return Rejected(value, "") if isinstance(value, str) else value
         if self.corpus.text_template is None:
             return record.get(self.corpus.text_field)

@@ -34,3 +34,11 @@ def heldout_threshold(hashes: np.ndarray, heldout: HeldoutConfig) -> float:
         return heldout.fraction
     capped = np.partition(hashes, heldout.max_documents)[heldout.max_documents]
     return float(min(heldout.fraction, capped))
+
+
+def heldout_part(digests: list[bytes], heldout: HeldoutConfig) -> list[int]:
+    """Which of a corpus's kept documents (given by content digest, in read order) its store holds out:
+    those below `fraction`, at most the `max_documents` lowest, in hash order (as `dapt data build`)."""
+    positions = [split_position(digest) for digest in digests]
+    candidates = sorted((position, index) for index, position in enumerate(positions) if position < heldout.fraction)
+    return [index for _, index in candidates[: heldout.max_documents]]

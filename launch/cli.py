@@ -143,10 +143,12 @@ def cmd_eval(args) -> None:
 
     experiment = _experiment(args)
     model_dir = Path(args.model) if args.model else experiment.export_dir
-    if args.tasks:
-        from dapt.pretrain.tasks import evaluate_tasks, format_tasks, log_tasks
+    if args.tasks or args.records:
+        from dapt.pretrain.tasks import evaluate_tasks, format_tasks, log_tasks, record_task
 
-        results = evaluate_tasks([Path(t) for t in args.tasks], model_dir, experiment.workpath, shots=args.shots)
+        records = [record_task(experiment, name, args.shots) for name in args.records or []]
+        results = evaluate_tasks([Path(t) for t in args.tasks or []], model_dir, experiment.workpath, shots=args.shots,
+                                 record_tasks=records)
         print(f"{format_tasks(results)}\nwritten to {experiment.workpath / 'eval_tasks.json'}")
         log_tasks(experiment, results)
         return
@@ -268,7 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="model directory (default: the experiment's export)")
     evaluate.add_argument("--tasks", nargs="+", metavar="TASK_YAML",
                           help="score few-shot classification tasks (lm-evaluation-harness) instead of held-out BPB")
-    evaluate.add_argument("--shots", type=int, help="examples before each test item (default: each task's `shots`)")
+    evaluate.add_argument("--records", nargs="+", metavar="CORPUS",
+                          help="score the held-out records of prompt/completion corpora whose completions are labels: "
+                               "accuracy and macro-F1 (lm-evaluation-harness)")
+    evaluate.add_argument("--shots", type=int,
+                          help="examples before each test item (default: each task's `shots`; records: none)")
     report = command(commands, "report", cmd_report, "an offline HTML page of a run or a sweep, plots embedded", config=False)
     report.add_argument("path", help="a run's workdir or a sweep folder")
     report.add_argument("--out", help="where report.html and its PNGs go (default: PATH/report)")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -41,7 +42,9 @@ class TaskConfig(StrictModel):
     label_words: dict[str, str] = Field(min_length=2)
     """What each label reads as after the prompt (scored by log-likelihood), e.g. {positive: up}."""
     prompt: str = "{text}\nAnswer:"
-    """Put before the label words; `{text}` is the example's text. A space separates the two."""
+    """Put before the label words; `{text}` is the example's text."""
+    label_delimiter: str = " "
+    """Between the prompt and the label words."""
     shots: int = Field(default=5, ge=0)
     """Examples from the train split shown before each test item."""
     test_fraction: float = Field(default=0.5, gt=0, lt=1)
@@ -136,6 +139,7 @@ def write_lm_eval_task(task: TaskConfig, train: list[dict], test: list[dict], fo
         "doc_to_text": "prompt",
         "doc_to_choice": list(task.label_words.values()),
         "doc_to_target": "label",
+        "target_delimiter": task.label_delimiter,
         "num_fewshot": task.shots,
     }
     # `!function` is lm-eval's own YAML tag; it loads utils.py from this folder.
@@ -147,17 +151,57 @@ def write_lm_eval_task(task: TaskConfig, train: list[dict], test: list[dict], fo
     return name
 
 
+# Completions read as labels when a corpus has at most this many different ones.
+MAX_RECORD_LABELS = 50
+
+
+def record_task(experiment, name: str, shots: int | None) -> tuple[TaskConfig, list[dict], list[dict]]:
+    """The held-out records of the experiment's prompt/completion corpus `name`, whose completions are
+    labels, as a classification task: each held-out record's prompt, its completion among every
+    completion the corpus has (scored by log-likelihood right after the prompt, as trained). The held-out
+    records are those its store holds out; shots (default none) come from its training records."""
+    from dapt.data_mix.report import kept_records
+    from dapt.data_mix.sources import CorpusReader
+    from dapt.data_mix.split import heldout_part
+
+    corpus = next((c for c in experiment.corpora if c.name == name), None)
+    if corpus is None or corpus.record_format != "prompt_completion":
+        known = [c.name for c in experiment.corpora if c.record_format == "prompt_completion"]
+        raise DaptError(f"--records {name}: not a corpus of `record_format: prompt_completion` in the experiment "
+                        f"(those: {', '.join(known) or 'none'})")
+    records = [d for d in kept_records(CorpusReader(corpus), experiment.tokenizer_dir)]
+    labels = sorted({d.value.completion for d in records})
+    if len(labels) > MAX_RECORD_LABELS:
+        raise DaptError(f"--records {name}: its records have {len(labels):,} different completions; records are "
+                        f"scored as a classification whose labels are the completions (at most {MAX_RECORD_LABELS})")
+    held = set(heldout_part([d.digest for d in records], experiment.heldout))
+    examples = [{"text": d.value.prompt, "label": labels.index(d.value.completion)} for d in records]
+    task = TaskConfig(name=re.sub(r"[^A-Za-z0-9_\-]", "_", name), data=str(corpus.paths[0] if corpus.paths else name),
+                      label_words={label: label for label in labels}, prompt="{text}", label_delimiter="",
+                      shots=shots or 0)
+    train = [e for i, e in enumerate(examples) if i not in held]
+    test = [examples[i] for i in sorted(held)]
+    if not test or len(train) < task.shots:
+        raise DaptError(f"--records {name}: {len(test)} held-out and {len(train)} training records; a test item and "
+                        f"{task.shots} shots need more records or another `heldout.fraction`")
+    return task, train, test
+
+
 def evaluate_tasks(task_files: list[Path], model_dir: Path, workdir: Path, shots: int | None = None,
-                   batch_size: int = 8) -> dict:
-    """Score every task on the model with lm-eval; writes and returns `eval_tasks.json`'s content."""
+                   batch_size: int = 8, record_tasks: list[tuple[TaskConfig, list[dict], list[dict]]] = ()) -> dict:
+    """Score every task (those of `task_files`, and `record_tasks` made by `record_task`) on the model
+    with lm-eval; writes and returns `eval_tasks.json`'s content."""
     tasks, folders, chances = {}, [], {}
+    given = []
     for path in task_files:
         task = load_task(Path(path))
         if shots is not None:
             task = task.model_copy(update={"shots": shots})
+        given.append((path, (task, *split_examples(task, read_examples(task)))))
+    given += [(f"--records {prepared[0].name}", prepared) for prepared in record_tasks]
+    for where, (task, train, test) in given:
         if task.name in chances:
-            raise DaptError(f"{path}: name: {task.name!r} is already the name of another task given; names must be unique")
-        train, test = split_examples(task, read_examples(task))
+            raise DaptError(f"{where}: name: {task.name!r} is already the name of another task given; names must be unique")
         folder = workdir / "eval_tasks" / task.name
         tasks[write_lm_eval_task(task, train, test, folder)] = task
         folders.append(str(folder))

@@ -6,6 +6,7 @@ once carried over (`extend`) to its tokenizer grown by dapt on the demo's financ
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +105,53 @@ def test_extending_the_real_tokenizer_shortens_the_domain_and_leaves_the_rest(tm
             assert after > 1.01 * before, corpus.name  # measured: filings +1.7%, news +5.0% (82 pieces)
         else:
             assert [extended.tokenize(t) for t in texts] == [base.tokenize(t) for t in texts], corpus.name
+
+
+def test_a_real_model_tuned_on_headline_records_with_lora_beats_its_few_shot_accuracy(tmp_path, small_corpora, smollm2):
+    """SmolLM2 tuned with LoRA on the demo's headline sentiment records (prompt and completion made from
+    the labelled rows by templates) with 10% of public text replayed: the held-out records' accuracy
+    and macro-F1 (zero-shot, through lm-eval) far above the base model's 3-shot ones on the same
+    records, the completions' held-out BPB down, the public corpus' measured before and after; the
+    export is a plain folder, and the adapters also load with peft on the base model."""
+    from peft import AutoPeftModelForCausalLM
+
+    labelled = Path(__file__).parents[1] / "configs" / "tasks" / "headline_sentiment.jsonl"
+    corpora = [{"name": "sentiment", "group": "tuning", "paths": [str(labelled)], "record_format": "prompt_completion",
+                "prompt_template": "Headline: {text}\nSentiment:", "completion_template": " {label}", "max_tokens": 64},
+               {"name": "web", "group": "public", "paths": [str(small_corpora / "data" / "web" / "*.txt")]}]
+    path = write_experiment(tmp_path, {
+        "workdir": str(tmp_path), "corpora": corpora, "heldout": {"fraction": 0.5, "max_documents": 200},
+        "tokenizer": {"path": str(smollm2)}, "model": {"path": str(smollm2)},
+        "mix": {"seq_len": 128, "weights": {"sentiment": 0.9, "web": 0.1}},
+        "train": {"steps": 12, "global_batch_size": 8, "micro_batch_size": 4, "lr": 1e-3, "warmup_steps": 2,
+                  "precision": "fp32", "eval_max_tokens": 4000, "log_every": 1, "lora": {"r": 16, "alpha": 32}},
+        "deepspeed": {"zero_optimization": {"stage": 2}}, "launch": {"nproc_per_node": 2},
+    })
+    result = subprocess.run([sys.executable, "-m", "dapt", "run", str(path)], capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    experiment, _ = load_experiment(path)
+    corpora_results = json.loads(experiment.results_file.read_text())["corpora"]
+    sentiment, web = corpora_results["sentiment"], corpora_results["web"]
+    assert sentiment["bpb_after"] < sentiment["bpb_before"] / 5 and web["bpb_before"] > 0 and web["bpb_after"] > 0
+
+    def scores(*extra) -> dict:
+        evaluated = subprocess.run([sys.executable, "-m", "dapt", "eval", str(path), "--records", "sentiment", *extra],
+                                   capture_output=True, text=True, timeout=900)
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        return json.loads((experiment.workpath / "eval_tasks.json").read_text())["tasks"][0]
+
+    tuned, base = scores(), scores("--model", str(smollm2), "--shots", "3")
+    assert tuned["items"] == base["items"] > 30 and tuned["shots"] == 0 and base["shots"] == 3
+    assert tuned["accuracy"] >= base["accuracy"] + 0.3 and tuned["macro_f1"] >= base["macro_f1"] + 0.3, (tuned, base)
+
+    adapter = tmp_path / "adapter"
+    exported = subprocess.run([sys.executable, "-m", "dapt", "export", str(experiment.checkpoints_dir), str(adapter),
+                               "--lora", "adapter"], capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    tokens = AutoTokenizer.from_pretrained(adapter)("Headline: Hooli Inc. shares climbed 9.3%\nSentiment:",
+                                                    return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(experiment.export_dir)(tokens).logits
+        on_base = AutoPeftModelForCausalLM.from_pretrained(adapter)(tokens).logits
+    torch.testing.assert_close(on_base, merged, rtol=1e-4, atol=1e-4)

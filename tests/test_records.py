@@ -249,3 +249,38 @@ def test_tuning_records_mixed_with_replayed_text_train_alike_at_any_world_size(t
     sentiment, web = results["corpora"]["sentiment"], results["corpora"]["web"]
     assert sentiment["bpb_after"] < sentiment["bpb_before"] and web["bpb_after"] > 0
     assert sentiment["realised_share"] == pytest.approx(0.75, abs=0.1)
+
+
+def test_records_from_labelled_rows_and_their_held_out_split_as_a_task(tmp_path, tokenizer_dir):
+    """Labelled rows become records through the templates; `dapt eval --records` scores exactly the
+    records the store holds out, each completion a label, shots only from the training records."""
+    from dapt.experiment import load_experiment
+    from dapt.launch.pipeline import build_stores
+    from dapt.pretrain.tasks import record_task
+    from tests.conftest import write_experiment
+
+    rows = tmp_path / "labelled.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"shares of company {i} {'rose' if i % 3 else 'fell'}",
+                                        "label": "positive" if i % 3 else "negative"}) + "\n" for i in range(40)))
+    corpus = {"name": "sentiment", "paths": [str(rows)], "record_format": "prompt_completion",
+              "prompt_template": "Headline: {text}\nSentiment:", "completion_template": " {label}", "max_tokens": 60}
+    path = write_experiment(tmp_path, {"workdir": str(tmp_path / "run"), "corpora": [corpus],
+                                       "heldout": {"fraction": 0.3, "max_documents": 100},
+                                       "tokenizer": {"path": str(tokenizer_dir)}, "mix": {"seq_len": 64},
+                                       "model": {"config": {"model_type": "llama"}}})
+    experiment, _ = load_experiment(path)
+    [manifest] = build_stores(experiment)
+    task, train, test = record_task(experiment, "sentiment", shots=None)
+    assert len(test) == manifest["splits"]["heldout"]["documents"] and len(train) + len(test) == 40
+    assert task.label_words == {" negative": " negative", " positive": " positive"} and task.shots == 0
+    assert all(e["text"].startswith("Headline: shares") and e["text"].endswith("Sentiment:") for e in test)
+    store = TokenStore(tmp_path / "run" / "stores" / "sentiment", "heldout")
+    from dapt.data_mix.build import load_encoder
+
+    encoder, _ = load_encoder(tokenizer_dir)
+    starts = np.concatenate([[0], store.doc_ends[:-1]])
+    stored = sorted(encoder.decode(np.asarray(store.tokens[s:e])[~np.asarray(store.trained[s:e]).astype(bool)].tolist())
+                    for s, e in zip(starts, store.doc_ends))
+    assert stored == sorted(e["text"] for e in test)
+    with pytest.raises(DaptError, match=r"--records web: not a corpus of `record_format: prompt_completion`"):
+        record_task(experiment, "web", shots=None)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dapt.data_mix.config import CorpusConfig, HeldoutConfig
 from dapt.data_mix.sources import CorpusReader
-from dapt.data_mix.split import split_position
+from dapt.data_mix.split import heldout_part
 from dapt.base import DaptError
 from dapt.figures import pyplot, save_figure
 
@@ -27,10 +27,8 @@ ENCODE_BATCH = 256
 
 def heldout_texts(corpus: CorpusConfig, heldout: HeldoutConfig) -> list[str]:
     """The corpus's held-out documents: lowest content hashes below the fraction, capped."""
-    candidates = [(split_position(document.digest), document.text)
-                  for document in CorpusReader(corpus).documents_with_digests()
-                  if split_position(document.digest) < heldout.fraction]
-    return [text for _, text in sorted(candidates)[: heldout.max_documents]]
+    documents = list(CorpusReader(corpus).documents_with_digests())
+    return [documents[index].text for index in heldout_part([d.digest for d in documents], heldout)]
 
 
 def load_tokenizer(path: Path):
