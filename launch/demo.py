@@ -3,7 +3,8 @@
 `dapt demo --base-model DIR` continues pretraining a pretrained model instead of training a tiny
 one: the same corpora and mix, the model's own tokenizer, settings sized for a model of ~100M
 parameters on a CPU in minutes. `DIR` is linked into the workdir as `base-model`, so the
-experiment file keeps every path relative to itself.
+experiment file keeps every path relative to itself. Beside it goes `tuning.yaml`, which tunes
+that model on the demo's labelled headlines with the web text replayed (`configs/tuning.yaml`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import yaml
 from dapt.data_mix.demo_corpora import write_demo_corpora
 from dapt.base import DaptError
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEMO_CONFIG = CONFIGS / "demo.yaml"
+TUNING_CONFIG = CONFIGS / "tuning.yaml"
+LABELLED_HEADLINES = CONFIGS / "tasks" / "headline_sentiment.jsonl"
 BASE_MODEL_LINK = "base-model"
 # What changes from configs/demo.yaml when the model is a pretrained one.
 BASE_MODEL_SECTIONS = {
@@ -46,6 +50,8 @@ def prepare_demo(workdir: Path, base_model: Path | None = None) -> Path:
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(base_model.resolve(), target_is_directory=True)
+    shutil.copy(TUNING_CONFIG, workdir / TUNING_CONFIG.name)
+    shutil.copy(LABELLED_HEADLINES, workdir / "data" / LABELLED_HEADLINES.name)
     sections = yaml.safe_load(DEMO_CONFIG.read_text()) | BASE_MODEL_SECTIONS
     header = f"# dapt demo --base-model {base_model}: configs/demo.yaml continuing pretraining of that model\n"
     config.write_text(header + yaml.safe_dump(sections, sort_keys=False))

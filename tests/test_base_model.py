@@ -3,6 +3,7 @@ its tokenizer together: the export is the trained model (not the base weights), 
 head, the ZeRO stage or the sharding of the base; and what a base model can get wrong is refused
 before any process starts, in one line naming the field."""
 
+import glob
 import json
 import subprocess
 import sys
@@ -142,6 +143,10 @@ def test_the_demo_on_a_base_model_links_it_and_uses_its_own_tokenizer(tmp_path, 
     assert (tmp_path / "demo" / "base-model").resolve() == base.resolve()
     assert experiment.model.path == experiment.tokenizer.path == str(tmp_path / "demo" / "base-model")
     assert experiment.model.embeddings is None and experiment.model.config is None
+    tuning, _ = load_experiment(tmp_path / "demo" / "tuning.yaml")  # tuning that model beside it, paths in place
+    assert tuning.model.path == experiment.model.path and tuning.train.lora is not None
+    assert all(glob.glob(corpus.paths[0]) for corpus in tuning.corpora)
+    assert {corpus.name for corpus in tuning.corpora} == {"sentiment", "web"}
     assert_one_line_error(dapt("demo", "--workdir", str(tmp_path / "demo2"), "--base-model", str(tmp_path)),
                           f"--base-model: {tmp_path} is not a Hugging Face model folder (no config.json)")
     assert not (tmp_path / "demo2").exists()  # refused before anything is written
