@@ -182,7 +182,7 @@ def window(tokens: np.ndarray, trained: np.ndarray, doc_ends: np.ndarray, bounds
     its `seq_len` targets is trained on, and each input's position in its record (the padding
     counts as a record of its own). Positions that restart mark where a record begins, which is
     how a causal LM keeps each token's attention inside its record (transformers builds the
-    block-diagonal mask from them; flash attention reads them as sequence boundaries)."""
+    block-diagonal mask from them)."""
     first, last = bounds[index], bounds[index + 1]
     start = int(doc_ends[first - 1]) if first else 0
     end = int(doc_ends[last - 1])

@@ -150,7 +150,8 @@ def cmd_eval(args) -> None:
         results = evaluate_tasks([Path(t) for t in args.tasks or []], model_dir, experiment.workpath, shots=args.shots,
                                  record_tasks=records)
         print(f"{format_tasks(results)}\nwritten to {experiment.workpath / 'eval_tasks.json'}")
-        log_tasks(experiment, results)
+        if model_dir.resolve() == experiment.export_dir.resolve():  # another model's scores are not the run's
+            log_tasks(experiment, results)
         return
     for name, bpb in evaluate_model_dir(experiment, model_dir).items():
         print(f"{name:<14}held-out BPB {bpb:.4f}")

@@ -160,7 +160,8 @@ def base_model_bpb(experiment: Experiment, dtype: torch.dtype, device: torch.dev
     model_config, train = experiment.model, experiment.train
     if model_config.embeddings is None:
         return None
-    stores = experiment_stores(experiment, "heldout")
+    # Text corpora only: a record corpus's figure is its completions', which this measurement does not read.
+    stores = {name: store for name, store in experiment_stores(experiment, "heldout").items() if not store.records}
     record = experiment.carried_over_dir / BASE_BPB_FILE
     key = experiment_hash(json.dumps([
         (experiment.carried_over_dir / CARRY_OVER_STAMP).read_text(), {n: s.manifest for n, s in stores.items()},
@@ -214,7 +215,7 @@ class Evaluator:
             print(f"step 0: held-out BPB of the carried-over model (model.embeddings: "
                   f"{self.experiment.model.embeddings}) against the base model with its own tokenizer: "
                   + ", ".join(f"{name} {bpb[name]:.3f} vs {base[name]:.3f} ({bpb[name] / base[name] - 1:+.1%})"
-                              for name in bpb), flush=True)
+                              for name in base), flush=True)
         return bpb
 
     def _start_key(self) -> str:

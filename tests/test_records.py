@@ -284,3 +284,23 @@ def test_records_from_labelled_rows_and_their_held_out_split_as_a_task(tmp_path,
     assert stored == sorted(e["text"] for e in test)
     with pytest.raises(DaptError, match=r"--records web: not a corpus of `record_format: prompt_completion`"):
         record_task(experiment, "web", shots=None)
+
+
+def test_a_store_of_chat_records_trains_on_the_assistant_turns(tmp_path, tokenizer_dir):
+    from dapt.data_mix.build import load_encoder
+
+    chats = [{"messages": [{"role": "user", "content": f"Headline: ACME {i} rose"},
+                           {"role": "assistant", "content": "positive"},
+                           {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "yes"}]}
+             for i in range(20)] + [{"messages": [{"role": "user", "content": "no answer"}]}]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(chat) + "\n" for chat in chats))
+    corpus = CorpusConfig(name="chat", paths=[str(path)], record_format="messages", max_tokens=200)
+    manifest = build_store(corpus, HeldoutConfig(fraction=0.1), tokenizer_dir, tmp_path / "stores")
+    assert manifest["accounting"]["rejected"] == {"no_assistant_turn": 1}
+    store = TokenStore(tmp_path / "stores" / "chat", "train")
+    encoder, eos = load_encoder(tokenizer_dir)
+    end = int(store.doc_ends[0])
+    tokens, trained = np.asarray(store.tokens[:end]), np.asarray(store.trained[:end]).astype(bool)
+    assert encoder.decode(tokens[trained][:-1].tolist(), skip_special_tokens=False) == "positive<|end|>\nyes<|end|>\n"
+    assert tokens[-1] == eos and trained[-1]
