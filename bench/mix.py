@@ -27,7 +27,7 @@ from dapt.data_mix.batches import BatchSizes
 from dapt.data_mix.blend import MixSchedule, Stage
 from dapt.data_mix.loader import MixLoader
 from dapt.data_mix.plan import worst_prefix_deviation
-from dapt.data_mix.store import TokenStore
+from dapt.data_mix.store import TokenStore, file_records
 
 NAMES = ["finpile_web", "news", "filings", "press", "bloomberg", "pile", "c4", "wikipedia"]
 SHARES = np.array([42.01, 5.31, 2.04, 1.21, 0.70, 25.9, 19.48, 3.35])
@@ -57,10 +57,15 @@ def schedule_generation(samples: int) -> tuple[float, int]:
 def write_random_store(folder: Path, corpus: str, tokens: int, rng: np.random.Generator) -> TokenStore:
     """A store with the documented layout, filled with random ids (reading cost is what is measured)."""
     folder.mkdir(parents=True)
-    rng.integers(0, 32000, tokens, dtype=np.uint16).tofile(folder / "train.bin")
-    ends = np.arange(1000, tokens + 1, 1000, dtype=np.int64)
-    np.save(folder / "train.docs.npy", np.stack([ends, np.full_like(ends, 4000)], axis=1))
-    (folder / "manifest.json").write_text(json.dumps({"corpus": corpus, "dtype": "uint16"}))
+    splits = {}
+    for split, count in (("train", tokens), ("heldout", 1000)):
+        rng.integers(0, 32000, count, dtype=np.uint16).tofile(folder / f"{split}.bin")
+        ends = np.arange(1000, count + 1, 1000, dtype=np.int64)
+        np.save(folder / f"{split}.docs.npy", np.stack([ends, np.full_like(ends, 4000)], axis=1))
+        splits[split] = {"documents": len(ends), "tokens": count}
+    manifest = {"corpus": corpus, "dtype": "uint16", "splits": splits, "tokenizer_hash": "random ids",
+                "files": file_records(folder, records=False)}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     return TokenStore(folder, "train")
 
 
