@@ -20,18 +20,19 @@ import numpy as np
 
 from dapt.base import DaptError
 from dapt.data_mix.config import CorpusConfig
-from dapt.data_mix.records import pack, window
+from dapt.data_mix.records import pack, window as record_window
 from dapt.experiment import Experiment
 
 SPLITS = ("train", "heldout")
 MANIFEST = "manifest.json"
 TRAINED_SUFFIX = ".trained.bin"  # stores of tuning records: per token, 1 where the loss covers it
+REBUILD = "rebuild it with `dapt data build` (it rebuilds stores that changed)"
 
 
 def store_files(records: bool) -> tuple[str, ...]:
+    """The files of a store's splits (a store of tuning records has one more per split)."""
     suffixes = (".bin", ".docs.npy") + ((TRAINED_SUFFIX,) if records else ())
     return tuple(f"{split}{suffix}" for split in SPLITS for suffix in suffixes)
-REBUILD = "rebuild it with `dapt data build` (it rebuilds stores that changed)"
 
 
 def file_checksum(path: Path) -> str:
@@ -163,7 +164,7 @@ class TokenStore:
         """Window `index`: its `seq_len + 1` ids, and for records which targets are trained on and each
         input's position in its record (None for text: every target, positions running on)."""
         if self.records:
-            return window(self.tokens, self.trained, self.doc_ends, self.window_bounds(seq_len), index, seq_len,
+            return record_window(self.tokens, self.trained, self.doc_ends, self.window_bounds(seq_len), index, seq_len,
                           self.manifest["eos_token_id"])
         start = index * seq_len
         return np.asarray(self.tokens[start : start + seq_len + 1], dtype=np.int64), None, None
