@@ -223,6 +223,11 @@ class Trainer:
             model = with_lora(model, train.lora)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=self.ds_config)
+        if self.engine.lr_scheduler is not None:
+            # DeepSpeed's schedulers start at iteration -1, which they price at lr 0: the first step would
+            # not train. Step s trains at the schedule's iteration s - 1, as in transformers; a resume then
+            # loads the checkpoint's iteration over this.
+            self.engine.lr_scheduler.step(0)
         if self.loader.records:
             check_packed_records(self.engine, model.config.vocab_size, self.device)
         unchunked = check_chunked_loss(self.engine, model.config.vocab_size, self.mix.seq_len, self.device)

@@ -25,7 +25,7 @@ def experiment_file(folder, built_experiment, steps: int):
         **reusing(built_experiment),
         "model": {"config": TINY},
         "mix": {"seq_len": 32, "group_weights": {"financial": 0.5, "public": 0.5}},
-        "train": {"steps": steps, "global_batch_size": 8, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 1,
+        "train": {"steps": steps, "global_batch_size": 8, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 0,
                   "precision": "fp32", "checkpoint_every": 3, "eval_max_tokens": 500, "log_every": 1},
     }
     return write_experiment(folder, config)
@@ -37,11 +37,11 @@ def train(path, *extra) -> subprocess.CompletedProcess:
     return result
 
 
-def losses(workdir) -> dict[int, float]:
+def losses(workdir, metric: str = "train/loss") -> dict[int, float]:
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if "train/loss" in r]
+    steps = [r["step"] for r in records if metric in r]
     assert len(steps) == len(set(steps)), "no step is recorded twice"
-    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+    return {r["step"]: r[metric] for r in records if metric in r}
 
 
 def run_then_rewind_to_step_3(tmp_path, built_experiment, stage: int = 2):
@@ -52,20 +52,23 @@ def run_then_rewind_to_step_3(tmp_path, built_experiment, stage: int = 2):
     path.write_text(yaml.safe_dump(config))
     train(path)
     uninterrupted = losses(tmp_path)
+    uninterrupted_lrs = losses(tmp_path, "train/lr")
+    assert uninterrupted_lrs[1] == 1e-3, "without warmup the first step trains at the peak rate"
     first = json.loads((tmp_path / "results.json").read_text())
     experiment, _ = load_experiment(path)
     (experiment.checkpoints_dir / "latest").write_text("step00000003")
     subprocess.run(["rm", "-r", str(experiment.checkpoints_dir / "step00000006"), str(tmp_path / "results.json")],
                    check=True)
-    return path, experiment, uninterrupted, first
+    return path, experiment, uninterrupted, uninterrupted_lrs, first
 
 
 def test_resume_continues_bitwise_like_the_uninterrupted_run(tmp_path, built_experiment):
-    path, experiment, uninterrupted, first = run_then_rewind_to_step_3(tmp_path, built_experiment)
+    path, experiment, uninterrupted, lrs, first = run_then_rewind_to_step_3(tmp_path, built_experiment)
     resumed_run = train(path)
     assert "resuming from" in resumed_run.stdout and "at step 3" in resumed_run.stdout
     resumed = losses(tmp_path)
     assert [resumed[s] for s in (4, 5, 6)] == [uninterrupted[s] for s in (4, 5, 6)], "bitwise equal losses"
+    assert losses(tmp_path, "train/lr") == lrs, "the schedule goes on where it stopped"
     second = json.loads((tmp_path / "results.json").read_text())
     assert second["wandb_run_id"] == first["wandb_run_id"]
     assert {n: r["tokens_seen"] for n, r in second["corpora"].items()} == {n: r["tokens_seen"] for n, r in first["corpora"].items()}
@@ -93,10 +96,11 @@ def test_sigusr1_checkpoints_and_the_rerun_finishes(tmp_path, built_experiment):
 
 @pytest.mark.parametrize("stage", [2, 0])
 def test_resume_at_another_world_size_keeps_the_data_order(tmp_path, built_experiment, stage):
-    path, experiment, uninterrupted, first = run_then_rewind_to_step_3(tmp_path, built_experiment, stage)
+    path, experiment, uninterrupted, lrs, first = run_then_rewind_to_step_3(tmp_path, built_experiment, stage)
     result = subprocess.run(torchrun_command(path, 1), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "written by 2 processes, now 1" in result.stdout
+    assert losses(tmp_path, "train/lr") == lrs, "the schedule goes on where it stopped"
     resumed = losses(tmp_path)
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-4), step
