@@ -82,7 +82,8 @@ class TrainConfig(StrictModel):
     lr: float = Field(gt=0)
     """Peak learning rate (AdamW), reached after `warmup_steps`."""
     warmup_steps: int = Field(default=0, ge=0)
-    """Steps of linear warmup from 0 to `lr` (0: start at `lr`)."""
+    """Steps of linear warmup from 0 to `lr`: step s ≤ W trains at lr·(s−1)/W, as in transformers (DeepSpeed's
+    schedulers warm up over 2 steps at least); 0: every step at `lr`."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """The learning rate after warmup: cosine or linear decay, or constant."""
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)

@@ -222,7 +222,8 @@ class Trainer:
         if train.lora is not None:
             model = with_lora(model, train.lora)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=self.ds_config)
+        with _without_unstarted_schedule_warning():
+            self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=self.ds_config)
         if self.engine.lr_scheduler is not None:
             # DeepSpeed's schedulers start at iteration -1, which they price at lr 0: the first step would
             # not train. Step s trains at the schedule's iteration s - 1, as in transformers; a resume then
@@ -356,6 +357,22 @@ class Trainer:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _without_unstarted_schedule_warning():
+    """While DeepSpeed builds the engine, its scheduler reads the rate of iteration -1 and warns that it
+    has not started; the trainer starts it right after, so the warning would only puzzle the user."""
+    from deepspeed.utils import logger
+
+    def not_that_warning(record) -> bool:
+        return "before it has started" not in record.getMessage()
+
+    logger.addFilter(not_that_warning)
+    try:
+        yield
+    finally:
+        logger.removeFilter(not_that_warning)
 
 
 def _save_model_recipe(module, model_folder: Path | None, tokenizer_dir: Path, checkpoints: Path) -> None:
