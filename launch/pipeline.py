@@ -80,7 +80,7 @@ def _extended_tokenizer(experiment: Experiment) -> Path:
     sample_bytes = config.sample_bytes if config else EXTEND_SAMPLE_BYTES
     domain = experiment.extend_domain_corpora()
     stamp = {"base": tokenizer_hash(base_dir), "domain_tokenizer": domain_dir and tokenizer_hash(domain_dir),
-             "pieces": model.extend_pieces, "sample_bytes": sample_bytes,
+             "pieces": model.extend_pieces, "phrase_words": model.extend_phrase_words, "sample_bytes": sample_bytes,
              "domain": [c.model_dump() for c in domain], "heldout": experiment.heldout.model_dump()}
     if (out_dir / RECIPE).exists() and json.loads((out_dir / RECIPE).read_text()).get("stamp") == stamp:
         print(f"tokenizer: extended tokenizer up to date in {out_dir}")
@@ -93,12 +93,14 @@ def _extended_tokenizer(experiment: Experiment) -> Path:
     total = sum(shares.values())  # the domain's own shares; even ones if the mix gives it none
     domain_shares = {name: share / total if total else 1 / len(shares) for name, share in shares.items()}
     lines = draw_sample(domain, domain_shares, experiment.heldout, sample_bytes)
-    added = extend_tokenizer(base_dir, lines, model.extend_pieces, out_dir, domain_dir)
+    added = extend_tokenizer(base_dir, lines, model.extend_pieces, out_dir, domain_dir, model.extend_phrase_words)
     (out_dir / RECIPE).write_text(json.dumps({"stamp": stamp}, indent=1))
     short = (f" (of {model.extend_pieces:,} asked: no other piece saves more than one token on this text)"
              if len(added) < model.extend_pieces else "")
-    print(f"tokenizer: {base_dir} extended by {len(added):,} domain pieces{short} (e.g. {', '.join(map(repr, added[:5]))}) "
-          f"in {out_dir}")
+    spanning = sum(1 for piece in added if " " in piece[1:])
+    words = f", {spanning:,} of them spanning words" if model.extend_phrase_words > 1 else ""
+    print(f"tokenizer: {base_dir} extended by {len(added):,} domain pieces{short}{words} "
+          f"(e.g. {', '.join(map(repr, added[:5]))}) in {out_dir}")
     return out_dir
 
 

@@ -26,6 +26,11 @@ class ModelConfig(StrictModel):
     """The base model's own tokenizer directory (default: `path`, the Hugging Face convention)."""
     extend_pieces: int = Field(default=8000, gt=0)
     """extend: at most how many pieces to add, those that save the most tokens on the domain text first."""
+    extend_phrase_words: int = Field(default=1, ge=1, le=8)
+    """extend: the most words a new piece may span. Above 1 (e.g. 4), on a byte-level BPE base
+    with a regex pre-tokenizer (GPT-2, SmolLM2, Llama 3), the runs of domain words that save
+    the most tokens are kept whole by the pre-tokenizer and may become one piece (` net sales`);
+    a consumer that pre-tokenises by its own rules (llama.cpp) does not see those runs."""
     fit_new_rows: int = Field(default=0, ge=0)
     """transplant / extend: Adam steps (8 windows of `mix.seq_len` tokens each) fitting the new rows
     alone on the training text (the domain's, for `extend`) before training starts, the rest of the

@@ -172,6 +172,49 @@ def test_extending_a_byte_level_bpe_only_merges_what_the_base_cut(base_and_domai
     assert sum(map(len, (extended.tokenize(t) for t in texts))) < sum(map(len, (base.tokenize(t) for t in texts)))
 
 
+def base_cut_of(base, extended, text: str) -> list[int]:
+    """The extended tokenizer's tokens of `text`, each new piece replaced by the base's tokens of its
+    text: the base's own tokens of `text` when the new pieces only join what the base cut."""
+    encoding = extended(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = []
+    for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+        ids += [token] if token < len(base) else base(text[start:end], add_special_tokens=False)["input_ids"]
+    return ids
+
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.mark.parametrize("pre_tokenizer", ["gpt2", "llama3"])
+def test_extending_a_byte_level_bpe_by_runs_of_words(base_and_domain, built_experiment, tmp_path, pre_tokenizer):
+    """`extend_phrase_words`: pieces may span words (` net sales`) where the domain repeats them, on
+    GPT-2's pre-tokenizer and Llama 3's; every text is still cut where the base cuts it, or at fewer
+    of those places, and round-trips; a base that cannot keep runs of words whole is refused."""
+    base_dir, domain_dir, lines, texts = base_and_domain
+    byte_level = train_from_sample(lines, TokenizerTrainConfig(backend="huggingface", model="byte_level", vocab_size=500),
+                                   tmp_path / "byte_level")
+    if pre_tokenizer == "llama3":
+        state = json.loads((byte_level / "tokenizer.json").read_text())
+        state["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+        (byte_level / "tokenizer.json").write_text(json.dumps(state))
+    financial = [line for line in lines if "Shares" in line or "revenue" in line.lower()]
+    added = extend_tokenizer(byte_level, financial, 40, tmp_path / "extended", phrase_words=4)
+    base, extended = AutoTokenizer.from_pretrained(byte_level), AutoTokenizer.from_pretrained(tmp_path / "extended")
+    spanning = [piece for piece in added if " " in piece[1:]]
+    assert spanning and all(re.fullmatch(r"( \w+)+", piece) for piece in spanning), spanning
+    assert not any(character.isdigit() for piece in added for character in piece)
+    public = [t for c in built_experiment.corpora if c.group == "public" for t in heldout_texts(c, built_experiment.heldout)]
+    for text in texts + public:
+        assert base_cut_of(base, extended, text) == base(text, add_special_tokens=False)["input_ids"], text
+        assert extended.decode(extended(text, add_special_tokens=False)["input_ids"]) == text
+    assert sum(map(len, (extended.tokenize(t) for t in texts))) < sum(map(len, (base.tokenize(t) for t in texts)))
+    with pytest.raises(DaptError, match=r"model.extend_phrase_words: 4 needs a byte-level BPE base .* set `extend_phrase_words: 1`"):
+        extend_tokenizer(base_dir, lines, 30, tmp_path / "unigram", domain_dir, phrase_words=4)
+
+
 def test_model_and_tokenizer_mismatches_are_named(base_and_domain, tmp_path):
     base_dir, domain_dir, _, _ = base_and_domain
     domain = AutoTokenizer.from_pretrained(domain_dir)
