@@ -12,7 +12,7 @@ them) and, apart, the FLOPs of fitting the extended run's new rows once before t
 of the activations, 4·N + attention); the last column is extend ÷ own. The target: a lower
 financial BPB after training for no more training FLOPs.
 
-    python bench/extend_payoff.py [--base-model DIR] [--steps 20] [--pieces 2000] [--workdir DIR]
+    python bench/extend_payoff.py [--base-model DIR] [--steps 20] [--pieces 2000] [--phrase-words 1] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -39,14 +39,15 @@ SEQ_LEN = 256  # tokens per sequence for the model's own tokenizer
 FIT_NEW_ROWS = 20  # the extended run's new rows fitted first, once
 
 
-def experiment_file(folder: Path, base_model: Path, steps: int, seq_len: int, extend_pieces: int | None) -> Path:
+def experiment_file(folder: Path, base_model: Path, steps: int, seq_len: int, extend_pieces: int | None,
+                    phrase_words: int = 1) -> Path:
     config = yaml.safe_load(DEMO_CONFIG.read_text())
     config |= {
         "name": f"payoff-{'extend' if extend_pieces else 'own'}", "workdir": str(folder),
         "tokenizer": {"train": {"sample_bytes": 4.0e6}} if extend_pieces else {"path": str(base_model)},
         "model": {"path": str(base_model),
                   **({"embeddings": "extend", "extend_pieces": extend_pieces, "extend_domain": ["financial"],
-                      "fit_new_rows": FIT_NEW_ROWS} if extend_pieces else {})},
+                      "extend_phrase_words": phrase_words, "fit_new_rows": FIT_NEW_ROWS} if extend_pieces else {})},
         "train": {"steps": steps, "global_batch_size": 8, "micro_batch_size": 2, "lr": 5.0e-5, "warmup_steps": 2,
                   "schedule": "cosine", "min_lr_ratio": 0.1, "grad_clip": 1.0, "precision": "fp32",
                   "eval_max_tokens": 4000, "log_every": 5},
@@ -114,6 +115,7 @@ def main() -> None:
     parser.add_argument("--base-model", type=Path, default=REAL_MODEL, help="a Hugging Face causal LM folder with its tokenizer")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--pieces", type=int, default=2000, help="extend_pieces")
+    parser.add_argument("--phrase-words", type=int, default=1, help="extend_phrase_words")
     parser.add_argument("--workdir", type=Path, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
     if not (args.base_model / "config.json").exists():
@@ -123,12 +125,13 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     write_demo_corpora(root / "data")
     own = experiment_file(root / "own", args.base_model, args.steps, SEQ_LEN, None)
-    extend = experiment_file(root / "extend", args.base_model, args.steps, SEQ_LEN, args.pieces)
+    extend = experiment_file(root / "extend", args.base_model, args.steps, SEQ_LEN, args.pieces, args.phrase_words)
     for path in (own, extend):
         dapt("tokenizer", "train", str(path))
         dapt("data", "build", str(path))
     ratio = tokens_per_byte(extend) / tokens_per_byte(own)
-    extend = experiment_file(root / "extend", args.base_model, args.steps, round(SEQ_LEN * ratio), args.pieces)
+    extend = experiment_file(root / "extend", args.base_model, args.steps, round(SEQ_LEN * ratio), args.pieces,
+                             args.phrase_words)
     figures = {}
     for name, path in (("own tokenizer (baseline)", own), ("extend", extend)):
         dapt("run", str(path))

@@ -33,8 +33,9 @@ class ModelConfig(StrictModel):
     a consumer that pre-tokenises by its own rules (llama.cpp) does not see those runs."""
     fit_new_rows: int = Field(default=0, ge=0)
     """transplant / extend: Adam steps (8 windows of `mix.seq_len` tokens each) fitting the new rows
-    alone on the training text (the domain's, for `extend`) before training starts, the rest of the
-    model frozen; 0 keeps them the mean of their pieces' rows. Done once, on one process's device."""
+    alone on the training text (the domain's, for `extend` with `extend_phrase_words: 1`) before
+    training starts, the rest of the model frozen; 0 keeps them the mean of their pieces' rows.
+    Done once, on one process's device."""
     extend_domain: list[str] = []
     """extend: the groups or corpora that are the domain, whose text the new pieces are learnt on
     (required when the corpora form more than one group; public text needs no new pieces)."""

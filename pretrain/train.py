@@ -249,11 +249,14 @@ class Trainer:
         return self.experiment.carried_over_dir
 
     def _fit_windows(self) -> torch.Tensor | None:
-        """With `model.fit_new_rows`, the training text the new rows are fitted on: the domain's for `extend`."""
-        experiment = self.experiment
-        if not experiment.model.fit_new_rows:
+        """With `model.fit_new_rows`, the training text the new rows are fitted on: all of it, or the
+        domain's for `extend` with pieces inside words (which other text seldom holds; runs of words
+        such as ` of the` it holds often)."""
+        experiment, model = self.experiment, self.experiment.model
+        if not model.fit_new_rows:
             return None
-        domain = experiment.extend_domain_corpora() if experiment.model.embeddings == "extend" else experiment.corpora
+        inside_words = model.embeddings == "extend" and model.extend_phrase_words == 1
+        domain = experiment.extend_domain_corpora() if inside_words else experiment.corpora
         return fit_windows([self.train_stores[c.name] for c in domain], self.mix.seq_len,
                            experiment.model.fit_new_rows, experiment.seed)
 
