@@ -65,24 +65,61 @@ def write_experiment(folder: Path, overrides: dict | None = None, text: str | No
 OTHER_TRANSFORMERS_PYTHON = os.environ.get("DAPT_OTHER_TRANSFORMERS_PYTHON")
 
 
+class FolderLoader:
+    """`tests/load_folder.py` running under one Python for the whole session: a folder is read afresh
+    for every request, the imports of torch and transformers (seconds) are paid once."""
+
+    running: dict[str, "FolderLoader"] = {}
+
+    def __init__(self, python: str):
+        import subprocess
+        import tempfile
+
+        self.python, self.log = python, tempfile.NamedTemporaryFile("w+", prefix="load_folder-", suffix=".log")
+        self.process = subprocess.Popen([python, str(Path(__file__).with_name("load_folder.py"))], text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+
+    @classmethod
+    def under(cls, python: str) -> "FolderLoader":
+        if python not in cls.running or cls.running[python].process.poll() is not None:
+            cls.running[python] = cls(python)
+        return cls.running[python]
+
+    def load(self, folder: Path, model: bool) -> dict:
+        self.process.stdin.write(json.dumps({"folder": str(folder), "model": model}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            self.log.seek(0)
+            raise AssertionError(f"the folder loader under {self.python} died:\n{self.log.read()[-3000:]}")
+        answer = json.loads(line)
+        assert "error" not in answer, f"{folder} does not load with {self.python}:\n{answer.get('error', '')[-3000:]}"
+        return answer
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for loader in cls.running.values():
+            loader.process.stdin.close()
+            loader.process.wait(timeout=60)
+        cls.running.clear()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    FolderLoader.stop_all()
+
+
 def assert_loads_alike(folder: Path, model: bool = False) -> dict:
     """`folder` loaded with `AutoTokenizer` (and `model`: `AutoModelForCausalLM`, greedy generation, the
-    `text-generation` pipeline) under the project's transformers and under transformers 4.x: the same
-    ids for hostile text and the same generated tokens in both. What the project's version made of it."""
-    import subprocess
+    `text-generation` pipeline) under the project's transformers and under transformers 4.x, each in a
+    process of its own: the same ids for hostile text and the same generated tokens in both. What the
+    project's version made of it."""
     import sys
 
-    def load(python: str) -> dict:
-        result = subprocess.run([python, str(Path(__file__).with_name("load_folder.py")), str(folder),
-                                 "model" if model else "tokenizer"], capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, f"{folder} does not load with {python}:\n{result.stderr[-3000:]}"
-        return json.loads(result.stdout.splitlines()[-1])
-
-    ours = load(sys.executable)
+    ours = FolderLoader.under(sys.executable).load(folder, model)
     if OTHER_TRANSFORMERS_PYTHON is None:
         assert not os.environ.get("CI"), "CI loads every folder under transformers 4.x: set DAPT_OTHER_TRANSFORMERS_PYTHON"
         return ours
-    other = load(OTHER_TRANSFORMERS_PYTHON)
+    other = FolderLoader.under(OTHER_TRANSFORMERS_PYTHON).load(folder, model)
     assert other["transformers"].split(".")[0] != ours["transformers"].split(".")[0], (other, ours)
     for key in ours.keys() - {"transformers"}:
         assert other[key] == ours[key], f"{folder}: {key} differs between transformers {other['transformers']} " \

@@ -1,11 +1,15 @@
-"""Load a folder dapt wrote with this interpreter's transformers and print what it makes of it, as JSON.
+"""Load folders dapt wrote with this interpreter's transformers and say what it makes of each, as JSON.
 
-Run by tests/test_exports_load.py under the project's transformers and under another
-version (`DAPT_OTHER_TRANSFORMERS_PYTHON`), which must print the same. It imports no dapt.
+Started once per test session under the project's transformers and once under another version
+(`DAPT_OTHER_TRANSFORMERS_PYTHON`, see `tests/conftest.py`), which must say the same: a request is
+one line on stdin (`{"folder": ..., "model": true}`), the answer one JSON line on the answer pipe.
+Every folder is read from disk afresh; only the imports (seconds) are paid once. It imports no dapt.
 """
 
 import json
+import os
 import sys
+import traceback
 
 import torch
 import transformers
@@ -16,7 +20,7 @@ HOSTILE = ["Total revenue was $1,234.5 million.", "日本の銀行は金利を�
            "Cafe\u0301 na\u0308ive re\u0301sume\u0301", "line one\r\nline two\ttabbed   spaced  ", "  leading and\n\n\nnewlines "]
 
 
-def main(folder: str, with_model: bool) -> None:
+def load(folder: str, with_model: bool) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in HOSTILE]
     report = {"transformers": transformers.__version__, "ids": ids,
@@ -29,8 +33,22 @@ def main(folder: str, with_model: bool) -> None:
         report["generated"] = out[0].tolist()
         generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
         report["pipeline"] = generator("Total revenue was", max_new_tokens=8, do_sample=False)[0]["generated_text"]
-    print(json.dumps(report))
+    return report
+
+
+def serve() -> None:
+    # Answers go to the process's real stdout alone; what the libraries print goes to stderr.
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout = sys.stderr
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            answer = load(request["folder"], request["model"])
+        except Exception:  # the test names the folder and shows this
+            answer = {"error": traceback.format_exc()}
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "model")
+    serve()
