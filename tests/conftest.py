@@ -39,6 +39,30 @@ def offline_run_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in inspect.stdout.splitlines() if line.startswith("{")]
 
 
+# The tiers are folders, and a test's folder says what it needs (the README's table):
+#   unit/         the install alone; one process, seconds                      (the fast tier, -m "not slow")
+#   integration/  several processes: real DeepSpeed engines over gloo or NCCL  (slow)
+#   e2e/          the product as users meet it: the real model, a real Slurm, a browser, the demo
+#                 scored under transformers 4.x                                (slow)
+# and `gpu` marks a test that needs CUDA, skipped saying so on a machine without it.
+TIERS = {"unit": [], "integration": ["slow"], "e2e": ["slow"]}
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda = None
+    for item in items:
+        tier = Path(str(item.path)).parent.name
+        for marker in [tier, *TIERS[tier]]:
+            item.add_marker(marker)
+        if item.get_closest_marker("gpu"):
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here)"))
+
+
 @pytest.fixture(scope="session")
 def small_corpora(tmp_path_factory) -> Path:
     """A folder holding data/ with the four demo corpora at a tenth of their size."""

@@ -9,9 +9,7 @@ import pytest
 import yaml
 
 from dapt.experiment import load_experiment
-from tests.test_resume import experiment_file, losses, train
-
-pytestmark = pytest.mark.slow
+from tests.helpers import experiment_file, losses, train
 
 
 OFFLOAD = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}

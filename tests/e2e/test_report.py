@@ -9,9 +9,7 @@ import sys
 import pytest
 import yaml
 
-from tests.test_resume import experiment_file, train
-
-pytestmark = pytest.mark.slow
+from tests.helpers import experiment_file, train
 
 RUN_SECTIONS = ["summary", "train-loss", "heldout-bpb", "mix", "throughput", "tokenizer", "tasks"]
 SWEEP_SECTIONS = ["sweep-results", "sweep-plots", "proposal"]

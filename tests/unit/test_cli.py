@@ -1,24 +1,11 @@
 """Bad input through the real `dapt` command: one line naming the culprit, non-zero exit, no traceback."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from tests.conftest import write_experiment
-
-
-def dapt(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dapt", *args], capture_output=True, text=True, cwd=cwd)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert pattern in lines[0], lines[0]
+from tests.helpers import assert_one_line_error, dapt
 
 
 def test_missing_corpus_file(tmp_path):

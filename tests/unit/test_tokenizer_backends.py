@@ -10,7 +10,7 @@ from dapt.tokenizer.config import TokenizerTrainConfig
 from dapt.tokenizer.evaluate import heldout_texts
 from dapt.tokenizer.train import train_from_sample
 from tests.conftest import assert_loads_alike
-from tests.test_tokenizer_and_store import HOSTILE
+from tests.unit.test_tokenizer_and_store import HOSTILE
 
 
 @pytest.fixture(scope="module")

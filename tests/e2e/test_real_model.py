@@ -1,7 +1,8 @@
 """The whole flow on a real pretrained model (SmolLM2-135M from a Hugging Face folder holding its
-weights and tokenizer), as a user continuing pretraining runs it: `dapt run` with ZeRO-3 in 2
-processes, then the export loaded with transformers alone. Once with the model's own tokenizer,
-once carried over (`extend`) to its tokenizer grown by dapt on the demo's financial corpora."""
+weights and tokenizer), as a user continuing pretraining runs it: `dapt run` in 2 processes, then the
+export loaded with transformers alone. Once with the model's own tokenizer (ZeRO-2), once carried over
+(`extend`, ZeRO-3) to its tokenizer grown by dapt on the demo's financial corpora; each run is made
+once for the module and several tests read its export, checkpoint, metrics and output."""
 
 import json
 import subprocess
@@ -16,24 +17,38 @@ from dapt.experiment import load_experiment
 from dapt.pretrain.evaluate import evaluate_model_dir
 from tests.conftest import assert_loads_alike, small_corpora_section, write_experiment
 
-pytestmark = pytest.mark.slow
-
 STEPS = 3
 
 
-def real_model_run(folder, small_corpora, smollm2, tokenizer: dict, model: dict):
+def real_model_run(folder, small_corpora, smollm2, tokenizer: dict, model: dict, stage: int):
     path = write_experiment(folder, {
         "workdir": str(folder), "corpora": small_corpora_section(small_corpora), "tokenizer": tokenizer,
         "model": model, "mix": {"seq_len": 64, "group_weights": {"financial": 0.5, "public": 0.5}},
-        "train": {"steps": STEPS, "global_batch_size": 4, "micro_batch_size": 1, "lr": 1e-4, "warmup_steps": 1,
+        "train": {"steps": STEPS, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-4, "warmup_steps": 1,
                   "precision": "fp32", "eval_max_tokens": 256, "log_every": 1},
-        "deepspeed": {"zero_optimization": {"stage": 3}}, "launch": {"nproc_per_node": 2},
+        "deepspeed": {"zero_optimization": {"stage": stage}}, "launch": {"nproc_per_node": 2},
     })
     result = subprocess.run([sys.executable, "-m", "dapt", "run", str(path)], capture_output=True, text=True,
                             timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     experiment, _ = load_experiment(path)
     return experiment, json.loads(experiment.results_file.read_text()), result.stdout
+
+
+@pytest.fixture(scope="module")
+def own_tokenizer_run(tmp_path_factory, small_corpora, smollm2):
+    """SmolLM2 continued with its own tokenizer, the folder's: ZeRO-2 (the carried-over run is ZeRO-3)."""
+    return real_model_run(tmp_path_factory.mktemp("own"), small_corpora, smollm2, {"path": str(smollm2)},
+                          {"path": str(smollm2)}, stage=2)
+
+
+@pytest.fixture(scope="module")
+def carried_over_run(tmp_path_factory, small_corpora, smollm2):
+    """SmolLM2 carried over to its tokenizer grown by 300 financial pieces, new rows fitted, under ZeRO-3."""
+    return real_model_run(tmp_path_factory.mktemp("extended"), small_corpora, smollm2,
+                          {"train": {"sample_bytes": 2.0e5}},
+                          {"path": str(smollm2), "embeddings": "extend", "extend_pieces": 300,
+                           "extend_domain": ["financial"], "fit_new_rows": 2}, stage=3)
 
 
 def assert_export_loads_generates_and_matches(experiment, results):
@@ -48,41 +63,63 @@ def assert_export_loads_generates_and_matches(experiment, results):
         assert bpb == pytest.approx(results["corpora"][name]["bpb_after"], abs=1e-4), name
 
 
-def test_continued_pretraining_of_a_real_model_with_its_own_tokenizer(tmp_path, small_corpora, smollm2):
-    assert_loads_alike(smollm2, model=True)  # the folder `dapt model import-gguf` wrote
-    experiment, results, _ = real_model_run(tmp_path, small_corpora, smollm2, {"path": str(smollm2)},
-                                            {"path": str(smollm2)})
-    assert_export_loads_generates_and_matches(experiment, results)
-    corpora = results["corpora"].values()
-    assert all(1.0 < row["bpb_before"] < 3.0 for row in corpora), results  # a pretrained model, not a random one
-    assert all(row["bpb_after"] < row["bpb_before"] for row in corpora), results
-    base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).state_dict()
+def assert_trained_from(experiment, results, start: Path, smollm2: Path):
+    """Every corpus's held-out BPB fell, the embeddings moved away from the `start` folder's, and the
+    export carries the base model's chat template."""
+    assert all(row["bpb_after"] < row["bpb_before"] for row in results["corpora"].values()), results
+    before = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32).state_dict()
     exported = AutoModelForCausalLM.from_pretrained(experiment.export_dir, dtype=torch.float32).state_dict()
-    assert not torch.equal(base["model.embed_tokens.weight"], exported["model.embed_tokens.weight"])
+    assert not torch.equal(before["model.embed_tokens.weight"], exported["model.embed_tokens.weight"])
     assert (experiment.export_dir / "chat_template.jinja").read_text() == (smollm2 / "chat_template.jinja").read_text()
 
 
-def test_a_real_model_extended_by_a_domain_tokenizer(tmp_path, small_corpora, smollm2):
-    experiment, results, output = real_model_run(
-        tmp_path, small_corpora, smollm2, {"train": {"sample_bytes": 2.0e5}},
-        {"path": str(smollm2), "embeddings": "extend", "extend_pieces": 300, "extend_domain": ["financial"],
-         "fit_new_rows": 2})
+def test_continued_pretraining_of_a_real_model_with_its_own_tokenizer(own_tokenizer_run, smollm2):
+    assert_loads_alike(smollm2, model=True)  # the folder `dapt model import-gguf` wrote
+    experiment, results, _ = own_tokenizer_run
+    assert_export_loads_generates_and_matches(experiment, results)
+    corpora = results["corpora"].values()
+    assert all(1.0 < row["bpb_before"] < 3.0 for row in corpora), results  # a pretrained model, not a random one
+    assert_trained_from(experiment, results, smollm2, smollm2)
+
+
+def test_a_carried_over_real_model_trains_and_exports_under_zero3(carried_over_run, smollm2):
+    experiment, results, _ = carried_over_run
+    extended = AutoTokenizer.from_pretrained(experiment.export_dir)
+    assert len(extended) > len(AutoTokenizer.from_pretrained(smollm2))
+    assert_export_loads_generates_and_matches(experiment, results)
+    assert_trained_from(experiment, results, experiment.carried_over_dir, smollm2)
+    # The checkpoint the export came from: ZeRO-3's partitions, one per rank.
+    tag = (experiment.checkpoints_dir / "latest").read_text()
+    assert tag == f"step{STEPS:08d}" and results["checkpoint"].endswith(tag)
+    assert len(list((experiment.checkpoints_dir / tag).glob("*zero_pp_rank_*_model_states.pt"))) == 2
+
+
+def test_every_rank_trains_from_the_folder_rank_0_carried_over(carried_over_run):
+    experiment, results, output = carried_over_run
     assert "new rows fitted on 16 windows of the training text" in output
     assert "embeddings: 49,152 rows copied from the base model" in output
     assert_loads_alike(experiment.tokenizer_dir)  # tokenizer-extended/
     assert_loads_alike(experiment.carried_over_dir, model=True)
-    extended = AutoTokenizer.from_pretrained(experiment.export_dir)
-    assert len(extended) > len(AutoTokenizer.from_pretrained(smollm2))
-    assert_export_loads_generates_and_matches(experiment, results)
     # Every rank trained from the folder rank 0 carried over: the step-0 figure is that folder's.
     for name, bpb in evaluate_model_dir(experiment, experiment.carried_over_dir).items():
         assert bpb == pytest.approx(results["corpora"][name]["bpb_before"], abs=1e-4), name
-    # Beside it, where the base model stands with its own tokenizer on the same documents: public text
-    # is cut as the base cuts it, so there the carried-over model starts where the base does.
+
+
+def test_a_carried_over_model_starts_where_the_base_does_on_public_text(carried_over_run):
+    """Beside the carried-over model's start, where the base model stands with its own tokenizer on the
+    same documents: public text is cut as the base cuts it, so there the carried-over model starts
+    where the base does; and both figures are in the run's metrics at step 0."""
+    experiment, results, output = carried_over_run
     assert "against the base model with its own tokenizer: " in output
     corpora = results["corpora"]
+    assert all(1.0 < row["bpb_base"] < 3.0 for row in corpora.values()), results  # a pretrained base
     for name in experiment.groups()["public"]:
         assert corpora[name]["bpb_before"] == pytest.approx(corpora[name]["bpb_base"], rel=0.01), name
+    records = [json.loads(line) for line in (experiment.workpath / "metrics.jsonl").read_text().splitlines()]
+    start = {key: value for r in records if r["step"] == 0 for key, value in r.items()}
+    for name, row in corpora.items():
+        assert (start[f"eval/bpb/{name}"], start[f"eval/bpb_base/{name}"]) == (row["bpb_before"], row["bpb_base"])
+    assert sorted(r["step"] for r in records if "train/loss" in r) == list(range(1, STEPS + 1))
 
 
 @pytest.mark.parametrize("phrase_words", [1, 4])
@@ -94,7 +131,7 @@ def test_extending_the_real_tokenizer_shortens_the_domain_and_leaves_the_rest(tm
     those places, so no corpus gets longer, and no digit merged."""
     from dapt.launch.pipeline import train_tokenizer
     from dapt.tokenizer.evaluate import heldout_texts, load_tokenizer, tokenizer_statistics
-    from tests.test_transplant import base_cut_of
+    from tests.helpers import base_cut_of
 
     path = write_experiment(tmp_path, {
         "workdir": str(tmp_path), "corpora": small_corpora_section(small_corpora), "tokenizer": {"train": {"sample_bytes": 2e5}},
@@ -126,7 +163,7 @@ def test_a_real_model_tuned_on_headline_records_with_lora_beats_its_few_shot_acc
     export is a plain folder, and the adapters also load with peft on the base model."""
     from peft import AutoPeftModelForCausalLM
 
-    labelled = Path(__file__).parents[1] / "configs" / "tasks" / "headline_sentiment.jsonl"
+    labelled = Path(__file__).parents[2] / "configs" / "tasks" / "headline_sentiment.jsonl"
     corpora = [{"name": "sentiment", "group": "tuning", "paths": [str(labelled)], "record_format": "prompt_completion",
                 "prompt_template": "Headline: {text}\nSentiment:", "completion_template": " {label}", "max_tokens": 64},
                {"name": "web", "group": "public", "paths": [str(small_corpora / "data" / "web" / "*.txt")]}]

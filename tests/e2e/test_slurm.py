@@ -1,15 +1,12 @@
-"""`dapt launch slurm`: the sbatch script it renders, and the script run by a real one-node
-Slurm (munged, slurmctld, slurmd started by tests/slurm/start_local_slurm.sh): a complete
-2-process run, and a run that checkpoints on SIGUSR1, requeues itself and resumes."""
+"""`dapt launch slurm` on a real one-node Slurm (munged, slurmctld, slurmd started by
+tests/slurm/start_local_slurm.sh): a complete 2-process run, and a run that checkpoints on SIGUSR1,
+requeues itself and resumes."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -19,95 +16,18 @@ import pytest
 import yaml
 
 from dapt.base import DaptError
-from dapt.launch.cli import main
 from dapt.experiment import load_experiment
-from dapt.launch.config import SlurmConfig
-from dapt.launch.slurm import launch_slurm, render_script, slurm_options
+from dapt.launch.slurm import launch_slurm
 from tests.conftest import write_experiment
-from tests.test_resume import experiment_file, losses
+from tests.helpers import experiment_file, losses
+from tests.helpers import dapt_here as dapt
+from tests.unit.test_slurm import START_SLURM
 
-START_SLURM = Path(__file__).resolve().parent / "slurm" / "start_local_slurm.sh"
 SLURM_STATE = Path("/tmp/dapt-slurm")
 STEPS = 50  # steps take ~0.1 s: enough that the stop lands mid-run
-HOSTILE = "x; touch PWNED; $(touch PWNED) `touch PWNED` ' \""
-
-
-def dapt(*args: str) -> tuple[int, str]:
-    """The `dapt` command in this process (a subprocess would spend seconds importing torch again)."""
-    output = io.StringIO()
-    with contextlib.redirect_stdout(output):
-        status = main(list(args))
-    return status, output.getvalue()
 
 
 # --- the script, without Slurm -------------------------------------------------------------
-
-def test_dry_run_prints_the_script_with_flags_over_the_config(tmp_path):
-    path = write_experiment(tmp_path, {"launch": {"slurm": {"partition": "cpu", "nodes": 2, "time": "1:00:00", "cpus_per_task": 16,
-                                                            "sbatch_options": ["--qos=high"]}}})
-    status, script = dapt("launch", "slurm", str(path), "--dry-run", "--nodes", "8", "--gpus-per-node", "4")
-    assert status == 0
-    for directive in ("--nodes=8", "--gpus-per-node=4", "--partition=cpu", "--cpus-per-task=16", "--time=1:00:00", "--qos=high",
-                      "--ntasks-per-node=1", "--requeue", "--signal=B:USR1@300", "--open-mode=append"):
-        assert f"#SBATCH {directive}\n" in script, directive
-    assert "--nproc-per-node=4 " in script, "one training process per GPU"
-    assert "srun --ntasks-per-node=1 --cpus-per-task=16 " in script, "Slurm 22.05 srun does not inherit it"
-    assert "--rdzv-backend=c10d" in script and 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in script
-    assert 'scontrol requeue "$SLURM_JOB_ID"' in script
-    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0, "valid bash"
-    assert not (tmp_path / "slurm").exists(), "a dry run writes nothing"
-
-
-def test_every_value_is_shell_quoted(tmp_path):
-    folder = tmp_path / HOSTILE.replace("/", "")
-    folder.mkdir()
-    path = write_experiment(folder, {"name": HOSTILE, "launch": {"slurm": {"partition": HOSTILE, "account": HOSTILE}}})
-    experiment, _ = load_experiment(path)
-    script = render_script(experiment, path, experiment.launch.slurm)
-    directives = [shlex.split(line) for line in script.splitlines() if line.startswith("#SBATCH")]
-    assert ["#SBATCH", f"--partition={HOSTILE}"] in directives, "sbatch reads each option as one word"
-    assert ["#SBATCH", f"--job-name={HOSTILE}"] in directives
-    # The assignments at the top hold the user's paths; bash must read them back verbatim.
-    assignments = "\n".join(line for line in script.splitlines() if re.match(r"(config|python|latest)=", line))
-    read_back = subprocess.run(["bash", "-c", assignments + '\nprintf "%s\\n" "$config" "$latest"'],
-                               capture_output=True, text=True, cwd=tmp_path)
-    assert read_back.stdout.splitlines() == [str(path.resolve()), str(experiment.checkpoints_dir / "latest")]
-    assert not list(tmp_path.rglob("PWNED")), "no value ran a command"
-
-
-@pytest.mark.parametrize("slurm, message", [
-    ({"time": "48h"}, r"launch.slurm.time: '48h' is not a Slurm time"),
-    ({"partition": "gpu\nrm -rf ~"}, "launch.slurm.partition: must be a non-empty single line"),
-    ({"sbatch_options": ["qos=high"]}, "'qos=high' is not an sbatch option"),
-    ({"time": "10", "signal_lead_seconds": 600}, r"signal_lead_seconds \(600\) must be shorter than the time limit"),
-    ({"nodes": 0}, "launch.slurm.nodes: .*greater than 0"),
-])
-def test_bad_slurm_options_are_refused(tmp_path, slurm, message):
-    with pytest.raises(DaptError, match=message):
-        load_experiment(write_experiment(tmp_path, {"launch": {"slurm": slurm}}))
-
-
-def test_bad_flag_names_its_field(tmp_path):
-    experiment, _ = load_experiment(write_experiment(tmp_path))
-    with pytest.raises(DaptError, match=r"launch.slurm.time: .*'2 days' is not a Slurm time.* \(with --time '2 days'\)$"):
-        slurm_options(experiment, {"time": "2 days", "nodes": None})
-
-
-def test_submitting_without_slurm_says_what_to_do(tmp_path, monkeypatch):
-    path = write_experiment(tmp_path)
-    monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(DaptError, match="sbatch not found: run this on a Slurm login node, or add --dry-run"):
-        launch_slurm(load_experiment(path)[0], path, SlurmConfig(), dry_run=False)
-    assert not list((tmp_path / "slurm").iterdir()), "no script kept for a job that was not submitted"
-    from dapt.launch.sweep_design import sweep_dir
-    from dapt.launch.sweep_slurm import submit_array
-
-    experiment = load_experiment(path)[0]
-    (tmp_path / "run").mkdir()
-    run = write_experiment(tmp_path / "run")
-    with pytest.raises(DaptError, match="sbatch not found"):
-        submit_array(experiment, [run])
-    assert not list((sweep_dir(experiment) / "slurm").glob("*.sbatch")), "the job array's script is not kept either"
 
 
 # --- a real Slurm ----------------------------------------------------------------------------
@@ -155,7 +75,6 @@ def slurm_output(workdir: Path, job_id: str) -> str:
     return (workdir / "slurm" / f"{job_id}.out").read_text()
 
 
-@pytest.mark.slow
 def test_srun_tasks_find_their_rank_in_slurm_variables(slurm_env):
     code = "import json; from dapt.pretrain.env import discover; print(json.dumps(discover().__dict__))"
     result = subprocess.run(["srun", "--ntasks=2", sys.executable, "-c", code],
@@ -176,7 +95,6 @@ def slurm_experiment(folder: Path, built_experiment) -> Path:
     return path
 
 
-@pytest.mark.slow
 def test_sbatch_reads_a_hostile_partition_as_one_name(slurm_env, tmp_path):
     path = write_experiment(tmp_path, {"launch": {"slurm": {"partition": "x; touch PWNED"}}})
     experiment, _ = load_experiment(path)
@@ -194,7 +112,6 @@ def finished_job(slurm_env, built_experiment, tmp_path_factory):
     return workdir, job_id, wait_for_job(job_id, slurm_env)
 
 
-@pytest.mark.slow
 def test_submitted_job_completes_and_both_ranks_train(finished_job):
     workdir, job_id, info = finished_job
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", slurm_output(workdir, job_id)
@@ -208,7 +125,6 @@ def test_submitted_job_completes_and_both_ranks_train(finished_job):
     assert rank_logs == ["0", "1"], "one log per rank"
 
 
-@pytest.mark.slow
 def test_sigusr1_checkpoints_requeues_and_resumes_the_same_run(slurm_env, finished_job, built_experiment, tmp_path):
     path = slurm_experiment(tmp_path, built_experiment)
     job_id = submit(path)
@@ -235,11 +151,3 @@ def test_sigusr1_checkpoints_requeues_and_resumes_the_same_run(slurm_env, finish
     uninterrupted = json.loads((uninterrupted_dir / "results.json").read_text())
     assert {n: c["tokens_seen"] for n, c in results["corpora"].items()} == \
            {n: c["tokens_seen"] for n, c in uninterrupted["corpora"].items()}
-
-
-def test_start_script_refuses_without_slurm_and_says_why(tmp_path):
-    """Where Slurm is missing the script says so (and the fixture skips with that reason)."""
-    result = subprocess.run(["/bin/bash", str(START_SLURM), str(tmp_path / "state")], capture_output=True, text=True,
-                            env={"PATH": str(tmp_path), "HOME": str(tmp_path)})
-    assert result.returncode == 1
-    assert "cannot start a local Slurm: 'munged' is not installed" in result.stderr

@@ -5,7 +5,7 @@ tokenizer → pretrain → launch, with no circle. Every import of every module 
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"dapt": "dapt", "data_mix": "dapt.data_mix", "tokenizer": "dapt.tokenizer", "pretrain": "dapt.pretrain",
             "launch": "dapt.launch"}
 FLOOR = {"dapt", "dapt.base", "dapt.config_file", "dapt.figures", "dapt.workdir", "dapt.__main__"}

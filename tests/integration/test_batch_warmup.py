@@ -3,12 +3,9 @@ DeepSpeed's own gradient accumulation and consumes exactly the planned samples."
 
 import json
 
-import pytest
 import yaml
 
-from tests.test_resume import experiment_file, losses, train
-
-pytestmark = pytest.mark.slow
+from tests.helpers import experiment_file, losses, train
 
 
 def test_batch_warmup_grows_the_batch_through_gradient_accumulation(tmp_path, built_experiment):

@@ -20,7 +20,8 @@ from dapt.tokenizer.train import draw_sample, train_from_sample
 from dapt.tokenizer.extend import extend_tokenizer
 from dapt.tokenizer.transplant import carry_over, plan_rows
 from tests.conftest import small_corpora_section, write_experiment
-from tests.test_cli import assert_one_line_error, dapt
+from tests.helpers import assert_one_line_error, dapt
+from tests.helpers import base_cut_of
 
 HIDDEN = 64
 
@@ -172,16 +173,6 @@ def test_extending_a_byte_level_bpe_only_merges_what_the_base_cut(base_and_domai
     assert sum(map(len, (extended.tokenize(t) for t in texts))) < sum(map(len, (base.tokenize(t) for t in texts)))
 
 
-def base_cut_of(base, extended, text: str) -> list[int]:
-    """The extended tokenizer's tokens of `text`, each new piece replaced by the base's tokens of its
-    text: the base's own tokens of `text` when the new pieces only join what the base cut."""
-    encoding = extended(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = []
-    for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
-        ids += [token] if token < len(base) else base(text[start:end], add_special_tokens=False)["input_ids"]
-    return ids
-
-
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -262,33 +253,6 @@ def test_extend_through_the_tokenizer_stage_and_build_model(base_and_domain, sma
     model = carried_over_model(experiment.model, tokenizer)
     assert model.get_input_embeddings().num_embeddings == len(tokenizer) == len(AutoTokenizer.from_pretrained(base_dir)) + 3
     assert torch.equal(model.get_input_embeddings().weight[:800], base.get_input_embeddings().weight)
-
-
-@pytest.mark.slow
-def test_zero3_trains_from_the_transplanted_weights(base_and_domain, built_experiment, tmp_path):
-    """ZeRO-3 partitions the model after `build_model` carried it over: its step-0 held-out BPB
-    equals that of the same transplant done in this process."""
-    import yaml
-
-    from dapt.experiment import load_experiment
-    from dapt.pretrain.evaluate import evaluate_model_dir
-    from tests.test_resume import experiment_file, train
-
-    base_dir, _, _, _ = base_and_domain
-    path = experiment_file(tmp_path, built_experiment, steps=2)
-    config = yaml.safe_load(path.read_text())
-    config["model"] = {"path": str(base_dir), "embeddings": "transplant"}
-    config["deepspeed"] = {"zero_optimization": {"stage": 3}}
-    config["train"].update(checkpoint_every=0)
-    path.write_text(yaml.safe_dump(config))
-    train(path)
-    experiment, _ = load_experiment(path)
-    carried = AutoModelForCausalLM.from_pretrained(base_dir)
-    carry_over(carried, AutoTokenizer.from_pretrained(base_dir), AutoTokenizer.from_pretrained(experiment.tokenizer_dir))
-    carried.save_pretrained(tmp_path / "carried")
-    results = json.loads((tmp_path / "results.json").read_text())
-    for name, bpb in evaluate_model_dir(experiment, tmp_path / "carried").items():
-        assert bpb == pytest.approx(results["corpora"][name]["bpb_before"], rel=1e-4), name
 
 
 def test_fitted_new_rows_start_closer_to_the_base_than_their_means(base_and_domain, built_experiment, tmp_path):

@@ -11,13 +11,10 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from dapt.experiment import load_experiment
-from tests.conftest import write_experiment
-from tests.test_base_model import base_folder, saved_weights
-from tests.test_cli import assert_one_line_error, dapt
-from tests.test_resume import experiment_file, train
+from tests.helpers import base_folder, saved_weights
+from tests.helpers import experiment_file, train
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_lora_trains_the_adapters_alone_and_exports_merged_or_as_adapters(tmp_path, built_experiment, stage):
     from peft import AutoPeftModelForCausalLM, PeftModel
@@ -55,10 +52,3 @@ def test_lora_trains_the_adapters_alone_and_exports_merged_or_as_adapters(tmp_pa
     torch.testing.assert_close(on_base, plain, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(auto, plain, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(untrained, plain, atol=1e-3)
-
-
-def test_lora_needs_a_pretrained_model(tmp_path, small_corpora):
-    path = write_experiment(tmp_path, {"model": {"config": {"model_type": "llama", "hidden_size": 32}},
-                                       "train": {"steps": 2, "global_batch_size": 2, "micro_batch_size": 1, "lr": 1e-3,
-                                                 "lora": {"r": 4}}})
-    assert_one_line_error(dapt("mix", "plan", str(path)), "train.lora: adapters tune a pretrained model")

@@ -10,8 +10,6 @@ import yaml
 
 from tests.conftest import DEMO_CONFIG, assert_loads_alike, assert_scored_alike
 
-pytestmark = pytest.mark.slow
-
 EXAMPLE_TASK = DEMO_CONFIG.parent / "tasks" / "headline_sentiment.yaml"
 
 

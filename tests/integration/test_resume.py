@@ -10,38 +10,7 @@ import yaml
 
 from dapt.experiment import load_experiment
 from dapt.launch.local import torchrun_command
-from tests.conftest import reusing, write_experiment
-
-pytestmark = pytest.mark.slow
-
-TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
-
-
-def experiment_file(folder, built_experiment, steps: int):
-    """A tiny training run on the session's stores (tokenizer and stores shared, not rebuilt)."""
-    config = {
-        "workdir": str(folder),
-        **reusing(built_experiment),
-        "model": {"config": TINY},
-        "mix": {"seq_len": 32, "group_weights": {"financial": 0.5, "public": 0.5}},
-        "train": {"steps": steps, "global_batch_size": 8, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 0,
-                  "precision": "fp32", "checkpoint_every": 3, "eval_max_tokens": 500, "log_every": 1},
-    }
-    return write_experiment(folder, config)
-
-
-def train(path, *extra) -> subprocess.CompletedProcess:
-    result = subprocess.run(torchrun_command(path, 2) + list(extra), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
-
-
-def losses(workdir, metric: str = "train/loss") -> dict[int, float]:
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if metric in r]
-    assert len(steps) == len(set(steps)), "no step is recorded twice"
-    return {r["step"]: r[metric] for r in records if metric in r}
+from tests.helpers import experiment_file, losses, train
 
 
 def run_then_rewind_to_step_3(tmp_path, built_experiment, stage: int = 2):

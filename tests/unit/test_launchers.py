@@ -1,19 +1,16 @@
 """`dapt launch local` and `dapt launch deepspeed`: the commands they build, hostfile errors,
 and a real 2-process run through the `deepspeed` launcher on this machine.
-(`dapt launch slurm` is in test_slurm.py; real torchrun runs in test_resume.py.)"""
+(`dapt launch slurm` is in unit/test_slurm.py and e2e/test_slurm.py.)"""
 
-import json
 
 import pytest
 import torch
 
 from dapt.base import DaptError
-from dapt.launch.cli import main
 from dapt.launch.deepspeed_launcher import deepspeed_command, read_hostfile
 from dapt.experiment import load_experiment
 from dapt.launch.local import default_nproc, torchrun_command
 from tests.conftest import write_experiment
-from tests.test_resume import experiment_file, losses
 
 
 def test_local_defaults_to_one_process_per_gpu_or_two(tmp_path):
@@ -60,14 +57,3 @@ def test_bad_hostfile_is_named(tmp_path, text, message):
 def test_missing_hostfile(tmp_path):
     with pytest.raises(DaptError, match="hostfile .*/nope does not exist"):
         read_hostfile(tmp_path / "nope")
-
-
-@pytest.mark.slow
-def test_two_ranks_train_under_the_deepspeed_launcher(tmp_path, built_experiment):
-    path = experiment_file(tmp_path, built_experiment, steps=2)
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("localhost slots=2\n")
-    assert main(["launch", "deepspeed", str(path), "--hostfile", str(hostfile)]) == 0
-    assert sorted(losses(tmp_path)) == [1, 2]
-    checkpoint = tmp_path / "checkpoints" / "step00000002"
-    assert json.loads((checkpoint / "dapt-checkpoint.json").read_text())["world_size"] == 2
