@@ -17,6 +17,9 @@ from dapt.experiment import load_experiment
 from dapt.pretrain.evaluate import evaluate_model_dir
 from tests.conftest import assert_loads_alike, small_corpora_section, write_experiment
 
+# A 135M model trained in 2 processes on 2 CPU cores takes minutes a run, more than a test's default.
+pytestmark = pytest.mark.timeout(900)
+
 STEPS = 3
 
 
