@@ -19,8 +19,7 @@ from dapt.base import DaptError
 from dapt.experiment import load_experiment
 from dapt.launch.slurm import launch_slurm
 from tests.conftest import write_experiment
-from tests.helpers import experiment_file, losses
-from tests.helpers import dapt_here as dapt
+from tests.helpers import dapt_here as dapt, experiment_file, losses
 from tests.unit.test_slurm import START_SLURM
 
 SLURM_STATE = Path("/tmp/dapt-slurm")

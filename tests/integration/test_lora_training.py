@@ -2,40 +2,49 @@
 base model with them merged in (a plain folder) or peft's adapter folder, and both load with the
 usual classes and compute the same logits as the trained model."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
 from dapt.experiment import load_experiment
-from tests.helpers import base_folder, saved_weights
-from tests.helpers import experiment_file, train
+from tests.helpers import base_folder, dapt_here, experiment_file, saved_weights, train_together
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_lora_trains_the_adapters_alone_and_exports_merged_or_as_adapters(tmp_path, built_experiment, stage):
+STAGES = (0, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, built_experiment) -> dict:
+    """A tiny base folder, and per ZeRO stage 3 steps training LoRA adapters on it, in one pair of ranks."""
+    root = tmp_path_factory.mktemp("lora")
+    base = base_folder(root / "base", built_experiment.tokenizer_dir, tied=True, sharded=False)
+    paths = {}
+    for stage in STAGES:
+        (root / f"zero{stage}").mkdir()
+        path = experiment_file(root / f"zero{stage}", built_experiment, steps=3)
+        config = yaml.safe_load(path.read_text())
+        config["model"] = {"path": str(base)}
+        config["tokenizer"] = {"path": str(base)}
+        config["deepspeed"] = {"zero_optimization": {"stage": stage}}
+        config["train"].update(checkpoint_every=0, lr=1e-2, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+        path.write_text(yaml.safe_dump(config))
+        paths[stage] = path
+    train_together(list(paths.values()))
+    return base, paths
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_lora_trains_the_adapters_alone_and_exports_merged_or_as_adapters(runs, stage):
     from peft import AutoPeftModelForCausalLM, PeftModel
 
-    base = base_folder(tmp_path / "base", built_experiment.tokenizer_dir, tied=True, sharded=False)
-    (tmp_path / "run").mkdir()
-    path = experiment_file(tmp_path / "run", built_experiment, steps=3)
-    config = yaml.safe_load(path.read_text())
-    config["model"] = {"path": str(base)}
-    config["tokenizer"] = {"path": str(base)}
-    config["deepspeed"] = {"zero_optimization": {"stage": stage}}
-    config["train"].update(checkpoint_every=0, lr=1e-2, lora={"r": 4, "alpha": 8, "dropout": 0.0})
-    path.write_text(yaml.safe_dump(config))
-    train(path)
+    base, path = runs[0], runs[1][stage]
     experiment, _ = load_experiment(path)
 
-    merged, adapter = tmp_path / "merged", tmp_path / "adapter"
+    merged, adapter = path.parent / "merged", path.parent / "adapter"
     for out, extra in ((merged, []), (adapter, ["--lora", "adapter"])):
-        exported = subprocess.run([sys.executable, "-m", "dapt", "export", str(experiment.checkpoints_dir), str(out),
-                                   *extra], capture_output=True, text=True)
-        assert exported.returncode == 0, exported.stderr[-2000:]
+        status, _ = dapt_here("export", str(experiment.checkpoints_dir), str(out), *extra)
+        assert status == 0
     base_weights, merged_weights = saved_weights(base), saved_weights(merged)
     assert set(merged_weights) == set(base_weights)  # a plain folder: no adapter keys left
     changed = {key for key in base_weights if not torch.equal(base_weights[key], merged_weights[key])}

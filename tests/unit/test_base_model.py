@@ -9,10 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from dapt.experiment import load_experiment
 from tests.conftest import write_experiment
-from tests.helpers import assert_one_line_error, dapt
-from tests.helpers import TINY
+from tests.helpers import assert_one_line_error, base_folder, dapt, TINY
 from dapt.tokenizer.files import copy_tokenizer_files
-from tests.helpers import base_folder
 
 
 def test_checks_a_base_model_needs_before_anything_starts(tmp_path, built_experiment):

@@ -2,7 +2,6 @@
 and a real 2-process run through the `deepspeed` launcher on this machine.
 (`dapt launch slurm` is in unit/test_slurm.py and e2e/test_slurm.py.)"""
 
-
 import pytest
 import torch
 

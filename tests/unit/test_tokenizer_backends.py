@@ -1,7 +1,6 @@
 """Every backend and model trains a tokenizer that AutoTokenizer loads and that decodes
 held-out and hostile text back exactly."""
 
-
 import pytest
 from transformers import AutoTokenizer
 

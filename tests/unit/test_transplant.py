@@ -20,8 +20,7 @@ from dapt.tokenizer.train import draw_sample, train_from_sample
 from dapt.tokenizer.extend import extend_tokenizer
 from dapt.tokenizer.transplant import carry_over, plan_rows
 from tests.conftest import small_corpora_section, write_experiment
-from tests.helpers import assert_one_line_error, dapt
-from tests.helpers import base_cut_of
+from tests.helpers import assert_one_line_error, base_cut_of, dapt
 
 HIDDEN = 64
 
