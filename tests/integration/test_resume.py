@@ -1,6 +1,7 @@
 """Resume and stop-by-signal with a real 2-process DeepSpeed run (ZeRO-2, gloo, fp32)."""
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -10,29 +11,44 @@ import yaml
 
 from dapt.experiment import load_experiment
 from dapt.launch.local import torchrun_command
-from tests.helpers import experiment_file, losses, train
+from tests.helpers import experiment_file, losses, train, train_together
 
 
-def run_then_rewind_to_step_3(tmp_path, built_experiment, stage: int = 2):
-    """Train 6 steps at ZeRO `stage`, then undo what came after step 3's checkpoint, as a crash there would have."""
-    path = experiment_file(tmp_path, built_experiment, steps=6)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, built_experiment) -> dict:
+    """6 steps at ZeRO 2 and at ZeRO 0, checkpointing every 3, trained together on one pair of ranks."""
+    root, paths = tmp_path_factory.mktemp("uninterrupted"), {}
+    for stage in (2, 0):
+        (root / f"zero{stage}").mkdir()
+        paths[stage] = experiment_file(root / f"zero{stage}", built_experiment, steps=6)
+        config = yaml.safe_load(paths[stage].read_text())
+        config["deepspeed"] = {"zero_optimization": {"stage": stage}}
+        paths[stage].write_text(yaml.safe_dump(config))
+    train_together(list(paths.values()))
+    return paths
+
+
+def rewound_to_step_3(uninterrupted: dict, stage: int, folder):
+    """A copy in `folder` of the uninterrupted run at ZeRO `stage`, with what came after step 3's
+    checkpoint undone, as a crash there would have."""
+    shutil.copytree(uninterrupted[stage].parent, folder, dirs_exist_ok=True)
+    path = folder / "experiment.yaml"
     config = yaml.safe_load(path.read_text())
-    config["deepspeed"] = {"zero_optimization": {"stage": stage}}
+    config["workdir"] = str(folder)
     path.write_text(yaml.safe_dump(config))
-    train(path)
-    uninterrupted = losses(tmp_path)
-    uninterrupted_lrs = losses(tmp_path, "train/lr")
+    uninterrupted_losses = losses(folder)
+    uninterrupted_lrs = losses(folder, "train/lr")
     assert uninterrupted_lrs[1] == 1e-3, "without warmup the first step trains at the peak rate"
-    first = json.loads((tmp_path / "results.json").read_text())
+    first = json.loads((folder / "results.json").read_text())
     experiment, _ = load_experiment(path)
     (experiment.checkpoints_dir / "latest").write_text("step00000003")
-    subprocess.run(["rm", "-r", str(experiment.checkpoints_dir / "step00000006"), str(tmp_path / "results.json")],
+    subprocess.run(["rm", "-r", str(experiment.checkpoints_dir / "step00000006"), str(folder / "results.json")],
                    check=True)
-    return path, experiment, uninterrupted, uninterrupted_lrs, first
+    return path, experiment, uninterrupted_losses, uninterrupted_lrs, first
 
 
-def test_resume_continues_bitwise_like_the_uninterrupted_run(tmp_path, built_experiment):
-    path, experiment, uninterrupted, lrs, first = run_then_rewind_to_step_3(tmp_path, built_experiment)
+def test_resume_continues_bitwise_like_the_uninterrupted_run(tmp_path, uninterrupted):
+    path, experiment, uninterrupted, lrs, first = rewound_to_step_3(uninterrupted, 2, tmp_path)
     resumed_run = train(path)
     assert "resuming from" in resumed_run.stdout and "at step 3" in resumed_run.stdout
     resumed = losses(tmp_path)
@@ -64,8 +80,8 @@ def test_sigusr1_checkpoints_and_the_rerun_finishes(tmp_path, built_experiment):
 
 
 @pytest.mark.parametrize("stage", [2, 0])
-def test_resume_at_another_world_size_keeps_the_data_order(tmp_path, built_experiment, stage):
-    path, experiment, uninterrupted, lrs, first = run_then_rewind_to_step_3(tmp_path, built_experiment, stage)
+def test_resume_at_another_world_size_keeps_the_data_order(tmp_path, uninterrupted, stage):
+    path, experiment, uninterrupted, lrs, first = rewound_to_step_3(uninterrupted, stage, tmp_path)
     result = subprocess.run(torchrun_command(path, 1), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "written by 2 processes, now 1" in result.stdout
