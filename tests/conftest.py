@@ -139,11 +139,11 @@ def assert_loads_alike(folder: Path, model: bool = False) -> dict:
     project's version made of it."""
     import sys
 
-    ours = FolderLoader.under(sys.executable).load(folder, model)
     if OTHER_TRANSFORMERS_PYTHON is None:
         assert not os.environ.get("CI"), "CI loads every folder under transformers 4.x: set DAPT_OTHER_TRANSFORMERS_PYTHON"
-        return ours
-    other = FolderLoader.under(OTHER_TRANSFORMERS_PYTHON).load(folder, model)
+        return FolderLoader.under(sys.executable).load(folder, model)
+    ours, other = FolderLoader.under(sys.executable), FolderLoader.under(OTHER_TRANSFORMERS_PYTHON)  # both start at once
+    ours, other = ours.load(folder, model), other.load(folder, model)
     assert other["transformers"].split(".")[0] != ours["transformers"].split(".")[0], (other, ours)
     for key in ours.keys() - {"transformers"}:
         assert other[key] == ours[key], f"{folder}: {key} differs between transformers {other['transformers']} " \

@@ -29,15 +29,16 @@ def dapt(*args, env: dict | None = None, **kwargs) -> subprocess.CompletedProces
                           env={**os.environ, **(env or {})}, **kwargs)
 
 
-def dapt_here(*args: str) -> tuple[int, str]:
-    """The `dapt` command in this process, its exit status and what it printed: for commands whose
-    work is the point, not their process (a subprocess would spend seconds importing torch again)."""
+def dapt_here(*args: str) -> subprocess.CompletedProcess:
+    """The `dapt` command run in this process, what it printed captured as `dapt` above: for checks of
+    what a command does or says, where a process of its own would only spend seconds importing torch
+    again (tests/unit/test_cli.py holds the command's own process to the same one-line errors)."""
     from dapt.launch.cli import main
 
-    output = io.StringIO()
-    with contextlib.redirect_stdout(output):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = main(list(args))
-    return status, output.getvalue()
+    return subprocess.CompletedProcess(["dapt", *args], status, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:

@@ -65,7 +65,8 @@ def wait_for_job(job_id: str, env: dict, timeout: float = 300, until=None) -> di
 
 
 def submit(path: Path) -> str:
-    status, output = dapt("launch", "slurm", str(path))
+    done = dapt("launch", "slurm", str(path))
+    status, output = done.returncode, done.stdout
     assert status == 0
     return re.search(r"submitted job (\d+)", output).group(1)
 

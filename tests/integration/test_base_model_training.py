@@ -47,8 +47,8 @@ def test_the_export_is_the_trained_model_not_the_base(runs, case):
         ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "sentencepiece.model"])
 
     out = path.parent / "export"
-    status, _ = dapt_here("export", str(checkpoints), str(out))
-    assert status == 0
+    exported = dapt_here("export", str(checkpoints), str(out))
+    assert exported.returncode == 0, exported.stderr[-2000:]
     weights = saved_weights(out)
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints))
     base_weights = saved_weights(base)

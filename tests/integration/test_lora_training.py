@@ -43,8 +43,8 @@ def test_lora_trains_the_adapters_alone_and_exports_merged_or_as_adapters(runs, 
 
     merged, adapter = path.parent / "merged", path.parent / "adapter"
     for out, extra in ((merged, []), (adapter, ["--lora", "adapter"])):
-        status, _ = dapt_here("export", str(experiment.checkpoints_dir), str(out), *extra)
-        assert status == 0
+        exported = dapt_here("export", str(experiment.checkpoints_dir), str(out), *extra)
+        assert exported.returncode == 0, exported.stderr[-2000:]
     base_weights, merged_weights = saved_weights(base), saved_weights(merged)
     assert set(merged_weights) == set(base_weights)  # a plain folder: no adapter keys left
     changed = {key for key in base_weights if not torch.equal(base_weights[key], merged_weights[key])}

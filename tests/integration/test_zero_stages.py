@@ -47,8 +47,8 @@ def test_zero_stage_trains_and_exports(runs, stage):
 
     experiment, _ = load_experiment(path)
     out = path.parent / "export"
-    status, _ = dapt_here("export", str(experiment.checkpoints_dir), str(out))
-    assert status == 0
+    exported = dapt_here("export", str(experiment.checkpoints_dir), str(out))
+    assert exported.returncode == 0, exported.stderr[-2000:]
     for name, bpb in evaluate_model_dir(experiment, out).items():
         assert bpb == pytest.approx(results["corpora"][name]["bpb_after"], rel=1e-4), name
 

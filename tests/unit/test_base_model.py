@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from dapt.experiment import load_experiment
 from tests.conftest import write_experiment
-from tests.helpers import assert_one_line_error, base_folder, dapt, TINY
+from tests.helpers import assert_one_line_error, base_folder, dapt_here, TINY
 from dapt.tokenizer.files import copy_tokenizer_files
 
 
@@ -22,7 +22,7 @@ def test_checks_a_base_model_needs_before_anything_starts(tmp_path, built_experi
         path = write_experiment(run, {"workdir": str(run), "model": model, "mix": {"seq_len": seq_len},
                                       "tokenizer": tokenizer or {"path": str(base)}})
         args = ("launch", "local", str(path)) if command == "launch" else (command, str(path))
-        assert_one_line_error(dapt(*args), pattern)
+        assert_one_line_error(dapt_here(*args), pattern)
 
     # TINY's max_position_embeddings is 64.
     refused({"path": str(base)}, "mix.seq_len: 128 is more than the model's max_position_embeddings (64, in", seq_len=128)
@@ -41,7 +41,7 @@ def test_checks_a_base_model_needs_before_anything_starts(tmp_path, built_experi
     # tokenizer.path pointing at a model folder that lacks its tokenizer
     path = write_experiment(run, {"workdir": str(run), "model": {"path": str(weights_only)},
                                   "mix": {"seq_len": 32}, "tokenizer": {"path": str(weights_only)}})
-    assert_one_line_error(dapt("tokenizer", "train", str(path)),
+    assert_one_line_error(dapt_here("tokenizer", "train", str(path)),
                           f"tokenizer.path: {weights_only} holds a model (config.json) but has no tokenizer.json")
     # a tokenizer without an end-of-sequence token
     no_eos = tmp_path / "no-eos"
@@ -51,7 +51,7 @@ def test_checks_a_base_model_needs_before_anything_starts(tmp_path, built_experi
     (no_eos / "tokenizer_config.json").write_text(json.dumps(settings))
     path = write_experiment(run, {"workdir": str(run), "model": {"config": TINY}, "mix": {"seq_len": 32},
                                   "tokenizer": {"path": str(no_eos)}})
-    assert_one_line_error(dapt("tokenizer", "train", str(path)),
+    assert_one_line_error(dapt_here("tokenizer", "train", str(path)),
                           f"tokenizer.path: {no_eos} has no end-of-sequence token, which is put between documents; "
                           f"set `eos_token` in its tokenizer_config.json")
 
@@ -69,12 +69,12 @@ def test_the_demo_on_a_base_model_links_it_and_uses_its_own_tokenizer(tmp_path, 
     assert tuning.model.path == experiment.model.path and tuning.train.lora is not None
     assert all(glob.glob(corpus.paths[0]) for corpus in tuning.corpora)
     assert {corpus.name for corpus in tuning.corpora} == {"sentiment", "web"}
-    assert_one_line_error(dapt("demo", "--workdir", str(tmp_path / "demo2"), "--base-model", str(tmp_path)),
+    assert_one_line_error(dapt_here("demo", "--workdir", str(tmp_path / "demo2"), "--base-model", str(tmp_path)),
                           f"--base-model: {tmp_path} is not a Hugging Face model folder (no config.json)")
     assert not (tmp_path / "demo2").exists()  # refused before anything is written
 
 
 def test_import_gguf_refuses_what_is_not_a_gguf_file(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
-    assert_one_line_error(dapt("model", "import-gguf", str(tmp_path / "model.safetensors"), str(tmp_path / "out")),
+    assert_one_line_error(dapt_here("model", "import-gguf", str(tmp_path / "model.safetensors"), str(tmp_path / "out")),
                           f"{tmp_path / 'model.safetensors'} is not a .gguf file")

@@ -19,7 +19,7 @@ import yaml
 
 from dapt.workdir import LOCK, MARKER, claim_workdir, workdir_lock
 from tests.conftest import reusing, small_corpora_section, write_experiment
-from tests.helpers import TINY, dapt
+from tests.helpers import TINY, dapt, dapt_here
 
 
 def refused(result: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -66,7 +66,7 @@ def own_stores(tmp_path, small_corpora, built_experiment) -> Path:
 def test_no_tokenizer_stops_every_launcher_before_a_rank_starts(tmp_path, small_corpora):
     path = write_experiment(tmp_path, {"workdir": str(tmp_path / "run"), "corpora": small_corpora_section(small_corpora)})
     for command in (["launch", "local"], ["train"], ["launch", "slurm"]):
-        error = refused(dapt(*command, str(path)), "the job would fail, so nothing was started",
+        error = refused(dapt_here(*command, str(path)), "the job would fail, so nothing was started",
                         f"no tokenizer at {tmp_path / 'run' / 'tokenizer'}: run `dapt tokenizer train {path}`")
         assert "Repo id" not in error
 

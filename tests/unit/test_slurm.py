@@ -26,7 +26,8 @@ HOSTILE = "x; touch PWNED; $(touch PWNED) `touch PWNED` ' \""
 def test_dry_run_prints_the_script_with_flags_over_the_config(tmp_path):
     path = write_experiment(tmp_path, {"launch": {"slurm": {"partition": "cpu", "nodes": 2, "time": "1:00:00", "cpus_per_task": 16,
                                                             "sbatch_options": ["--qos=high"]}}})
-    status, script = dapt("launch", "slurm", str(path), "--dry-run", "--nodes", "8", "--gpus-per-node", "4")
+    done = dapt("launch", "slurm", str(path), "--dry-run", "--nodes", "8", "--gpus-per-node", "4")
+    status, script = done.returncode, done.stdout
     assert status == 0
     for directive in ("--nodes=8", "--gpus-per-node=4", "--partition=cpu", "--cpus-per-task=16", "--time=1:00:00", "--qos=high",
                       "--ntasks-per-node=1", "--requeue", "--signal=B:USR1@300", "--open-mode=append"):

@@ -18,7 +18,7 @@ from dapt.launch.sweep import run_sweep
 from dapt.launch.sweep_design import design, proxy_yaml, run_dir, sweep_dir
 from dapt.launch.sweep_results import write_results
 from tests.conftest import reusing, write_experiment
-from tests.helpers import assert_one_line_error, dapt
+from tests.helpers import assert_one_line_error, dapt_here
 
 TASK_FILE = Path(__file__).parents[2] / "configs" / "tasks" / "headline_sentiment.yaml"
 TINY_PROXY = {
@@ -67,10 +67,10 @@ def test_bad_sweep_section_is_one_line_naming_the_field(tmp_path, sweep, message
 
 def test_dapt_sweep_reports_bad_input_in_one_line(tmp_path):
     path = sweep_experiment(tmp_path, {"mixes": [{"weights": {"filings": 1, "bonds": 1}}]})
-    assert_one_line_error(dapt("sweep", str(path)), "sweep.mixes[0].weights.bonds: unknown corpus 'bonds'")
-    assert_one_line_error(dapt("sweep", str(write_experiment(tmp_path))), "no `sweep:` section; add one")
+    assert_one_line_error(dapt_here("sweep", str(path)), "sweep.mixes[0].weights.bonds: unknown corpus 'bonds'")
+    assert_one_line_error(dapt_here("sweep", str(write_experiment(tmp_path))), "no `sweep:` section; add one")
     path = sweep_experiment(tmp_path, {"grid": {"group": "financial", "shares": [0.2, 0.8]}, "tasks": ["sentiment.yaml"]})
-    assert_one_line_error(dapt("sweep", str(path)), f"sweep.tasks: task file {tmp_path / 'sentiment.yaml'} does not exist")
+    assert_one_line_error(dapt_here("sweep", str(path)), f"sweep.tasks: task file {tmp_path / 'sentiment.yaml'} does not exist")
 
 
 def test_grid_keeps_the_other_groups_proportions_and_random_mixes_follow_the_seed(tmp_path):

@@ -20,7 +20,7 @@ from dapt.tokenizer.train import draw_sample, train_from_sample
 from dapt.tokenizer.extend import extend_tokenizer
 from dapt.tokenizer.transplant import carry_over, plan_rows
 from tests.conftest import small_corpora_section, write_experiment
-from tests.helpers import assert_one_line_error, base_cut_of, dapt
+from tests.helpers import assert_one_line_error, base_cut_of, dapt_here
 
 HIDDEN = 64
 
@@ -225,15 +225,15 @@ def test_bad_tokenizer_input_through_the_command(tmp_path, small_corpora):
     broken.mkdir()
     (broken / "tokenizer.json").write_text("{not json")
     path = write_experiment(tmp_path, {"tokenizer": {"path": "broken"}})
-    assert_one_line_error(dapt("tokenizer", "train", str(path)), "broken is not a tokenizer directory AutoTokenizer can load")
+    assert_one_line_error(dapt_here("tokenizer", "train", str(path)), "broken is not a tokenizer directory AutoTokenizer can load")
     path = write_experiment(tmp_path, {"corpora": [{"name": "filings", "paths": [str(small_corpora / "data/filings/*.jsonl")]}],
                                        "mix": {"seq_len": 64}, "model": {"path": "broken", "embeddings": "extend"}})
-    assert_one_line_error(dapt("tokenizer", "train", str(path)), "broken is not a tokenizer directory AutoTokenizer can load")
+    assert_one_line_error(dapt_here("tokenizer", "train", str(path)), "broken is not a tokenizer directory AutoTokenizer can load")
     # One document, held out (its hash is below the fraction): nothing is left to train on.
     (tmp_path / "one.jsonl").write_text(json.dumps({"text": "Revenue rose 3 percent."}) + "\n")
     path = write_experiment(tmp_path, {"corpora": [{"name": "filings", "paths": ["one.jsonl"]}], "mix": {"seq_len": 64},
                                        "heldout": {"fraction": 0.5}})
-    assert_one_line_error(dapt("tokenizer", "train", str(path)),
+    assert_one_line_error(dapt_here("tokenizer", "train", str(path)),
                           "the training sample is empty: 1 document(s) read from the corpora with a mix share, 1 of them held out")
 
 
