@@ -49,8 +49,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> 
     assert pattern in lines[0], lines[0]
 
 
-def experiment_file(folder, built_experiment, steps: int):
-    """A tiny training run on the session's stores (tokenizer and stores shared, not rebuilt)."""
+def experiment_file(folder, built_experiment, steps: int, wandb: str = "disabled"):
+    """A tiny training run on the session's stores (tokenizer and stores shared, not rebuilt). W&B is
+    left out (seconds a run to start its service and flush) unless the test reads it: `wandb="offline"`."""
     config = {
         "workdir": str(folder),
         **reusing(built_experiment),
@@ -58,6 +59,7 @@ def experiment_file(folder, built_experiment, steps: int):
         "mix": {"seq_len": 32, "group_weights": {"financial": 0.5, "public": 0.5}},
         "train": {"steps": steps, "global_batch_size": 8, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 0,
                   "precision": "fp32", "checkpoint_every": 3, "eval_max_tokens": 500, "log_every": 1},
+        "wandb": {"project": "dapt-tests", "mode": wandb},
     }
     return write_experiment(folder, config)
 

@@ -88,7 +88,7 @@ def test_srun_tasks_find_their_rank_in_slurm_variables(slurm_env):
 
 def slurm_experiment(folder: Path, built_experiment) -> Path:
     """The resume tests' tiny run, saving only at the end or when stopped (saves cost seconds here)."""
-    path = experiment_file(folder, built_experiment, steps=STEPS)
+    path = experiment_file(folder, built_experiment, steps=STEPS, wandb="offline")
     config = yaml.safe_load(path.read_text())
     config["train"]["checkpoint_every"] = 0
     path.write_text(yaml.safe_dump(config, sort_keys=False))

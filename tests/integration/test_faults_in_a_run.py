@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from dapt.workdir import claim_workdir
-from tests.helpers import dapt
+from tests.helpers import dapt, dapt_here
 from tests.unit.test_faults import edit, refused, tiny_run
 
 
@@ -71,15 +71,15 @@ def test_resume_with_changed_settings_names_each_field(trained):
     original = trained.read_text()
     checkpoint = trained.parent / "run" / "checkpoints" / "step00000006"
     edit(trained, lambda c: c["train"].update(lr=1e-5))
-    refused(dapt("launch", "local", str(trained)), f"train.lr: 0.001 → 1e-05 since checkpoint {checkpoint}",
+    refused(dapt_here("launch", "local", str(trained)), f"train.lr: 0.001 → 1e-05 since checkpoint {checkpoint}",
             "`--allow-changed train.lr`")
     trained.write_text(original)
     edit(trained, lambda c: c["model"]["config"].update(hidden_size=64))
-    refused(dapt("launch", "local", str(trained)), "model.config.hidden_size: 32 → 64",
+    refused(dapt_here("launch", "local", str(trained)), "model.config.hidden_size: 32 → 64",
             "resumes only into the model it was saved from")
     trained.write_text(original)
     edit(trained, lambda c: c["mix"].update(group_weights={"financial": 0.7, "public": 0.3}))
-    refused(dapt("launch", "local", str(trained)), "mix.group_weights.financial: 0.5 → 0.7", "same data order")
+    refused(dapt_here("launch", "local", str(trained)), "mix.group_weights.financial: 0.5 → 0.7", "same data order")
     trained.write_text(original)
     edit(trained, lambda c: c["train"].update(lr=5e-4, steps=7, eval_every=100))
     resumed = dapt("launch", "local", str(trained), "--allow-changed", "train.lr", "train.steps")

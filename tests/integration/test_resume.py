@@ -20,7 +20,7 @@ def uninterrupted(tmp_path_factory, built_experiment) -> dict:
     root, paths = tmp_path_factory.mktemp("uninterrupted"), {}
     for stage in (2, 0):
         (root / f"zero{stage}").mkdir()
-        paths[stage] = experiment_file(root / f"zero{stage}", built_experiment, steps=6)
+        paths[stage] = experiment_file(root / f"zero{stage}", built_experiment, steps=6, wandb="offline")
         config = yaml.safe_load(paths[stage].read_text())
         config["deepspeed"] = {"zero_optimization": {"stage": stage}}
         paths[stage].write_text(yaml.safe_dump(config))
@@ -61,7 +61,7 @@ def test_resume_continues_bitwise_like_the_uninterrupted_run(tmp_path, uninterru
 
 
 def test_sigusr1_checkpoints_and_the_rerun_finishes(tmp_path, built_experiment):
-    path = experiment_file(tmp_path, built_experiment, steps=60)
+    path = experiment_file(tmp_path, built_experiment, steps=60, wandb="offline")
     process = subprocess.Popen(torchrun_command(path, 2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
