@@ -52,6 +52,9 @@ def pytest_collection_modifyitems(config, items):
     cuda = None
     for item in items:
         tier = Path(str(item.path)).parent.name
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.path}: a test module lives in one of tests/{{{','.join(TIERS)}}}/, "
+                                    "the tier of what it needs")
         for marker in [tier, *TIERS[tier]]:
             item.add_marker(marker)
         if item.get_closest_marker("gpu"):
