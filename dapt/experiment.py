@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from dapt.data_mix.config import CorpusConfig, HeldoutConfig, MixConfig
+from dapt.data_mix.config import CorpusConfig, DataConfig, DedupConfig, HeldoutConfig, MixConfig, is_url
 from dapt.base import DaptError, StrictModel
 from dapt.config_file import config_error, dotted, line_of, read_yaml
 from dapt.workdir import claim_workdir
@@ -36,6 +36,10 @@ class Experiment(StrictModel):
     """The corpora to mix: files or a Hugging Face dataset each, with a name and a group."""
     heldout: HeldoutConfig = HeldoutConfig()
     """The held-out split of every corpus, for bits-per-byte."""
+    dedup: DedupConfig = DedupConfig()
+    """Exact and near deduplication of the corpora, and held-out decontamination."""
+    data: DataConfig = DataConfig()
+    """How store builds run: local processes, a Slurm job array or a Ray cluster (datatrove's executors)."""
     tokenizer: TokenizerConfig
     """The tokenizer: trained on the corpora (`train:`) or an existing one (`path:`)."""
     mix: MixConfig = MixConfig()
@@ -222,7 +226,7 @@ def _resolve_paths(experiment: Experiment, base: Path) -> Experiment:
         return str(base / Path(value).expanduser())
 
     def resolve_corpus(corpus: CorpusConfig) -> CorpusConfig:
-        update: dict = {"paths": [absolute(p) for p in corpus.paths]}
+        update: dict = {"paths": [p if is_url(p) else absolute(p) for p in corpus.paths]}
         dataset = corpus.hf_dataset
         if dataset is not None and (base / dataset.path).is_dir():  # a save_to_disk folder; else a hub name
             update["hf_dataset"] = dataset.model_copy(update={"path": absolute(dataset.path)})

@@ -11,6 +11,11 @@ from dapt.base import StrictModel
 CORPUS_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
+def is_url(path: str) -> bool:
+    """Whether a source path is a URL an fsspec filesystem reads (`s3://…`), not a local path."""
+    return "://" in path and not path.startswith("file://")
+
+
 class HFDatasetConfig(StrictModel):
     """A Hugging Face dataset: a `save_to_disk` folder, or a hub name read by streaming."""
 
@@ -90,6 +95,82 @@ class HeldoutConfig(StrictModel):
     """Share of each corpus held out for evaluation, chosen by a hash of each document's text."""
     max_documents: int = Field(default=2000, gt=0)
     """Cap on held-out documents per corpus (extra ones return to training)."""
+
+
+class NearDedupConfig(StrictModel):
+    """MinHash LSH over word shingles (datatrove's stages): documents whose signatures agree on every
+    hash of at least one band are near-duplicates; with `bands` b of `rows` r that happens to pairs
+    whose Jaccard similarity is above about (1/b)^(1/r)."""
+
+    shingle: int = Field(default=5, ge=1)
+    """Words per shingle."""
+    bands: int | None = Field(default=None, ge=1)
+    """Bands of the signature (datatrove's `num_buckets`); default: chosen from `threshold`."""
+    rows: int | None = Field(default=None, ge=1)
+    """Hashes per band (datatrove's `hashes_per_bucket`); default: chosen from `threshold`."""
+    threshold: float = Field(default=0.75, gt=0.0, lt=1.0)
+    """The Jaccard similarity above which documents count as near-duplicates, when `bands` and `rows`
+    are left out: they are chosen among 112 hashes so that (1/bands)^(1/rows) is nearest it."""
+    across_corpora: bool = True
+    """Also across corpora (a press release in `news` and in `web`); else within each corpus only."""
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> NearDedupConfig:
+        if (self.bands is None) != (self.rows is None):
+            raise ValueError("give `bands` and `rows` together, or neither (then `threshold` chooses them)")
+        return self
+
+    def lsh(self) -> tuple[int, int]:
+        """(bands, rows)."""
+        if self.bands is not None:
+            return self.bands, self.rows
+        shapes = [(b, 112 // b) for b in range(1, 113) if 112 % b == 0]
+        return min(shapes, key=lambda shape: abs((1 / shape[0]) ** (1 / shape[1]) - self.threshold))
+
+
+class DedupConfig(StrictModel):
+    """Deduplication of the corpora when their stores are built; every document removed is counted."""
+
+    exact: Literal["corpus", "across", "off"] = "corpus"
+    """Identical documents (same text): removed within each corpus, across all corpora, or kept."""
+    near: NearDedupConfig | None = None
+    """Near-duplicates by MinHash (syndicated articles, boilerplate); off unless given."""
+    decontaminate: bool = True
+    """With `near`: a training document that near-duplicates a held-out one is removed from training,
+    so that held-out bits-per-byte is not measured on text the model trained on."""
+
+    def spans_corpora(self) -> bool:
+        return self.exact == "across" or (self.near is not None and self.near.across_corpora)
+
+
+class SlurmDataConfig(StrictModel):
+    """The Slurm job array of a store build (`data.executor: slurm`)."""
+
+    partition: str | None = None
+    """Default: the experiment's `launch.slurm.partition`."""
+    time: str = "24:00:00"
+    """Each task's time limit."""
+    cpus_per_task: int = Field(default=1, ge=1)
+    """Cores per task (a task tokenises on one; more help its reading and decompression)."""
+    mem_per_cpu_gb: int = Field(default=4, ge=1)
+    """Memory per core of a task."""
+    sbatch_args: dict[str, str] = {}
+    """More `#SBATCH` directives, e.g. `{account: fin, constraint: cpu}`."""
+
+
+class DataConfig(StrictModel):
+    """How store builds run: datatrove's executors (local processes, a Slurm job array, a Ray cluster)."""
+
+    executor: Literal["local", "slurm", "ray"] = "local"
+    """`local`: processes on this machine; `slurm`: a job array per stage; `ray`: an existing Ray cluster."""
+    tasks: int | None = Field(default=None, ge=1)
+    """Parts the corpora are split into, by bytes; default: one per core (local), else 64."""
+    workers: int | None = Field(default=None, ge=1)
+    """Tasks running at once; default: one per core (local), all (Slurm, Ray)."""
+    slurm: SlurmDataConfig = SlurmDataConfig()
+    """The job arrays of `executor: slurm`."""
+    ray_address: str | None = None
+    """An existing Ray cluster (`ray://host:10001`, `auto`); default: the one `ray.init()` finds or starts."""
 
 
 class WeightsConfig(StrictModel):

@@ -16,23 +16,21 @@ failing the file. Everything streams except json, which is parsed whole.
 from __future__ import annotations
 
 import csv
-import glob
-import gzip
 import json
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import Iterator
 
 from dapt.data_mix.config import CorpusConfig
+from dapt.data_mix.files import open_source
 from dapt.data_mix.records import ChatRenderer, Record, prompt_completion
 from dapt.data_mix.split import content_digest
+from dapt.data_mix.units import Unit, file_format, open_saved_dataset, whole_units
 from dapt.base import DaptError
 
-EXTENSION_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".xlsx": "xlsx",
-                     ".parquet": "parquet", ".txt": "txt"}
-COMPRESSIBLE = {"jsonl", "csv", "tsv", "txt"}
 # Problems of the record itself: `on_error: fail` stops on them. Filters (empty, length, duplicate) never do.
 BAD_RECORD = {"malformed_record", "invalid_encoding", "missing_field", "not_a_string"}
 EXAMPLES_PER_REASON = 3
@@ -112,13 +110,34 @@ class SourceReport:
 
     def reject_kept(self, document: Document, reason: str) -> None:
         """A document counted as kept turns out to be rejected (a record over `max_tokens`, known once tokenised)."""
-        for counts in (self.total, self.per_file[document.source]):
-            counts.kept -= 1
-            counts.kept_chars -= len(document.text)
-            counts.rejected[reason] += 1
+        self.remove(document.source, reason, len(document.text))
         shown = self.examples.setdefault(reason, [])
         if len(shown) < EXAMPLES_PER_REASON:
             shown.append(document.where)
+
+    def remove(self, source: str, reason: str, chars: int) -> None:
+        """Count a kept document of `source` as rejected for `reason` (its example is the caller's to add)."""
+        for counts in (self.total, self.per_file[source]):
+            counts.kept -= 1
+            counts.kept_chars -= chars
+            counts.rejected[reason] += 1
+
+    @classmethod
+    def merged(cls, corpus: str, parts: list[dict]) -> SourceReport:
+        """One report of the reports (`to_json`) of a corpus's parts, read in this order."""
+        report = cls(corpus)
+        for part in parts:
+            for name, counts in part["per_file"].items():
+                for tally in (report.per_file.setdefault(name, Counts()), report.total):
+                    tally.read += counts["read"]
+                    tally.kept += counts["kept"]
+                    tally.kept_chars += counts["kept_chars"]
+                    tally.rejected.update(counts["rejected"])
+            for kind, shown in part["examples"].items():
+                merged = report.examples.setdefault(kind, [])
+                merged.extend(shown[: EXAMPLES_PER_REASON - len(merged)])
+            report.notes.update(part["notes"])
+        return report
 
     @property
     def read(self) -> int:
@@ -142,33 +161,10 @@ class SourceReport:
                 "per_file": {name: counts.to_json() for name, counts in self.per_file.items()}}
 
 
-def resolve_files(corpus: CorpusConfig) -> list[Path]:
-    """Expand globs and folders; a pattern that matches nothing is an error naming it."""
-    files: list[Path] = []
-    for pattern in corpus.paths:
-        matches = sorted(glob.glob(pattern, recursive=True))
-        if not matches:
-            raise DaptError(f"corpus '{corpus.name}': no file matches {pattern}; check `paths` in the experiment file")
-        for match in map(Path, matches):
-            files.extend(sorted(p for p in match.rglob("*") if p.is_file()) if match.is_dir() else [match])
-    return files
-
-
-def file_format(corpus: CorpusConfig, path: Path) -> str:
-    if corpus.format != "auto":
-        return corpus.format
-    suffixes = [s.lower() for s in path.suffixes[-2:]]
-    if suffixes and suffixes[-1] == ".gz":
-        fmt = EXTENSION_FORMATS.get(suffixes[0]) if len(suffixes) == 2 else None
-        fmt = fmt if fmt in COMPRESSIBLE else None
-    else:
-        fmt = EXTENSION_FORMATS.get(suffixes[-1]) if suffixes else None
-    if fmt is None:
-        raise DaptError(
-            f"corpus '{corpus.name}': cannot tell the format of {path} from its extension; set `format` "
-            f"to one of {sorted(set(EXTENSION_FORMATS.values()))} (gzip is read for {sorted(COMPRESSIBLE)})"
-        )
-    return fmt
+def resolve_lines(where: str, lines_before: dict[int, int]) -> str:
+    """A location read by a task from the middle of a file (`path:⟨unit+line⟩`) with its line number in the
+    whole file, once the lines of the file's earlier units are known."""
+    return re.sub(r"⟨(\d+)\+(\d+)⟩", lambda m: str(lines_before[int(m[1])] + int(m[2])), where)
 
 
 class CorpusReader:
@@ -176,21 +172,24 @@ class CorpusReader:
     Documents are text, or `Record`s for a corpus of tuning records (their text for `documents`);
     `chat` renders chat records (`record_format: messages`) with a tokenizer's template."""
 
-    def __init__(self, corpus: CorpusConfig, chat: ChatRenderer | None = None):
-        self.corpus, self.chat = corpus, chat
+    def __init__(self, corpus: CorpusConfig, chat: ChatRenderer | None = None, deduplicate: bool = True):
+        self.corpus, self.chat, self.deduplicate = corpus, chat, deduplicate
         self.report = SourceReport(corpus.name)
+        self.unit_lines: dict[int, int] = {}
+        """Per unit of a line-format file read (by its index): how many lines it held."""
 
     def documents(self) -> Iterator[str]:
         for document in self.documents_with_digests():
             yield document.text
 
-    def documents_with_digests(self) -> Iterator[Document]:
+    def documents_with_digests(self, units: list[Unit] | None = None) -> Iterator[Document]:
         """Each kept document with its content digest, UTF-8 bytes, file and place: what the store
-        build needs, computed once."""
+        build needs, computed once. `units`: a part of the corpus (a build task's); default all of it."""
+        whole = units is None
         self.report = SourceReport(self.corpus.name)
         self._completions: dict[bytes, tuple[str, str]] = {}  # per prompt: its first completion and where
         seen: set[bytes] = set()
-        for source, records in self._sources():
+        for source, records in self._sources(whole_units(self.corpus) if whole else units):
             counts = self.report.per_file.setdefault(source, Counts())
             for where, value in records:
                 kept = self._keep(value, where, seen, counts)
@@ -200,7 +199,7 @@ class CorpusReader:
                         tally.kept += 1
                         tally.kept_chars += len(text)
                     yield Document(value, *kept, source, where)
-        if self.report.kept == 0:
+        if whole and self.report.kept == 0:
             common = self.report.rejected.most_common(1)
             hint = self.hint(common[0][0]) if common else "check `paths`"
             raise DaptError(
@@ -250,10 +249,11 @@ class CorpusReader:
             data = text.encode("utf-8", "surrogatepass")
             # A record's digest tells its segments apart: "ab" + "c" is not "a" + "bc".
             digest = content_digest(json.dumps(value.segments).encode() if isinstance(value, Record) else data)
-            if digest in seen:
+            if self.deduplicate and digest in seen:
                 reason = "duplicate"
             else:
-                seen.add(digest)
+                if self.deduplicate:
+                    seen.add(digest)
                 if isinstance(value, Record):
                     self._note_conflict(value, where)
                 return digest, len(data)
@@ -269,15 +269,15 @@ class CorpusReader:
 
     # Each source yields (location, text | None | Rejected) per record; None: the field is missing.
 
-    def _sources(self) -> Iterator[tuple[str, Iterator[tuple[str, object]]]]:
-        if self.corpus.hf_dataset is not None:
-            yield self.corpus.hf_dataset.path, self._hf_dataset()
-            return
+    def _sources(self, units: list[Unit]) -> Iterator[tuple[str, Iterator[tuple[str, object]]]]:
         readers = {"txt": self._txt, "jsonl": self._jsonl, "json": self._json, "csv": self._delimited,
                    "tsv": self._delimited, "xlsx": self._xlsx, "parquet": self._parquet}
-        for path in resolve_files(self.corpus):
-            fmt = file_format(self.corpus, path)
-            yield str(path), readers[fmt](path, fmt)
+        for unit in units:
+            if self.corpus.hf_dataset is not None:
+                yield unit.url, self._hf_dataset(unit)
+                continue
+            fmt = file_format(self.corpus, unit.source)
+            yield unit.url, readers[fmt](unit, fmt)
 
     def _text_of(self, record: object) -> object:
         if not isinstance(record, dict):
@@ -311,46 +311,55 @@ class CorpusReader:
             value = Rejected(value.reason, where)
         return where, value
 
-    def _open_binary(self, path: Path) -> IO[bytes]:
-        return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
-
-    def _decoded_lines(self, path: Path) -> Iterator[tuple[int, str | Rejected]]:
-        """(line number, text or Rejected) per line, decoded on its own with the corpus encoding."""
-        offset = 0
-        with self._open_binary(path) as handle:
-            for number, raw in enumerate(handle, 1):
+    def _decoded_lines(self, unit: Unit) -> Iterator[tuple[int, str, str | Rejected]]:
+        """(line number in the unit, location, text or Rejected) per line of the unit, decoded on its own with the corpus encoding."""
+        offset, number, ranged = unit.start, 0, unit.kind == "bytes"
+        with open_source(unit.source, self.corpus.name) as handle:
+            if ranged and unit.start:
+                handle.seek(unit.start)  # a line start: units are cut after line breaks
+            for raw in handle:
+                if ranged and offset >= unit.end:
+                    break
+                number += 1
+                # A unit from the middle of a file knows its lines, not the lines before it: a placeholder
+                # the build resolves (`resolve_lines`) once every unit has been read.
+                where = f"{unit.url}:{number}" if not unit.start else f"{unit.url}:⟨{unit.index}+{number}⟩"
                 try:
-                    yield number, raw.decode(self.corpus.encoding, self.corpus.encoding_errors)
+                    yield number, where, raw.decode(self.corpus.encoding, self.corpus.encoding_errors)
                 except UnicodeDecodeError as err:
-                    where = f"{path}:{number} (byte {offset + err.start})"
-                    yield number, Rejected("invalid_encoding", where, raw.decode(self.corpus.encoding, "replace"))
+                    yield number, where, Rejected("invalid_encoding", f"{where} (byte {offset + err.start})",
+                                          raw.decode(self.corpus.encoding, "replace"))
+                except LookupError:
+                    raise DaptError(f"corpus '{self.corpus.name}': unknown encoding {self.corpus.encoding!r}") from None
                 offset += len(raw)
+        if ranged:
+            self.unit_lines[unit.index] = number
 
-    def _decode_whole(self, path: Path) -> str | Rejected:
-        raw = self._open_binary(path).read() if path.suffix.lower() == ".gz" else path.read_bytes()
+    def _decode_whole(self, unit: Unit) -> str | Rejected:
+        with open_source(unit.source, self.corpus.name) as handle:
+            raw = handle.read()
         try:
             return raw.decode(self.corpus.encoding, self.corpus.encoding_errors)
         except UnicodeDecodeError as err:
-            return Rejected("invalid_encoding", f"{path} (byte {err.start})")
+            return Rejected("invalid_encoding", f"{unit.url} (byte {err.start})")
         except LookupError:
             raise DaptError(f"corpus '{self.corpus.name}': unknown encoding {self.corpus.encoding!r}") from None
 
-    def _txt(self, path: Path, _fmt: str) -> Iterator[tuple[str, object]]:
+    def _txt(self, unit: Unit, _fmt: str) -> Iterator[tuple[str, object]]:
         if self.corpus.txt_split == "line":
-            for number, line in self._decoded_lines(path):
+            for _, where, line in self._decoded_lines(unit):
                 if isinstance(line, Rejected) or line.strip():
-                    yield f"{path}:{number}", line if isinstance(line, Rejected) else line.rstrip("\r\n")
+                    yield where, line if isinstance(line, Rejected) else line.rstrip("\r\n")
             return
-        text = self._decode_whole(path)
+        text = self._decode_whole(unit)
         if isinstance(text, Rejected) or self.corpus.txt_split == "file":
-            yield str(path), text
+            yield unit.url, text
             return
         for number, part in enumerate(text.split(self.corpus.separator), 1):
-            yield f"{path}:document {number}", part
+            yield f"{unit.url}:document {number}", part
 
-    def _jsonl(self, path: Path, _fmt: str) -> Iterator[tuple[str, object]]:
-        for number, line in self._decoded_lines(path):
-            where = f"{path}:{number}"
+    def _jsonl(self, unit: Unit, _fmt: str) -> Iterator[tuple[str, object]]:
+        for _, where, line in self._decoded_lines(unit):
             if isinstance(line, Rejected):
                 yield where, line
                 continue
@@ -363,15 +372,16 @@ class CorpusReader:
                 continue
             yield self._record(where, record)
 
-    def _json(self, path: Path, _fmt: str) -> Iterator[tuple[str, object]]:
-        text = self._decode_whole(path)
+    def _json(self, unit: Unit, _fmt: str) -> Iterator[tuple[str, object]]:
+        path = unit.url
+        text = self._decode_whole(unit)
         if isinstance(text, Rejected):
-            yield str(path), text
+            yield path, text
             return
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            yield str(path), Rejected("malformed_record", f"{path}:{err.lineno}")
+            yield path, Rejected("malformed_record", f"{path}:{err.lineno}")
             return
         if isinstance(data, dict):  # {"data": [...]}: the one list of records inside
             lists = [value for value in data.values() if isinstance(value, list)]
@@ -384,11 +394,12 @@ class CorpusReader:
         for number, record in enumerate(data):
             yield self._record(f"{path}:record {number}", record)
 
-    def _delimited(self, path: Path, fmt: str) -> Iterator[tuple[str, object]]:
+    def _delimited(self, unit: Unit, fmt: str) -> Iterator[tuple[str, object]]:
+        path = unit.url
         bad_lines: set[int] = set()
 
         def lines() -> Iterator[str]:
-            for number, line in self._decoded_lines(path):
+            for number, _, line in self._decoded_lines(unit):
                 if isinstance(line, Rejected):
                     bad_lines.add(number)
                     yield line.text
@@ -425,41 +436,42 @@ class CorpusReader:
             else:
                 yield self._record(where, dict(zip(header, row)))
 
-    def _xlsx(self, path: Path, _fmt: str) -> Iterator[tuple[str, object]]:
+    def _xlsx(self, unit: Unit, _fmt: str) -> Iterator[tuple[str, object]]:
         from openpyxl import load_workbook
 
-        workbook = load_workbook(path, read_only=True, data_only=True)
-        try:
-            for sheet in workbook.worksheets:
-                rows = sheet.iter_rows(values_only=True)
-                header = [str(cell) if cell is not None else "" for cell in next(rows, ())]
-                for number, row in enumerate(rows, 2):
-                    if all(cell is None for cell in row):
-                        continue
-                    yield self._record(f"{path}:{sheet.title}!{number}", dict(zip(header, row)))
-        finally:
-            workbook.close()
+        with open_source(unit.source, self.corpus.name) as handle:
+            workbook = load_workbook(handle, read_only=True, data_only=True)
+            try:
+                for sheet in workbook.worksheets:
+                    rows = sheet.iter_rows(values_only=True)
+                    header = [str(cell) if cell is not None else "" for cell in next(rows, ())]
+                    for number, row in enumerate(rows, 2):
+                        if all(cell is None for cell in row):
+                            continue
+                        yield self._record(f"{unit.url}:{sheet.title}!{number}", dict(zip(header, row)))
+            finally:
+                workbook.close()
 
-    def _parquet(self, path: Path, _fmt: str) -> Iterator[tuple[str, object]]:
+    def _parquet(self, unit: Unit, _fmt: str) -> Iterator[tuple[str, object]]:
         import pyarrow.parquet as pq
 
-        row = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-            for record in batch.to_pylist():
-                row += 1
-                yield self._record(f"{path}:row {row}", record)
+        groups = range(unit.start, unit.end) if unit.kind == "row_groups" else None
+        row = unit.first_row
+        with open_source(unit.source, self.corpus.name) as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=4096, row_groups=groups):
+                for record in batch.to_pylist():
+                    row += 1
+                    yield self._record(f"{unit.url}:row {row}", record)
 
-    def _hf_dataset(self) -> Iterator[tuple[str, object]]:
+    def _hf_dataset(self, unit: Unit) -> Iterator[tuple[str, object]]:
         import datasets
 
         config = self.corpus.hf_dataset
+        first = unit.start if unit.kind == "rows" else 0
         if Path(config.path).is_dir():
-            dataset = datasets.load_from_disk(config.path)
-            if isinstance(dataset, datasets.DatasetDict):
-                if config.split not in dataset:
-                    raise DaptError(f"corpus '{self.corpus.name}': {config.path} has no split {config.split!r}; "
-                                    f"it has {', '.join(dataset)}")
-                dataset = dataset[config.split]
+            dataset = open_saved_dataset(self.corpus)
+            if unit.kind == "rows":
+                dataset = dataset.select(range(unit.start, unit.end))
         else:
             try:
                 dataset = datasets.load_dataset(config.path, config.name, split=config.split, streaming=True)
@@ -469,6 +481,5 @@ class CorpusReader:
                     f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}); without a "
                     "network, `save_to_disk` it elsewhere and give that folder as `hf_dataset.path`"
                 ) from None
-        for row, record in enumerate(dataset):
+        for row, record in enumerate(dataset, first):
             yield self._record(f"{config.path}:row {row}", record)
-

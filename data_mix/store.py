@@ -1,10 +1,12 @@
 """Memory-mapped token stores, one per corpus, with a held-out split: the format and its reader.
 
-A store is a folder `<stores>/<corpus>/` holding, per split (`train`, `heldout`),
-`<split>.bin` (token ids, EOS after every document; uint16 when the vocabulary
-fits, else uint32) and `<split>.docs.npy` (per document: end offset in tokens,
-UTF-8 bytes), plus `manifest.json` (tokenizer hash, counts, source checksums, the
-read/kept/rejected accounting). `build.py` writes stores.
+A store is a folder `<stores>/<corpus>/` holding, per split (`train`, `heldout`), a set of
+shards (one per build task that read any of the corpus): `<shard>.bin` (token ids, EOS after
+every document; uint16 when the vocabulary fits, else uint32) and `<shard>.docs.npy` (per
+document: end offset in tokens, UTF-8 bytes), plus `manifest.json` (the shards of each split,
+every file's size and checksum, tokenizer hash, counts, source versions, the
+read/kept/rejected accounting). A split's shards read as one, in order. `build.py` writes stores;
+a store from before shards (one `<split>.bin` per split) reads as a split of one shard.
 
 Stores do not depend on `seq_len`: training windows of seq_len + 1 tokens are cut
 when read, so a new sequence length needs no rebuild.
@@ -12,7 +14,6 @@ when read, so a new sequence length needs no rebuild.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -20,24 +21,30 @@ import numpy as np
 
 from dapt.base import DaptError
 from dapt.data_mix.config import CorpusConfig
+from dapt.data_mix.files import file_checksum
 from dapt.data_mix.records import pack, window as record_window
+from dapt.data_mix.shard_writer import TRAINED_SUFFIX
 from dapt.experiment import Experiment
 
 SPLITS = ("train", "heldout")
 MANIFEST = "manifest.json"
-TRAINED_SUFFIX = ".trained.bin"  # stores of tuning records: per token, 1 where the loss covers it
 REBUILD = "rebuild it with `dapt data build` (it rebuilds stores that changed)"
 
 
-def store_files(records: bool) -> tuple[str, ...]:
-    """The files of a store's splits (a store of tuning records has one more per split)."""
-    suffixes = (".bin", ".docs.npy") + ((TRAINED_SUFFIX,) if records else ())
-    return tuple(f"{split}{suffix}" for split in SPLITS for suffix in suffixes)
+def shard_names(manifest: dict, split: str) -> list[str]:
+    """The shards of a split, in reading order (a store from before shards: one, named as the split)."""
+    return manifest.get("shards", {}).get(split, [split])
 
 
-def file_checksum(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "blake2b").hexdigest()[:32]
+def shard_files(shard: str, records: bool) -> tuple[str, ...]:
+    """The files of one shard (a store of tuning records has one more)."""
+    return tuple(f"{shard}{suffix}" for suffix in (".bin", ".docs.npy") + ((TRAINED_SUFFIX,) if records else ()))
+
+
+def store_files(manifest: dict) -> list[str]:
+    """Every file of a store's splits."""
+    records = manifest.get("records", False)
+    return [name for split in SPLITS for shard in shard_names(manifest, split) for name in shard_files(shard, records)]
 
 
 def tokenizer_hash(tokenizer_dir: Path) -> str:
@@ -70,14 +77,14 @@ def size_problem(folder: Path, manifest: dict) -> str | None:
     """What is wrong with the store's file sizes against its manifest (cheap: no file is read), or None."""
     recorded = manifest.get("files")  # sizes and checksums; stores built before they were recorded have only counts
     itemsize = np.dtype(manifest["dtype"]).itemsize
-    for name in store_files(manifest.get("records", False)):
+    for name in store_files(manifest):
         path = folder / name
         if not path.exists():
             return f"{name} is missing"
         size = path.stat().st_size
         split = name.split(".")[0]
         expected = (recorded[name]["bytes"] if recorded else
-                    manifest["splits"][split]["tokens"] * itemsize if name.endswith(".bin") else None)
+                    manifest["splits"][split]["tokens"] * itemsize if name.endswith(".bin") and split in SPLITS else None)
         if expected is not None and size != expected:
             return f"{name} holds {size:,} bytes where its manifest says {expected:,} (changed or cut after the build)"
     return None
@@ -88,16 +95,54 @@ def checksum_problem(folder: Path, manifest: dict) -> str | None:
     recorded = manifest.get("files")
     if not recorded:
         return "its manifest holds no checksums (built by an earlier dapt); rebuild it to record them"
-    for name in store_files(manifest.get("records", False)):
+    for name in store_files(manifest):
         if file_checksum(folder / name) != recorded[name]["checksum"]:
             return f"{name} does not match the checksum written at build time"
     return None
 
 
-def file_records(folder: Path, records: bool) -> dict:
+def file_records(folder: Path, names: list[str]) -> dict:
     """What `size_problem` and `checksum_problem` check against, for a store's manifest."""
-    return {name: {"bytes": (folder / name).stat().st_size, "checksum": file_checksum(folder / name)}
-            for name in store_files(records)}
+    return {name: {"bytes": (folder / name).stat().st_size, "checksum": file_checksum(folder / name)} for name in names}
+
+
+class Shards:
+    """Several memory-mapped arrays read as one: `len`, slices (across shard ends), `np.asarray`."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+        self.starts = np.cumsum([0] + [len(array) for array in arrays])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, key: slice | np.ndarray | int) -> np.ndarray:
+        if not isinstance(key, slice):  # positions: each read from its shard
+            positions = np.asarray(key)
+            shard = np.searchsorted(self.starts, positions, side="right") - 1
+            out = np.empty(positions.shape, dtype=self.arrays[0].dtype)
+            for number in np.unique(shard):
+                chosen = shard == number
+                out[chosen] = self.arrays[number][positions[chosen] - self.starts[number]]
+            return out
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise IndexError("token shards are read in contiguous slices")
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        parts = []
+        while start < stop:
+            local = start - int(self.starts[shard])
+            take = min(stop - start, len(self.arrays[shard]) - local)
+            parts.append(self.arrays[shard][local : local + take])
+            start += take
+            shard += 1
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else self.arrays[0][:0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[0 : len(self)]
+        return np.asarray(whole, dtype=dtype)
 
 
 class TokenStore:
@@ -114,8 +159,12 @@ class TokenStore:
         self.corpus = manifest["corpus"]
         self.manifest = manifest
         self.records = bool(manifest.get("records"))
+        self.shards = shard_names(manifest, split)
         self._open_files()
-        docs = np.load(folder / f"{split}.docs.npy")
+        docs = [np.load(folder / f"{shard}.docs.npy") for shard in self.shards]
+        # Each shard's ends count from its own start: shifted by the tokens of the shards before it.
+        docs = np.concatenate([d + np.array([start] + [0] * (d.shape[1] - 1), dtype=np.int64)
+                               for d, start in zip(docs, self.tokens.starts[:-1])]) if docs else np.empty((0, 2), np.int64)
         self.doc_ends, self.doc_bytes = docs[:, 0], docs[:, 1]
         # Records: per record, its trained targets and the UTF-8 bytes of the text they stand for.
         self.doc_trained, self.doc_trained_bytes = (docs[:, 2], docs[:, 3]) if self.records else (None, None)
@@ -123,8 +172,8 @@ class TokenStore:
         self._windows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def _open_files(self) -> None:
-        self.tokens = np.memmap(self.folder / f"{self.split}.bin", dtype=self.manifest["dtype"], mode="r")
-        self.trained = (np.memmap(self.folder / f"{self.split}{TRAINED_SUFFIX}", dtype=np.uint8, mode="r")
+        self.tokens = Shards([_map(self.folder / f"{shard}.bin", self.manifest["dtype"]) for shard in self.shards])
+        self.trained = (Shards([_map(self.folder / f"{shard}{TRAINED_SUFFIX}", np.uint8) for shard in self.shards])
                         if self.records else None)
 
     def __getstate__(self) -> dict:
@@ -174,6 +223,11 @@ class TokenStore:
         if not self.records:
             return np.full(len(indices), seq_len, dtype=np.int64)
         return self._packed(seq_len)[1][indices]
+
+
+def _map(path: Path, dtype) -> np.ndarray:
+    # An empty file cannot be memory-mapped; a shard may hold no document of a split.
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.empty(0, dtype)
 
 
 def open_stores(stores_dir: Path, corpora: list[CorpusConfig], split: str, expected_tokenizer: str) -> dict[str, TokenStore]:

@@ -48,7 +48,10 @@ def cmd_data_inspect(args) -> None:
 def cmd_data_build(args) -> None:
     from dapt.launch.pipeline import build_stores
 
-    build_stores(_experiment(args))
+    experiment = _experiment(args)
+    overrides = {key: value for key, value in (("executor", args.executor), ("tasks", args.tasks),
+                                               ("workers", args.workers), ("ray_address", args.ray_address)) if value}
+    build_stores(experiment, experiment.data.model_copy(update=overrides))
 
 
 def cmd_mix_plan(args) -> None:
@@ -231,7 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="corpus stages").add_subparsers(dest="sub", required=True, metavar="STAGE")
     prepare = command(data, "prepare", cmd_data_prepare, "read and validate the corpora: documents read, kept, rejected by reason")
     prepare.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-    command(data, "build", cmd_data_build, "read, validate and tokenise the corpora into token stores")
+    build = command(data, "build", cmd_data_build, "read, validate, deduplicate and tokenise the corpora into token "
+                    "stores (datatrove: local processes, a Slurm job array or a Ray cluster)")
+    build.add_argument("--executor", choices=("local", "slurm", "ray"), help="default: the experiment's `data.executor`")
+    build.add_argument("--tasks", type=int, help="parts the corpora are split into, by bytes (default: `data.tasks`)")
+    build.add_argument("--workers", type=int, help="tasks running at once (default: `data.workers`)")
+    build.add_argument("--ray-address", help="the Ray cluster to run on (default: `data.ray_address`)")
     inspect = command(data, "inspect", cmd_data_inspect, "statistics of the built stores, and decoded samples")
     inspect.add_argument("--sample", type=int, default=0, metavar="N", help="print N decoded documents per corpus")
     inspect.add_argument("--verify", action="store_true",

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from dapt.data_mix.batches import batch_sizes
 from dapt.data_mix.blend import build_schedule, target_shares
-from dapt.data_mix.build import build_store, store_staleness
+from dapt.data_mix.build import BuildRequest, build_stores as build_corpus_stores
+from dapt.data_mix.config import DataConfig
 from dapt.data_mix.plan import format_plan, plan, plot_plan
 from dapt.data_mix.report import format_accounting, format_statistics, prepare, sample_documents, store_statistics
 from dapt.data_mix.sources import CorpusReader
@@ -159,16 +160,19 @@ def prepare_data(experiment: Experiment, as_json: bool = False) -> list[dict]:
     return reports
 
 
-def build_stores(experiment: Experiment) -> list[dict]:
-    """One token store per corpus; prints the read/kept/rejected accounting and the split."""
+def build_stores(experiment: Experiment, data: DataConfig | None = None) -> list[dict]:
+    """One token store per corpus; prints the read/kept/rejected accounting and the split.
+    `data`: the executor settings, default the experiment's `data`."""
     experiment.stores_dir.mkdir(parents=True, exist_ok=True)
-    manifests = []
-    for corpus in experiment.corpora:
-        manifest = build_store(corpus, experiment.heldout, experiment.tokenizer_dir, experiment.stores_dir)
+    manifests = build_corpus_stores(experiment.corpora, experiment.heldout, experiment.dedup, data or experiment.data,
+                                    experiment.tokenizer_dir, experiment.stores_dir, experiment.launch.slurm.partition)
+    for manifest in manifests:
         splits = manifest["splits"]
-        print(f"store {corpus.name}: {'built' if manifest['rebuilt'] else 'up to date'}, {splits['train']['tokens']:,} "
-              f"training tokens, {splits['heldout']['documents']:,} held-out documents", flush=True)
-        manifests.append(manifest)
+        cleaned = f", {manifest['decontaminated']:,} training documents removed as near-copies of held-out ones" \
+            if manifest.get("decontaminated") else ""
+        print(f"store {manifest['corpus']}: {'built' if manifest['rebuilt'] else 'up to date'}, "
+              f"{splits['train']['tokens']:,} training tokens in {len(manifest['shards']['train'])} shard(s), "
+              f"{splits['heldout']['documents']:,} held-out documents{cleaned}", flush=True)
     print(format_accounting([m["accounting"] for m in manifests]))
     return manifests
 
@@ -193,10 +197,10 @@ def inspect_stores(experiment: Experiment, samples: int, verify: bool = False) -
 def verify_stores(experiment: Experiment) -> None:
     """Every store against the checksums written when it was built, and against its sources now."""
     problems = []
+    request = BuildRequest.of(experiment)
     for corpus in experiment.corpora:
         folder = experiment.stores_dir / corpus.name
-        problem = (store_staleness(corpus, experiment.heldout, experiment.tokenizer_dir, experiment.stores_dir)
-                   or checksum_problem(folder, read_manifest(folder)))
+        problem = request.staleness(corpus) or checksum_problem(folder, read_manifest(folder))
         print(f"store {corpus.name}: {problem or 'verified (sizes, checksums, sources)'}")
         if problem:
             problems.append(f"token store {folder}: {problem}")

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from dapt.base import DaptError, disk_size
-from dapt.data_mix.build import store_staleness
+from dapt.data_mix.build import BuildRequest
 from dapt.data_mix.store import tokenizer_hash
 from dapt.experiment import Experiment
 from dapt.pretrain.checkpoint import checkpoint_bytes, latest_meta, latest_tag
@@ -46,8 +46,9 @@ def _tokenizer_and_stores(experiment: Experiment, config: Path) -> list[str]:
         return [f"no tokenizer at {experiment.tokenizer_dir}: run `dapt tokenizer train {config}` "
                 f"(or set `tokenizer.path` to a tokenizer folder)"]
     problems = []
+    request = BuildRequest.of(experiment)
     for corpus in experiment.corpora:
-        stale = store_staleness(corpus, experiment.heldout, experiment.tokenizer_dir, experiment.stores_dir)
+        stale = request.staleness(corpus)
         if stale:
             problems.append(f"token store of corpus '{corpus.name}' ({experiment.stores_dir / corpus.name}): {stale}; "
                             f"run `dapt data build {config}`")

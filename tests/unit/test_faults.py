@@ -83,21 +83,21 @@ def test_wandb_online_without_login_or_server_is_one_line(tmp_path, built_experi
 
 def test_a_cut_or_edited_store_is_named_and_rebuilt(own_stores, tmp_path):
     stores = tmp_path / "run" / "stores"
-    train_bin = stores / "news" / "train.bin"
+    train_bin = sorted((stores / "news").glob("train-*.bin"))[-1]  # a shard of a store of several
     os.truncate(train_bin, train_bin.stat().st_size - 1000)
     (stores / "web" / "manifest.json").write_text("{ not json")
-    os.truncate(stores / "filings" / "heldout.bin", (stores / "filings" / "heldout.bin").stat().st_size - 1)
+    os.truncate(stores / "filings" / "heldout-00000.bin", (stores / "filings" / "heldout-00000.bin").stat().st_size - 1)
     error = refused(dapt("launch", "local", str(own_stores)))
-    assert "news" in error and "train.bin holds" in error and "where its manifest says" in error
+    assert "news" in error and f"{train_bin.name} holds" in error and "where its manifest says" in error
     assert "web" in error and "manifest.json is unreadable" in error
-    assert "filings" in error and "heldout.bin holds" in error
+    assert "filings" in error and "heldout-00000.bin holds" in error
     assert f"run `dapt data build {own_stores}`" in error
     rebuilt = dapt("data", "build", str(own_stores))
     assert rebuilt.returncode == 0, rebuilt.stderr
     for corpus in ("news", "web", "filings"):
         assert f"store {corpus}: built" in rebuilt.stdout, rebuilt.stdout
     assert "store encyclopedia: up to date" in rebuilt.stdout
-    assert "train.bin holds" in rebuilt.stdout and "rebuilding it" in rebuilt.stdout
+    assert f"{train_bin.name} holds" in rebuilt.stdout and "rebuilding it" in rebuilt.stdout
 
 
 def test_a_source_changed_after_the_build_is_named(own_stores, tmp_path):
@@ -112,13 +112,13 @@ def test_a_source_changed_after_the_build_is_named(own_stores, tmp_path):
 
 def test_verify_finds_a_flipped_byte(own_stores, tmp_path):
     assert dapt("data", "inspect", "--verify", str(own_stores)).returncode == 0
-    heldout = tmp_path / "run" / "stores" / "news" / "heldout.bin"
+    heldout = tmp_path / "run" / "stores" / "news" / "heldout-00000.bin"
     data = bytearray(heldout.read_bytes())
     data[10] ^= 1
     heldout.write_bytes(bytes(data))  # same size: only the checksum tells
     result = dapt("data", "inspect", "--verify", str(own_stores))
     assert result.returncode == 2
-    assert "news" in result.stderr and "heldout.bin does not match the checksum written at build time" in result.stderr
+    assert "news" in result.stderr and "heldout-00000.bin does not match the checksum written at build time" in result.stderr
 
 
 def test_a_folder_that_is_not_dapts_is_refused_and_left_alone(tmp_path, small_corpora):

@@ -1,11 +1,12 @@
 import json
+import os
 
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
 from dapt.data_mix.split import content_hash, heldout_threshold
-from dapt.data_mix.config import CorpusConfig, HeldoutConfig
+from dapt.data_mix.config import CorpusConfig, DataConfig, HeldoutConfig
 from dapt.data_mix.build import build_store
 from dapt.data_mix.store import TokenStore, open_stores, tokenizer_hash
 from dapt.base import DaptError
@@ -94,7 +95,7 @@ def test_heldout_takes_the_lowest_hashes_up_to_the_cap(built_experiment):
     assert abs(heldout_docs - kept * config.fraction) < 4 * (kept * config.fraction) ** 0.5 + 1
 
 
-def test_killed_build_never_leaves_a_complete_looking_store(tmp_path, built_experiment):
+def test_killed_build_resumes_at_the_task_and_never_leaves_a_complete_looking_store(tmp_path, built_experiment):
     import signal
     import subprocess
     import sys
@@ -106,22 +107,27 @@ def test_killed_build_never_leaves_a_complete_looking_store(tmp_path, built_expe
     script = f"""
 from pathlib import Path
 from dapt.data_mix.build import build_store
-from dapt.data_mix.config import CorpusConfig, HeldoutConfig
-build_store(CorpusConfig(name="big", paths=[{str(big)!r}]), HeldoutConfig(), Path({str(built_experiment.tokenizer_dir)!r}), Path({str(tmp_path / 'stores')!r}))
+from dapt.data_mix.config import CorpusConfig, DataConfig, HeldoutConfig
+build_store(CorpusConfig(name="big", paths=[{str(big)!r}]), HeldoutConfig(), Path({str(built_experiment.tokenizer_dir)!r}),
+            Path({str(tmp_path / 'stores')!r}), DataConfig(tasks=4, workers=2))
 """
-    process = subprocess.Popen([sys.executable, "-c", script])
-    deadline = time.time() + 60
-    while not list((tmp_path / "stores").glob(".big.building-*")) and time.time() < deadline:
+    process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    deadline = time.time() + 120
+    completions = tmp_path / "stores" / ".build"
+    while not list(completions.glob("*/logs/read/completions/*")) and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)  # the executor and its task processes, as a lost node
     process.wait()
+    finished = len(list(completions.glob("*/logs/read/completions/*")))
+    assert 0 < finished < 4, "killed between the first and the last read task"
     assert not (tmp_path / "stores" / "big").exists(), "a killed build leaves no store under the final name"
-    assert list((tmp_path / "stores").glob(".big.building-*")), "only the temporary folder remains"
+    resumed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert f"read: 4 task(s), {finished} finished before" in resumed, resumed
     manifest = build_store(CorpusConfig(name="big", paths=[str(big)]), HeldoutConfig(), built_experiment.tokenizer_dir,
-                           tmp_path / "stores")
-    assert manifest["rebuilt"] and manifest["accounting"]["kept"] == 12000
-    assert not list((tmp_path / "stores").glob(".big.building-*")), "the rerun clears what the killed build left"
+                           tmp_path / "stores", DataConfig(tasks=4, workers=2))
+    assert not manifest["rebuilt"] and manifest["accounting"]["kept"] == 12000 and manifest["accounting"]["invariant_holds"]
+    assert len(manifest["shards"]["train"]) == 4
+    assert not list((tmp_path / "stores").glob(".build/*")), "the finished build clears its work folder"
 
 
 def test_prepare_and_inspect_commands(built_experiment, small_corpora):

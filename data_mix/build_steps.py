@@ -1,0 +1,228 @@
+"""The steps of a store build, run by datatrove's executors (local processes, a Slurm array, Ray).
+
+    read    (N tasks)  each task reads its units (units.py) with dapt's readers and validation,
+                       tokenises the kept documents and writes them, with their content digests,
+                       places and the task's accounting, under `read/<task>/<corpus>/`; with
+                       near-deduplication it also hands every document to datatrove's MinHash
+                       signature step
+    buckets (bands)    datatrove's MinHash buckets: candidate pairs of near-duplicates
+    decide  (1 task)   dedup.py: which documents are duplicates, held out or trained on
+    write   (N tasks)  each task writes its training shard of every corpus it read
+
+A task writes only under its own folder and starts that folder over when it is rerun, and
+datatrove marks a task finished (`logs/<stage>/completions/<task>`) only after its step
+returned, so a killed build reruns the unfinished tasks and nothing reads a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from array import array
+from pathlib import Path
+
+import numpy as np
+
+from dapt.data_mix.config import CorpusConfig
+from dapt.data_mix.records import OVER_LENGTH, ChatRenderer, account_records, trained_text_bytes
+from dapt.data_mix.shard_writer import ShardWriter
+from dapt.data_mix.sources import CorpusReader, Document
+from dapt.data_mix.units import Unit
+
+try:  # the steps are datatrove's when it is installed (always, with dapt); plain classes otherwise
+    from datatrove.pipeline.base import PipelineStep
+except ImportError:  # pragma: no cover
+    PipelineStep = object
+
+# A batch is tokenised at this many documents or bytes, whichever comes first.
+BATCH_DOCUMENTS = 512
+BATCH_BYTES = 1 << 20
+COPY_DOCUMENTS = 1 << 16  # documents copied into a shard at a time
+# What `decide` makes of each document read, per task and corpus (`decision.npy`).
+TRAIN, HELDOUT, DUPLICATE, NEAR_DUPLICATE, HELDOUT_NEAR_DUPLICATE = range(5)
+REMOVED = {DUPLICATE: "duplicate", NEAR_DUPLICATE: "near_duplicate", HELDOUT_NEAR_DUPLICATE: "heldout_near_duplicate"}
+
+
+class BuildLayout:
+    """Where the stages of one build write, under its work folder."""
+
+    def __init__(self, work: str | Path):
+        self.work = Path(work)
+
+    def read(self, task: int, corpus: str) -> Path:
+        return self.work / "read" / f"{task:05d}" / corpus
+
+    def read_task(self, task: int) -> Path:
+        return self.work / "read" / f"{task:05d}"
+
+    @property
+    def signatures(self) -> Path:
+        return self.work / "minhash" / "signatures"
+
+    @property
+    def buckets(self) -> Path:
+        return self.work / "minhash" / "buckets"
+
+    def decision(self, task: int, corpus: str) -> Path:
+        return self.read(task, corpus) / "decision.npy"
+
+    @property
+    def decided(self) -> Path:
+        return self.work / "decided"
+
+    def shard(self, corpus: str) -> Path:
+        return self.work / "shards" / corpus
+
+    def logs(self, stage: str) -> Path:
+        return self.work / "logs" / stage
+
+
+def load_plan(work: Path) -> list[list[Unit]]:
+    return [[Unit(**unit) for unit in units] for units in json.loads((Path(work) / "plan.json").read_text())["tasks"]]
+
+
+class ReadStep(PipelineStep):
+    """Read, validate and tokenise one task's units; yields each kept document to a MinHash step."""
+
+    name = "dapt: read and tokenise"
+    type = "📖 - READER"
+
+    def __init__(self, work: str, corpora: list[CorpusConfig], tokenizer_dir: str, dtype: str, near: bool):
+        super().__init__()
+        self.work, self.corpora, self.tokenizer_dir, self.dtype, self.near = work, corpora, tokenizer_dir, dtype, near
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        from dapt.data_mix import tokenise
+
+        layout = BuildLayout(self.work)
+        units = load_plan(layout.work)[rank]
+        shutil.rmtree(layout.read_task(rank), ignore_errors=True)  # a rerun starts the task over
+        tokenise.start_encoder(self.tokenizer_dir, self.dtype)
+        sequence = 0
+        for corpus in self.corpora:
+            mine = [unit for unit in units if unit.corpus == corpus.name]
+            if mine:
+                for document in _read_corpus(corpus, mine, layout.read(rank, corpus.name), self.tokenizer_dir,
+                                             np.dtype(self.dtype)):
+                    self.stat_update("documents")
+                    if self.near:
+                        from datatrove.data import Document as TroveDocument
+
+                        yield TroveDocument(text=document.text, id=f"{rank}/{sequence}")
+                    sequence += 1
+
+
+def _read_corpus(corpus: CorpusConfig, units: list[Unit], out: Path, tokenizer_dir: str, dtype: np.dtype):
+    """One corpus's part of a task: documents tokenised into `out`, yielded as they are written."""
+    from dapt.data_mix import tokenise
+
+    out.mkdir(parents=True)
+    records = corpus.record_format != "text"
+    reader = CorpusReader(corpus, ChatRenderer(Path(tokenizer_dir)) if corpus.record_format == "messages" else None,
+                          deduplicate=False)
+    writer = ShardWriter(out, "documents", dtype, records)
+    digests, places, chars, where_offsets, record_lengths = bytearray(), [], [], array("q", [0]), []
+    unit_of = {unit.url: unit.index for unit in units}  # a task holds at most one unit of a file
+    with open(out / "where.txt", "w", encoding="utf-8", errors="surrogatepass") as where_file:
+        for batch in _batches(reader.documents_with_digests(units)):
+            if records:
+                flat, lengths, trained, status, token_lengths = tokenise.encode_record_batch(
+                    [d.value for d in batch], corpus.max_tokens, corpus.over_length == "truncate")
+                batch = account_records(reader.report, batch, status)
+                record_lengths.append(token_lengths[status != OVER_LENGTH])
+                trained_bytes = np.array([trained_text_bytes(d.value) for d in batch], dtype=np.int64)
+                writer.add_arrays(flat, lengths, np.array([d.num_bytes for d in batch], dtype=np.int64), trained,
+                                  trained_bytes)
+            else:
+                flat, lengths = tokenise.encode_texts([d.value for d in batch])
+                writer.add_arrays(flat, lengths, np.array([d.num_bytes for d in batch], dtype=np.int64))
+            for document in batch:
+                digests += document.digest
+                places.append(unit_of[document.source])
+                chars.append(len(document.text))
+                where_file.write(document.where.replace("\n", " ") + "\n")
+                where_offsets.append(where_file.tell())
+                yield document
+    np.save(out / "digests.npy", np.frombuffer(bytes(digests), dtype=np.uint8).reshape(-1, 16))
+    np.save(out / "units.npy", np.array(places, dtype=np.int64))
+    np.save(out / "chars.npy", np.array(chars, dtype=np.int64))
+    np.save(out / "where.npy", np.frombuffer(where_offsets, dtype=np.int64))
+    if records:
+        np.save(out / "record_lengths.npy", np.concatenate(record_lengths) if record_lengths else np.empty((0, 2), np.int64))
+    counts = writer.close()
+    (out / "report.json").write_text(json.dumps({"report": reader.report.to_json(), "counts": counts,
+                                                 "unit_lines": reader.unit_lines}))
+
+
+def _batches(documents):
+    """Consecutive documents, bounded in count and size."""
+    batch: list[Document] = []
+    size = 0
+    for document in documents:
+        batch.append(document)
+        size += document.num_bytes
+        if len(batch) == BATCH_DOCUMENTS or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class WriteStep(PipelineStep):
+    """Write one task's training shard of each corpus it read: its documents that `decide` kept for training."""
+
+    name = "dapt: write shards"
+    type = "💽 - WRITER"
+
+    def __init__(self, work: str, corpora: list[CorpusConfig], dtype: str):
+        super().__init__()
+        self.work, self.corpora, self.dtype = work, corpora, dtype
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        from dapt.data_mix.store import file_records, shard_files
+
+        layout = BuildLayout(self.work)
+        for corpus in self.corpora:
+            source = layout.read(rank, corpus.name)
+            if source.exists():
+                shard = f"train-{rank:05d}"
+                folder = layout.shard(corpus.name)
+                folder.mkdir(parents=True, exist_ok=True)
+                decision = np.load(layout.decision(rank, corpus.name))
+                records, dtype = corpus.record_format != "text", np.dtype(self.dtype)
+                writer = ShardWriter(folder, shard, dtype, records)
+                ReadOutput(source, dtype, records).copy(writer, np.flatnonzero(decision == TRAIN))
+                counts = writer.close()
+                files = file_records(folder, list(shard_files(shard, records)))
+                (folder / f"{shard}.json").write_text(json.dumps({"counts": counts, "files": files}))
+        yield from ()
+
+
+class ReadOutput:
+    """What a read task wrote of one corpus, to copy documents from into shards."""
+
+    def __init__(self, folder: Path, dtype: np.dtype, records: bool):
+        from dapt.data_mix.store import TRAINED_SUFFIX
+
+        self.docs = np.load(folder / "documents.docs.npy")
+        self.tokens = _open(folder / "documents.bin", dtype)
+        self.trained = _open(folder / f"documents{TRAINED_SUFFIX}", np.uint8) if records else None
+        self.ends = self.docs[:, 0]
+        self.starts = np.concatenate([[0], self.ends[:-1]]).astype(np.int64)
+
+    def copy(self, writer: ShardWriter, chosen: np.ndarray) -> None:
+        """Append documents `chosen` (indices in increasing order) to `writer`, a run of them at a time."""
+        for first in range(0, len(chosen), COPY_DOCUMENTS):
+            part = chosen[first : first + COPY_DOCUMENTS]
+            low, high = int(self.starts[part[0]]), int(self.ends[part[-1]])
+            keep = np.zeros(high - low, dtype=bool)
+            for begin, end in zip((self.starts[part] - low).tolist(), (self.ends[part] - low).tolist()):
+                keep[begin:end] = True
+            lengths = self.ends[part] - self.starts[part]
+            records = self.trained is not None
+            writer.add_arrays(np.asarray(self.tokens[low:high])[keep], lengths, self.docs[part, 1],
+                              *((np.asarray(self.trained[low:high])[keep], self.docs[part, 3]) if records else ()))
+
+
+def _open(path: Path, dtype) -> np.ndarray:
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.empty(0, dtype)
