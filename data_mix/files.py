@@ -98,6 +98,7 @@ def _local_matches(pattern: str) -> list[SourceFile]:
 
 def _remote_matches(pattern: str, corpus: str) -> list[SourceFile]:
     fs, path = _filesystem(pattern, corpus)
+    fs.invalidate_cache()  # listings are cached per process; a store's staleness needs them as they are now
     try:
         matches = fs.glob(path, detail=True) if any(c in path for c in "*?[") else (
             {path: fs.info(path)} if fs.exists(path) else {})
@@ -105,6 +106,10 @@ def _remote_matches(pattern: str, corpus: str) -> list[SourceFile]:
         for name, info in sorted(matches.items()):
             entries = sorted(fs.find(name, detail=True).items()) if info.get("type") == "directory" else [(name, info)]
             found.extend(SourceFile(fs.unstrip_protocol(entry), int(meta.get("size") or 0)) for entry, meta in entries)
+        bucket = path.split("/", 1)[0]
+        if not found and not fs.exists(bucket):
+            raise DaptError(f"corpus '{corpus}': cannot read {pattern}: its bucket {bucket} does not exist or these "
+                            "credentials cannot see it; check the URL")
         return found
     except DaptError:
         raise
@@ -123,6 +128,7 @@ def file_stat(source: SourceFile, corpus: str) -> list:
         stat = os.stat(source.url)
         return [stat.st_size, stat.st_mtime_ns]
     fs, path = _filesystem(source.url, corpus)
+    fs.invalidate_cache(path)
     try:
         info = fs.info(path)
     except Exception as err:
