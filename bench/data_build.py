@@ -1,9 +1,11 @@
-"""Benchmark of `dapt data build` on a generated corpus, against (a) the raw batched
-fast tokenizer on the same text (the ceiling) and (b) `datasets` load + map(tokenize,
-batched=True, num_proc=cores) + save_to_disk (the usual baseline), in one run; and
-dapt's peak RSS at two corpus sizes (it should not grow with the corpus).
+"""Benchmark of `dapt data build` (datatrove's local executor, 1 task and one per core) on a
+generated corpus, against, in one run: the raw batched fast tokenizer on one thread on the same
+text in memory (the ceiling per core), datatrove's own `DocumentTokenizer` (1 task), and
+`datasets` load + map(tokenize, batched=True, num_proc=cores) + save_to_disk; dapt's peak RSS per
+task at two corpus sizes (it should not grow with the corpus); and near-deduplication's cost
+(MinHash signatures and buckets) per GB.
 
-    python bench/data_build.py [--size-mb 200]
+    python bench/data_build.py [--size-mb 400]
 
 Each measurement runs in its own process; its peak RSS is that process's peak plus
 its largest worker's (an upper bound when workers run together is their sum).
@@ -23,13 +25,25 @@ from pathlib import Path
 WORKER = r"""
 import json, os, resource, sys, time
 from pathlib import Path
-kind, corpus, tokenizer_dir, out = sys.argv[1:5]
-if kind == "dapt":  # each timer starts after the imports: a one-off cost, not per corpus
+kind, corpus, tokenizer_dir, out, tasks = sys.argv[1:6]
+if kind.startswith("dapt"):  # each timer starts after the imports: a one-off cost, not per corpus
     from dapt.data_mix.build import build_store
-    from dapt.data_mix.config import CorpusConfig, HeldoutConfig
+    from dapt.data_mix.config import CorpusConfig, DataConfig, DedupConfig, HeldoutConfig, NearDedupConfig
+    dedup = DedupConfig(near=NearDedupConfig()) if kind == "dapt_near" else DedupConfig()
     started = time.perf_counter()
-    manifest = build_store(CorpusConfig(name="bench", paths=[corpus]), HeldoutConfig(), Path(tokenizer_dir), Path(out))
+    manifest = build_store(CorpusConfig(name="bench", paths=[corpus]), HeldoutConfig(), Path(tokenizer_dir), Path(out),
+                           DataConfig(tasks=int(tasks)), dedup)
     tokens = manifest["splits"]["train"]["tokens"] + manifest["splits"]["heldout"]["tokens"]
+elif kind == "datatrove":
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.tokens import DocumentTokenizer
+    started = time.perf_counter()
+    LocalPipelineExecutor([JsonlReader(str(Path(corpus).parent), glob_pattern=Path(corpus).name),
+                           DocumentTokenizer(out + "/tokens", tokenizer_name_or_path=tokenizer_dir + "/tokenizer.json",
+                                             eos_token="</s>", shuffle_documents=False)],
+                          tasks=1, logging_dir=out + "/logs").run()
+    tokens = sum(p.stat().st_size for p in Path(out, "tokens").glob("*.ds")) // 2
 elif kind == "raw":
     from transformers import AutoTokenizer
     started = time.perf_counter()
@@ -67,17 +81,20 @@ def make_corpus(path: Path, size_mb: float, pool: list[str]) -> None:
             number += 1
 
 
-def run(kind: str, corpus: Path, tokenizer_dir: Path, scratch: Path) -> dict:
-    out = scratch / f"{kind}-{corpus.stem}"
+def run(kind: str, corpus: Path, tokenizer_dir: Path, scratch: Path, tasks: int = 1) -> dict:
+    out = scratch / f"{kind}-{tasks}-{corpus.stem}"
     out.mkdir()
-    result = subprocess.run([sys.executable, "-c", WORKER, kind, str(corpus), str(tokenizer_dir), str(out)],
-                            capture_output=True, text=True, check=True, env=os.environ | {"TOKENIZERS_PARALLELISM": "true"})
+    # One tokenizer thread everywhere: the ceiling is per core, and parallelism is the tasks'.
+    result = subprocess.run([sys.executable, "-c", WORKER, kind, str(corpus), str(tokenizer_dir), str(out), str(tasks)],
+                            capture_output=True, text=True, env=os.environ | {"RAYON_NUM_THREADS": "1"})
+    if result.returncode:
+        raise SystemExit(f"{kind} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mb", type=float, default=200.0, help="size of the large corpus (the small one is half)")
+    parser.add_argument("--size-mb", type=float, default=400.0, help="size of the large corpus (the small one is a quarter)")
     args = parser.parse_args()
 
     from dapt.data_mix.demo_corpora import article, filing, news, web_page
@@ -93,26 +110,38 @@ def main() -> None:
         tokenizer_dir = train_from_sample(lines, TokenizerTrainConfig(vocab_size=4000), scratch / "tokenizer")
         large, small = scratch / "large.jsonl", scratch / "small.jsonl"
         make_corpus(large, args.size_mb, pool)
-        make_corpus(small, args.size_mb / 2, pool)
+        make_corpus(small, args.size_mb / 4, pool)
+        cores = len(os.sched_getaffinity(0))
         results = {
             "raw": run("raw", small, tokenizer_dir, scratch),
-            "dapt": run("dapt", large, tokenizer_dir, scratch),
             "dapt_small": run("dapt", small, tokenizer_dir, scratch),
-            "datasets": run("datasets", large, tokenizer_dir, scratch),
+            "dapt": run("dapt", large, tokenizer_dir, scratch),
+            "dapt_cores": run("dapt", large, tokenizer_dir, scratch, cores),
+            "dapt_near": run("dapt_near", small, tokenizer_dir, scratch),
+            "datatrove": run("datatrove", small, tokenizer_dir, scratch),
+            "datasets": run("datasets", small, tokenizer_dir, scratch),
         }
     rate = {name: r["tokens"] / r["seconds"] for name, r in results.items()}
-    size = f"{args.size_mb:g} MB"
-    print(f"data build benchmark on {os.cpu_count()} cores; baselines: raw batched fast tokenizer, datasets map + save")
-    print(f"{'what':<52}{'tokens/s':>12}{'peak RSS':>12}{'dapt ÷ it':>12}")
+    small_mb, large_mb = args.size_mb / 4, args.size_mb
+    print(f"data build benchmark on {cores} cores; baseline: the raw batched fast tokenizer on one thread (the ceiling "
+          "per core)")
+    print(f"{'what':<62}{'tokens/s':>12}{'peak RSS':>12}{'÷ raw':>9}")
     rows = [
-        (f"raw encode_batch_fast, text in memory ({args.size_mb / 2:g} MB)", "raw"),
-        (f"datasets load + map(num_proc) + save_to_disk ({size})", "datasets"),
-        (f"dapt data build ({args.size_mb / 2:g} MB)", "dapt_small"),
-        (f"dapt data build ({size})", "dapt"),
+        (f"raw encode_batch_fast, 1 thread, text in memory ({small_mb:g} MB)", "raw"),
+        (f"dapt data build, 1 task ({small_mb:g} MB)", "dapt_small"),
+        (f"dapt data build, 1 task ({large_mb:g} MB)", "dapt"),
+        (f"dapt data build, {cores} tasks ({large_mb:g} MB)", "dapt_cores"),
+        (f"dapt data build + near dedup, 1 task ({small_mb:g} MB)", "dapt_near"),
+        (f"datatrove JsonlReader + DocumentTokenizer, 1 task ({small_mb:g} MB)", "datatrove"),
+        (f"datasets load + map(num_proc={os.cpu_count()}) + save_to_disk ({small_mb:g} MB)", "datasets"),
     ]
     for label, name in rows:
-        ratio = "" if name.startswith("dapt") else f"{rate['dapt'] / rate[name]:.2f}x"
-        print(f"{label:<52}{rate[name]:>12,.0f}{results[name]['peak_rss_mb']:>9,.0f} MB{ratio:>12}")
+        print(f"{label:<62}{rate[name]:>12,.0f}{results[name]['peak_rss_mb']:>9,.0f} MB{rate[name] / rate['raw']:>8.2f}x")
+    print(f"dapt from 1 to {cores} tasks: {rate['dapt_cores'] / rate['dapt']:.2f}x; peak RSS per task from {small_mb:g} to "
+          f"{large_mb:g} MB of input: {results['dapt_small']['peak_rss_mb']:,.0f} → {results['dapt']['peak_rss_mb']:,.0f} MB")
+    near = results["dapt_near"]["seconds"] - results["dapt_small"]["seconds"]
+    print(f"near dedup (MinHash signatures + buckets + clusters): {near:.1f} s for {small_mb:g} MB on 1 task = "
+          f"{near / (small_mb / 1000) / 3600:.2f} core-hours per GB")
 
 
 if __name__ == "__main__":
