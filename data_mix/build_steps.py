@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover
 # A batch is tokenised at this many documents or bytes, whichever comes first.
 BATCH_DOCUMENTS = 512
 BATCH_BYTES = 1 << 20
-COPY_DOCUMENTS = 1 << 16  # documents copied into a shard at a time
+COPY_TOKENS = 1 << 23  # tokens copied into a shard at a time
 # What `decide` makes of each document read, per task and corpus (`decision.npy`).
 TRAIN, HELDOUT, DUPLICATE, NEAR_DUPLICATE, HELDOUT_NEAR_DUPLICATE = range(5)
 REMOVED = {DUPLICATE: "duplicate", NEAR_DUPLICATE: "near_duplicate", HELDOUT_NEAR_DUPLICATE: "heldout_near_duplicate"}
@@ -211,17 +211,22 @@ class ReadOutput:
         self.starts = np.concatenate([[0], self.ends[:-1]]).astype(np.int64)
 
     def copy(self, writer: ShardWriter, chosen: np.ndarray) -> None:
-        """Append documents `chosen` (indices in increasing order) to `writer`, a run of them at a time."""
-        for first in range(0, len(chosen), COPY_DOCUMENTS):
-            part = chosen[first : first + COPY_DOCUMENTS]
-            low, high = int(self.starts[part[0]]), int(self.ends[part[-1]])
-            keep = np.zeros(high - low, dtype=bool)
-            for begin, end in zip((self.starts[part] - low).tolist(), (self.ends[part] - low).tolist()):
-                keep[begin:end] = True
-            lengths = self.ends[part] - self.starts[part]
-            records = self.trained is not None
-            writer.add_arrays(np.asarray(self.tokens[low:high])[keep], lengths, self.docs[part, 1],
-                              *((np.asarray(self.trained[low:high])[keep], self.docs[part, 3]) if records else ()))
+        """Append documents `chosen` (indices in increasing order) to `writer`: each run of consecutive
+        documents as slices of at most COPY_TOKENS tokens, so that memory does not grow with the corpus."""
+        if not len(chosen):
+            return
+        for run in np.split(chosen, np.flatnonzero(np.diff(chosen) != 1) + 1):
+            first = 0
+            while first < len(run):
+                # The documents of the run whose tokens fit in the budget (at least one).
+                budget = self.starts[run[first]] + COPY_TOKENS
+                last = max(first + 1, int(np.searchsorted(self.ends[run], budget, side="right")))
+                part = run[first:last]
+                low, high = int(self.starts[part[0]]), int(self.ends[part[-1]])
+                writer.add_arrays(np.asarray(self.tokens[low:high]), self.ends[part] - self.starts[part], self.docs[part, 1],
+                                  *((np.asarray(self.trained[low:high]), self.docs[part, 3]) if self.trained is not None
+                                    else ()))
+                first = last
 
 
 def _open(path: Path, dtype) -> np.ndarray:

@@ -47,6 +47,7 @@ def _run_local(name: str, tasks: int, pipeline: list, layout: BuildLayout, data:
     finished = tasks - len(executor.get_incomplete_ranks())
     print(f"  {name}: {tasks} task(s)" + (f", {finished} finished before" if finished else "") +
           f", {workers} at a time", flush=True)
+    started = time.perf_counter()
     try:
         with quiet_stderr(layout.logs(name) / "stderr.log"):
             executor.run()
@@ -54,6 +55,7 @@ def _run_local(name: str, tasks: int, pipeline: list, layout: BuildLayout, data:
         if isinstance(err, DaptError):
             raise
         raise _task_failure(name, tasks, layout, err) from None
+    print(f"  {name}: done in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def _task_failure(stage: str, tasks: int, layout: BuildLayout, err: BaseException | None = None) -> Exception:
