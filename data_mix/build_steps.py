@@ -122,7 +122,6 @@ def _read_corpus(corpus: CorpusConfig, units: list[Unit], out: Path, tokenizer_d
                           deduplicate=False)
     writer = ShardWriter(out, "documents", dtype, records)
     digests, places, chars, where_offsets, record_lengths = bytearray(), [], [], array("q", [0]), []
-    unit_of = {unit.url: unit.index for unit in units}  # a task holds at most one unit of a file
     with open(out / "where.txt", "w", encoding="utf-8", errors="surrogatepass") as where_file:
         for batch in _batches(reader.documents_with_digests(units)):
             if records:
@@ -138,7 +137,7 @@ def _read_corpus(corpus: CorpusConfig, units: list[Unit], out: Path, tokenizer_d
                 writer.add_arrays(flat, lengths, np.array([d.num_bytes for d in batch], dtype=np.int64))
             for document in batch:
                 digests += document.digest
-                places.append(unit_of[document.source])
+                places.append(document.unit)
                 chars.append(len(document.text))
                 where_file.write(document.where.replace("\n", " ") + "\n")
                 where_offsets.append(where_file.tell())

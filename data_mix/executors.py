@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -103,11 +104,20 @@ def _run_slurm(stages: list[tuple[str, int, list]], layout: BuildLayout, data: D
             logging_dir=str(layout.logs(name)), depends=previous, qos="", mail_type="NONE",
             sbatch_args=dict(data.slurm.sbatch_args), env_command=_environment_command(), requeue=False)
         executors.append((name, tasks, previous))
-    print(f"  submitting {len(stages)} Slurm job array(s): {', '.join(f'{n} ({t} tasks)' for n, t, _ in stages)}",
-          flush=True)
-    previous.run()  # submits the chain, dependencies first
-    for name, tasks, executor in executors:
-        _wait_for(name, tasks, layout, executor)
+        finished = tasks - len(previous.get_incomplete_ranks())
+        print(f"  {name}: {tasks} task(s)" + (f", {finished} finished before" if finished else ""), flush=True)
+    print(f"  submitting {len(stages)} Slurm job array(s) to partition {partition}", flush=True)
+    with quiet_stderr(layout.logs("submit.log")):
+        previous.run()  # submits the chain, dependencies first
+    for number, (name, tasks, executor) in enumerate(executors):
+        try:
+            _wait_for(name, tasks, layout, executor)
+        except DaptError:
+            # The later stages wait on this one (`afterok`) and would stay queued forever.
+            later = [str(e.job_id) for _, _, e in executors[number + 1:] if getattr(e, "job_id", None) not in (None, -1)]
+            if later:
+                subprocess.run(["scancel", *later], check=False)
+            raise
 
 
 def _environment_command() -> str:
@@ -117,8 +127,6 @@ def _environment_command() -> str:
 
 def _wait_for(name: str, tasks: int, layout: BuildLayout, executor) -> None:
     """Until every task of the stage is marked finished; a job that ended without it is a failure."""
-    import subprocess
-
     completions = layout.logs(name) / "completions"
     while True:
         done = len(list(completions.glob("*"))) if completions.exists() else 0

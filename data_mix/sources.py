@@ -68,6 +68,8 @@ class Document:
     num_bytes: int
     source: str
     where: str
+    unit: int = 0
+    """The build-wide index of the unit (part of a file) it was read from."""
 
     @property
     def text(self) -> str:
@@ -189,7 +191,8 @@ class CorpusReader:
         self.report = SourceReport(self.corpus.name)
         self._completions: dict[bytes, tuple[str, str]] = {}  # per prompt: its first completion and where
         seen: set[bytes] = set()
-        for source, records in self._sources(whole_units(self.corpus) if whole else units):
+        for unit, records in self._sources(whole_units(self.corpus) if whole else units):
+            source = unit.url
             counts = self.report.per_file.setdefault(source, Counts())
             for where, value in records:
                 kept = self._keep(value, where, seen, counts)
@@ -198,7 +201,7 @@ class CorpusReader:
                     for tally in (counts, self.report.total):
                         tally.kept += 1
                         tally.kept_chars += len(text)
-                    yield Document(value, *kept, source, where)
+                    yield Document(value, *kept, source, where, unit.index)
         if whole and self.report.kept == 0:
             common = self.report.rejected.most_common(1)
             hint = self.hint(common[0][0]) if common else "check `paths`"
@@ -269,15 +272,15 @@ class CorpusReader:
 
     # Each source yields (location, text | None | Rejected) per record; None: the field is missing.
 
-    def _sources(self, units: list[Unit]) -> Iterator[tuple[str, Iterator[tuple[str, object]]]]:
+    def _sources(self, units: list[Unit]) -> Iterator[tuple[Unit, Iterator[tuple[str, object]]]]:
         readers = {"txt": self._txt, "jsonl": self._jsonl, "json": self._json, "csv": self._delimited,
                    "tsv": self._delimited, "xlsx": self._xlsx, "parquet": self._parquet}
         for unit in units:
             if self.corpus.hf_dataset is not None:
-                yield unit.url, self._hf_dataset(unit)
+                yield unit, self._hf_dataset(unit)
                 continue
             fmt = file_format(self.corpus, unit.source)
-            yield unit.url, readers[fmt](unit, fmt)
+            yield unit, readers[fmt](unit, fmt)
 
     def _text_of(self, record: object) -> object:
         if not isinstance(record, dict):

@@ -102,9 +102,8 @@ def plan_tasks(corpora: list[CorpusConfig], tasks: int) -> list[list[Unit]]:
         pieces = _cut(corpus, whole, inside) if inside else [_uncut(whole)]
         position = offset
         for piece in pieces:
-            # A piece belongs to the task whose share holds its middle (a cut piece: its start, cut at a target).
-            anchor = position + (piece.weight / 2 if len(pieces) == 1 else 0)
-            plan[bisect.bisect_right(targets, anchor)].append(piece)
+            # A piece belongs to the task whose share holds its middle.
+            plan[bisect.bisect_right(targets, position + piece.weight / 2)].append(piece)
             position += piece.weight
         offset += whole.weight
     number = itertools.count()

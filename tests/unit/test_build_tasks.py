@@ -110,3 +110,21 @@ def test_duplicates_near_duplicates_and_decontamination_are_counted(builds):
     assert "big.jsonl:901 (kept: " in example and "big.jsonl:6)" in example, example
     assert "wire.parquet:row 301 (kept: " in wire["examples"]["duplicate"][0] and "big.jsonl:11)" in wire["examples"]["duplicate"][0]
     assert "big.jsonl:903 (kept: " in finance["examples"]["heldout_near_duplicate"][0]
+
+
+def test_a_saved_dataset_is_cut_between_rows(built_experiment, tmp_path):
+    import datasets
+
+    rng = random.Random(3)
+    datasets.Dataset.from_dict({"text": [article(rng, 60) for _ in range(400)]}).save_to_disk(str(tmp_path / "saved"))
+    corpus = CorpusConfig(name="saved", hf_dataset={"path": str(tmp_path / "saved")})
+    plan = plan_tasks([corpus], 3)
+    assert [(u.kind, u.start, u.end) for units in plan for u in units] == [("rows", 0, 133), ("rows", 133, 267),
+                                                                         ("rows", 267, 400)]
+    stores = {}
+    for tasks in (1, 3):
+        [manifest] = build_stores([corpus], HELDOUT, DedupConfig(), DataConfig(tasks=tasks, workers=2),
+                                  built_experiment.tokenizer_dir, tmp_path / f"stores-{tasks}")
+        stores[tasks] = (manifest, np.asarray(TokenStore(tmp_path / f"stores-{tasks}" / "saved", "train").tokens))
+    assert stores[1][0]["accounting"] == stores[3][0]["accounting"] and np.array_equal(stores[1][1], stores[3][1])
+    assert len(stores[3][0]["shards"]["train"]) == 3
