@@ -121,7 +121,7 @@ def _read_corpus(corpus: CorpusConfig, units: list[Unit], out: Path, tokenizer_d
     reader = CorpusReader(corpus, ChatRenderer(Path(tokenizer_dir)) if corpus.record_format == "messages" else None,
                           deduplicate=False)
     writer = ShardWriter(out, "documents", dtype, records)
-    digests, places, chars, where_offsets, record_lengths = bytearray(), [], [], array("q", [0]), []
+    digests, places, chars, where_offsets, record_lengths = bytearray(), array("q"), array("q"), array("q", [0]), []
     with open(out / "where.txt", "w", encoding="utf-8", errors="surrogatepass") as where_file:
         for batch in _batches(reader.documents_with_digests(units)):
             if records:
@@ -143,8 +143,8 @@ def _read_corpus(corpus: CorpusConfig, units: list[Unit], out: Path, tokenizer_d
                 where_offsets.append(where_file.tell())
                 yield document
     np.save(out / "digests.npy", np.frombuffer(bytes(digests), dtype=np.uint8).reshape(-1, 16))
-    np.save(out / "units.npy", np.array(places, dtype=np.int64))
-    np.save(out / "chars.npy", np.array(chars, dtype=np.int64))
+    np.save(out / "units.npy", np.frombuffer(places, dtype=np.int64))
+    np.save(out / "chars.npy", np.frombuffer(chars, dtype=np.int64))
     np.save(out / "where.npy", np.frombuffer(where_offsets, dtype=np.int64))
     if records:
         np.save(out / "record_lengths.npy", np.concatenate(record_lengths) if record_lengths else np.empty((0, 2), np.int64))
@@ -204,8 +204,8 @@ class ReadOutput:
         from dapt.data_mix.store import TRAINED_SUFFIX
 
         self.docs = np.load(folder / "documents.docs.npy")
-        self.tokens = _open(folder / "documents.bin", dtype)
-        self.trained = _open(folder / f"documents{TRAINED_SUFFIX}", np.uint8) if records else None
+        self.tokens = _Slices(folder / "documents.bin", dtype)
+        self.trained = _Slices(folder / f"documents{TRAINED_SUFFIX}", np.uint8) if records else None
         self.ends = self.docs[:, 0]
         self.starts = np.concatenate([[0], self.ends[:-1]]).astype(np.int64)
 
@@ -228,5 +228,12 @@ class ReadOutput:
                 first = last
 
 
-def _open(path: Path, dtype) -> np.ndarray:
-    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.empty(0, dtype)
+class _Slices:
+    """Slices of a flat file of ids read with plain reads: a memory map would keep every page read
+    resident in this process, so that its memory grew with the corpus."""
+
+    def __init__(self, path: Path, dtype):
+        self.path, self.dtype = path, np.dtype(dtype)
+
+    def __getitem__(self, span: slice) -> np.ndarray:
+        return np.fromfile(self.path, dtype=self.dtype, count=span.stop - span.start, offset=span.start * self.dtype.itemsize)
