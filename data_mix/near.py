@@ -43,7 +43,7 @@ def minhash_config(near: NearDedupConfig):
 
     bands, rows = near.lsh()
     return MinhashConfig(n_grams=near.shingle, num_buckets=bands, hashes_per_bucket=rows,
-                         hash_config=HashConfig(precision=64, hash_fc="sha1"))
+                         hash_config=HashConfig(precision=64, hash_fc="xxhash"))
 
 
 def signature_step(layout: BuildLayout, near: NearDedupConfig):
