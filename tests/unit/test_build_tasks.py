@@ -128,3 +128,30 @@ def test_a_saved_dataset_is_cut_between_rows(built_experiment, tmp_path):
         stores[tasks] = (manifest, np.asarray(TokenStore(tmp_path / f"stores-{tasks}" / "saved", "train").tokens))
     assert stores[1][0]["accounting"] == stores[3][0]["accounting"] and np.array_equal(stores[1][1], stores[3][1])
     assert len(stores[3][0]["shards"]["train"]) == 3
+
+
+def test_a_store_from_before_shards_opens_and_is_named_stale(built_experiment, tmp_path):
+    """A store of the earlier layout (one `<split>.bin` per split, no shards in its manifest) still reads;
+    the build and the preflight call it stale, naming `dapt data build`."""
+    import shutil
+
+    from dapt.data_mix.build import BuildRequest
+
+    source = built_experiment.stores_dir / "news"
+    old = tmp_path / "stores" / "news"
+    old.mkdir(parents=True)
+    manifest = json.loads((source / "manifest.json").read_text())
+    for split in ("train", "heldout"):
+        store = TokenStore(source, split)
+        np.asarray(store.tokens).tofile(old / f"{split}.bin")
+        np.save(old / f"{split}.docs.npy", np.stack([store.doc_ends, store.doc_bytes], axis=1))
+    manifest.pop("shards")
+    manifest.pop("files")
+    manifest["fingerprint"]["version"] = 3
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    for split in ("train", "heldout"):
+        assert np.array_equal(np.asarray(TokenStore(old, split).tokens), np.asarray(TokenStore(source, split).tokens))
+    [corpus] = [c for c in built_experiment.corpora if c.name == "news"]
+    request = BuildRequest([corpus], built_experiment.heldout, DedupConfig(), built_experiment.tokenizer_dir, old.parent)
+    assert request.staleness(corpus) == "built by another version of dapt's store format"
+    shutil.rmtree(old.parent)
