@@ -50,13 +50,40 @@ def _run_local(name: str, tasks: int, pipeline: list, layout: BuildLayout, data:
           f", {workers} at a time", flush=True)
     started = time.perf_counter()
     try:
-        with quiet_stderr(layout.logs(name) / "stderr.log"):
+        with quiet_stderr(layout.logs(name) / "stderr.log"), _progress(name, tasks, finished, layout):
             executor.run()
     except Exception as err:
         if isinstance(err, DaptError):
             raise
         raise _task_failure(name, tasks, layout, err) from None
     print(f"  {name}: done in {time.perf_counter() - started:.1f} s", flush=True)
+
+
+@contextlib.contextmanager
+def _progress(stage: str, tasks: int, finished: int, layout: BuildLayout):
+    """Tasks finished so far, on a terminal (stdout: stderr is datatrove's log while the stage runs)."""
+    import threading
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=tasks, initial=finished, desc=f"  {stage}", unit="task", file=sys.stdout, leave=False,
+               disable=None if tasks > 1 else True)
+    stop = threading.Event()
+    completions = layout.logs(stage) / "completions"
+
+    def poll() -> None:
+        while not stop.wait(1.0):
+            bar.n = len(list(completions.glob("*"))) if completions.exists() else finished
+            bar.refresh()
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        bar.close()
 
 
 def _task_failure(stage: str, tasks: int, layout: BuildLayout, err: BaseException | None = None) -> Exception:
