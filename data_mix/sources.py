@@ -191,7 +191,9 @@ class CorpusReader:
         self.report = SourceReport(self.corpus.name)
         self._completions: dict[bytes, tuple[str, str]] = {}  # per prompt: its first completion and where
         seen: set[bytes] = set()
-        for unit, records in self._sources(whole_units(self.corpus) if whole else units):
+        units = whole_units(self.corpus) if whole else units
+        self._unit_starts = {unit.index: unit.start for unit in units}
+        for unit, records in self._sources(units):
             source = unit.url
             counts = self.report.per_file.setdefault(source, Counts())
             for where, value in records:
@@ -220,6 +222,8 @@ class CorpusReader:
 
     def _reject(self, reason: str, where: str, counts: Counts) -> None:
         if reason in BAD_RECORD and self.corpus.on_error == "fail":
+            # A task reading from the middle of a file does not know the lines before its part: say where it starts.
+            where = re.sub(r"⟨(\d+)\+(\d+)⟩", lambda m: f"line {m[2]} after byte {self._unit_starts[int(m[1])]}", where)
             raise DaptError(f"corpus '{self.corpus.name}': {reason.replace('_', ' ')} at {where}; {self.hint(reason)} "
                             "(or set `on_error: skip` to count and skip such records)")
         counts.rejected[reason] += 1

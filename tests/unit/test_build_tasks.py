@@ -3,6 +3,7 @@ number of tasks, exact and near deduplication counted, held-out decontamination.
 
 import json
 import random
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -155,3 +156,18 @@ def test_a_store_from_before_shards_opens_and_is_named_stale(built_experiment, t
     request = BuildRequest([corpus], built_experiment.heldout, DedupConfig(), built_experiment.tokenizer_dir, old.parent)
     assert request.staleness(corpus) == "built by another version of dapt's store format"
     shutil.rmtree(old.parent)
+
+
+def test_a_bad_record_in_a_task_stops_the_build_naming_where_it_is(built_experiment, tmp_path):
+    from dapt.base import DaptError
+
+    lines = [json.dumps({"text": f"document {i} about the coupon"}) for i in range(40)]
+    lines[30] = "not json"
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    corpus = CorpusConfig(name="c", paths=[str(tmp_path / "a.jsonl")], on_error="fail")
+    offset = sum(len(line) + 1 for line in lines[:30])
+    with pytest.raises(DaptError, match=r"corpus 'c': malformed record at .*a.jsonl:line (\d+) after byte (\d+); ") as raised:
+        build_stores([corpus], HELDOUT, DedupConfig(), DataConfig(tasks=2, workers=2), built_experiment.tokenizer_dir,
+                     tmp_path / "stores")
+    line, start = map(int, re.search(r"line (\d+) after byte (\d+)", str(raised.value)).groups())
+    assert start + sum(len(l) + 1 for l in lines[30 - line + 1 : 30]) == offset, "the line counted from that byte is the bad one"
