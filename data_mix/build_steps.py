@@ -22,17 +22,14 @@ from array import array
 from pathlib import Path
 
 import numpy as np
+from datatrove.data import Document as TroveDocument
+from datatrove.pipeline.base import PipelineStep
 
 from dapt.data_mix.config import CorpusConfig
 from dapt.data_mix.records import OVER_LENGTH, ChatRenderer, account_records, trained_text_bytes
 from dapt.data_mix.shard_writer import ShardWriter
 from dapt.data_mix.sources import CorpusReader, Document
 from dapt.data_mix.units import Unit
-
-try:  # the steps are datatrove's when it is installed (always, with dapt); plain classes otherwise
-    from datatrove.pipeline.base import PipelineStep
-except ImportError:  # pragma: no cover
-    PipelineStep = object
 
 # A batch is tokenised at this many documents or bytes, whichever comes first.
 BATCH_DOCUMENTS = 512
@@ -106,8 +103,6 @@ class ReadStep(PipelineStep):
                                              np.dtype(self.dtype)):
                     self.stat_update("documents")
                     if self.near:
-                        from datatrove.data import Document as TroveDocument
-
                         yield TroveDocument(text=document.text, id=f"{rank}/{sequence}")
                     sequence += 1
 

@@ -7,14 +7,10 @@ MinHash compares, and a financial filing and its syndicated copy split alike eit
 from __future__ import annotations
 
 import regex
+from datatrove.utils.word_tokenizers import WordTokenizer
 
 from dapt.data_mix.build_steps import BuildLayout
 from dapt.data_mix.config import NearDedupConfig
-
-try:
-    from datatrove.utils.word_tokenizers import WordTokenizer
-except ImportError:  # pragma: no cover
-    WordTokenizer = object
 
 WORD = regex.compile(r"\w+|[^\w\s]+")
 
