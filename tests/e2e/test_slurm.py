@@ -158,37 +158,37 @@ def test_sigusr1_checkpoints_requeues_and_resumes_the_same_run(slurm_env, finish
 def test_a_store_build_runs_as_slurm_tasks_and_a_cancelled_task_reruns_alone(slurm_env, built_experiment, tmp_path):
     """4 read tasks as a job array; one is cancelled, the build names it; the rerun runs only it, and the
     stores equal the local executor's."""
-    from dapt.data_mix.build import build_stores as build_corpus_stores
-    from dapt.data_mix.config import DataConfig
     from dapt.data_mix.store import TokenStore
 
     path = experiment_file(tmp_path, built_experiment, steps=1)
     config = yaml.safe_load(path.read_text())
     config |= {"stores": str(tmp_path / "stores"), "data": {"executor": "slurm", "tasks": 4,
-                                                           "slurm": {"partition": "debug", "time": "00:10:00", "mem_per_cpu_gb": 1}}}
+                                                           "slurm": {"partition": "debug", "time": "00:10:00", "mem_per_cpu_gb": 1,
+                                                                     # no task starts before the cancel below
+                                                                     "sbatch_args": {"begin": "now+3"}}}}
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "dapt", "data", "build", str(path)]
     build = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=slurm_env)
-    deadline, job = time.time() + 120, ""
-    while not job and time.time() < deadline:
-        job = subprocess.run(["squeue", "-h", "-n", "dapt-build-read", "-o", "%F"], capture_output=True, text=True,
-                             env=slurm_env).stdout.strip().split("\n")[0]
+    deadline, task = time.time() + 120, []
+    while not task and time.time() < deadline:  # the read array's element 3 (beside it: datatrove's stats job)
+        listed = subprocess.run(["squeue", "-h", "-r", "-n", "dapt-build-read", "-o", "%i"], capture_output=True,
+                                text=True, env=slurm_env).stdout.split()
+        task = [job for job in listed if job.endswith("_3")]
         time.sleep(0.1)
-    assert job, "the read stage was submitted as a job array"
-    subprocess.run(["scancel", f"{job}_3"], check=True, env=slurm_env)  # as a preempted or lost task
+    assert task, "the read stage was submitted as a job array"
+    subprocess.run(["scancel", task[0]], check=True, env=slurm_env)  # as a preempted or lost task
     out, err = build.communicate(timeout=300)
     assert build.returncode != 0 and len(err.strip().splitlines()) == 1, out + err
     assert "task 3 of stage 'read' failed" in err and "task_00003.log" in err and "rerun the same command" in err, err
     rerun = subprocess.run(command, capture_output=True, text=True, env=slurm_env, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "read: 4 task(s), 3 finished before" in rerun.stdout, rerun.stdout
-    experiment, _ = load_experiment(path)
-    local = build_corpus_stores(experiment.corpora, experiment.heldout, experiment.dedup, DataConfig(tasks=4),
-                                experiment.tokenizer_dir, tmp_path / "local")
-    for manifest in local:
-        name = manifest["corpus"]
+    # The session's stores were built by the local executor with 2 tasks: a store does not depend on either.
+    for corpus in built_experiment.corpora:
+        name = corpus.name
+        manifest = json.loads((built_experiment.stores_dir / name / "manifest.json").read_text())
         built = json.loads((tmp_path / "stores" / name / "manifest.json").read_text())
         assert built["splits"] == manifest["splits"] and built["accounting"] == manifest["accounting"]
         for split in ("train", "heldout"):
             assert (TokenStore(tmp_path / "stores" / name, split).tokens[:].tolist()
-                    == TokenStore(tmp_path / "local" / name, split).tokens[:].tolist())
+                    == TokenStore(built_experiment.stores_dir / name, split).tokens[:].tolist())
