@@ -119,13 +119,6 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def store_staleness(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Path, stores_dir: Path,
-                    corpora: list[CorpusConfig] | None = None, dedup: DedupConfig | None = None) -> str | None:
-    """Why one corpus's store does not hold what the experiment would build now, or None when it does."""
-    request = BuildRequest(corpora or [corpus], heldout, dedup or DedupConfig(), tokenizer_dir, stores_dir)
-    return request.staleness(corpus)
-
-
 def build_store(corpus: CorpusConfig, heldout: HeldoutConfig, tokenizer_dir: Path, stores_dir: Path,
                 data: DataConfig | None = None, dedup: DedupConfig | None = None) -> dict:
     """Build (or keep, when up to date) one corpus's store; returns its manifest."""
