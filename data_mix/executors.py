@@ -174,13 +174,15 @@ def _run_ray(stages: list[tuple[str, int, list]], layout: BuildLayout, data: Dat
     except ImportError:
         raise DaptError("`data.executor: ray` needs Ray: pip install 'ray[default]'") from None
     if not ray.is_initialized():
-        ray.init(address=data.ray_address)
+        ray.init(address=data.ray_address, log_to_driver=False)
     for name, tasks, pipeline in stages:
         executor = RayPipelineExecutor(pipeline, tasks=tasks, workers=data.workers or -1,
                                        logging_dir=str(layout.logs(name)))
-        print(f"  {name}: {tasks} task(s) on Ray", flush=True)
+        finished = tasks - len(executor.get_incomplete_ranks())
+        print(f"  {name}: {tasks} task(s) on Ray" + (f", {finished} finished before" if finished else ""), flush=True)
         try:
-            executor.run()
+            with quiet_stderr(layout.logs(name) / "stderr.log"):
+                executor.run()
         except Exception as err:
             raise _task_failure(name, tasks, layout, err) from None
         if len(list((layout.logs(name) / "completions").glob("*"))) < tasks:
