@@ -67,11 +67,16 @@ def cmd_train(args) -> None:
     from dapt.launch.preflight import checked_by_launcher, preflight
     from dapt.pretrain.train import train_one_after_another
 
+    experiments = []
     for config in args.configs:  # every file is checked before the first run starts
-        experiment = load_training_experiment(config)
+        experiments.append(load_training_experiment(config))
         if not checked_by_launcher():  # started by hand or by a launcher that is not dapt's
-            preflight(experiment, Path(config), resume=not args.no_resume, wandb=os.environ.get("RANK", "0") == "0")
-    train_one_after_another([Path(config) for config in args.configs], resume=not args.no_resume)
+            preflight(experiments[-1], Path(config), resume=not args.no_resume, wandb=os.environ.get("RANK", "0") == "0",
+                      carried_over=True)
+    # The runs share one process group: it waits as long as the most patient of them asks.
+    timeout = max(experiment.train.dist_timeout_minutes for experiment in experiments)
+    train_one_after_another([Path(config) for config in args.configs], resume=not args.no_resume,
+                            timeout_minutes=timeout)
     # The interpreter's last garbage collection walks every object torch, DeepSpeed and
     # transformers made (~3 s on a CPU); nothing is left to release, so exit without it.
     gc.freeze()
@@ -79,6 +84,7 @@ def cmd_train(args) -> None:
 
 def cmd_launch_local(args) -> None:
     from dapt.launch.local import default_nproc, run_local
+    from dapt.pretrain.carry_over import carry_over_base_model
     from dapt.launch.pipeline import load_training_experiment
     from dapt.launch.preflight import preflight
     from dapt.workdir import workdir_lock
@@ -86,6 +92,7 @@ def cmd_launch_local(args) -> None:
     experiment = load_training_experiment(args.config)
     with workdir_lock(experiment.workpath):
         preflight(experiment, Path(args.config), resume=not args.no_resume)
+        carry_over_base_model(experiment)
         run_local(Path(args.config), args.nproc or default_nproc(experiment), resume=not args.no_resume)
 
 
@@ -107,9 +114,12 @@ def cmd_launch_deepspeed(args) -> None:
     from dapt.launch.deepspeed_launcher import run_deepspeed
     from dapt.launch.pipeline import load_training_experiment
     from dapt.launch.preflight import preflight
+    from dapt.pretrain.carry_over import carry_over_base_model
 
     # A bad experiment file, a missing store or tokenizer is reported here, not by every rank.
-    preflight(load_training_experiment(args.config), Path(args.config), resume=not args.no_resume)
+    experiment = load_training_experiment(args.config)
+    preflight(experiment, Path(args.config), resume=not args.no_resume)
+    carry_over_base_model(experiment)
     run_deepspeed(Path(args.config), Path(args.hostfile), args.launcher, resume=not args.no_resume)
 
 
@@ -119,6 +129,19 @@ def cmd_export(args) -> None:
     out = export_checkpoint(Path(args.checkpoint), Path(args.out), tag=args.tag, dtype=args.dtype,
                             max_shard_size=args.max_shard_size, lora=args.lora)
     print(f"exported a Hugging Face model directory to {out}")
+
+
+def cmd_model_carry_over(args) -> None:
+    from dapt.launch.pipeline import load_training_experiment
+    from dapt.pretrain.carry_over import carry_over_base_model
+    from dapt.workdir import workdir_lock
+
+    experiment = load_training_experiment(args.config)
+    if experiment.model.embeddings is None:
+        print("model.embeddings is not set: the ranks load model.path as it is, nothing to carry over")
+        return
+    with workdir_lock(experiment.workpath):
+        carry_over_base_model(experiment)
 
 
 def cmd_model_import_gguf(args) -> None:
@@ -296,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--output", help="also write the workspace spec (JSON) here")
     board.add_argument("--dry-run", action="store_true", help="build and write the spec, do not save it to W&B")
     model = commands.add_parser("model", help="base model folders").add_subparsers(dest="sub", required=True, metavar="WHAT")
+    command(model, "carry-over", cmd_model_carry_over,
+            "carry the base model over to the experiment's tokenizer (model.embeddings), fit its new rows and measure "
+            "the base model's held-out BPB, before any rank starts (dapt run and dapt launch do it first)")
     gguf = command(model, "import-gguf", cmd_model_import_gguf,
                    "turn a GGUF file (llama.cpp) into a Hugging Face model folder for `model.path`", config=False)
     gguf.add_argument("gguf_file", help="the .gguf file")

@@ -17,6 +17,7 @@ from dapt.base import DaptError, disk_size
 from dapt.data_mix.build import BuildRequest
 from dapt.data_mix.store import tokenizer_hash
 from dapt.experiment import Experiment
+from dapt.pretrain.carry_over import carry_over_problem
 from dapt.pretrain.checkpoint import checkpoint_bytes, latest_meta, latest_tag
 from dapt.pretrain.model import check_model, parameter_count
 from dapt.pretrain.resume_settings import allowed_changes, check_resume_settings
@@ -27,14 +28,19 @@ CHECKED = "DAPT_PREFLIGHT_DONE"
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def preflight(experiment: Experiment, config: Path, resume: bool = True, wandb: bool = True) -> None:
+def preflight(experiment: Experiment, config: Path, resume: bool = True, wandb: bool = True,
+              carried_over: bool = False) -> None:
     """Every problem that would stop the job once started, reported together; `wandb`: also
-    try the W&B server when the run logs online (only one process of a job needs to)."""
+    try the W&B server when the run logs online (only one process of a job needs to);
+    `carried_over`: the base model must have been carried over already (on a rank: a launcher
+    does it before starting the ranks)."""
     problems = [*_tokenizer_and_stores(experiment, config), *_model(experiment), _disk(experiment),
                 _resume(experiment, config) if resume else None]
     if wandb and experiment.wandb.mode == "online":
         problems.append(online_problem())
     problems = [problem for problem in problems if problem]
+    if carried_over and not problems:  # the carry-over is judged against the stores and the tokenizer
+        problems = [problem for problem in [carry_over_problem(experiment, config)] if problem]
     if problems:
         raise DaptError(f"{config}: the job would fail, so nothing was started:\n  " + "\n  ".join(problems))
 

@@ -71,6 +71,10 @@ def render_script(experiment: Experiment, config_path: Path, slurm: SlurmConfig)
     header = "\n".join(f"#SBATCH {d}" for d in directives)
     srun_cpus = f" --cpus-per-task={slurm.cpus_per_task}" if slurm.cpus_per_task else ""
     cpus_note = "\n# srun repeats --cpus-per-task: Slurm 22.05 to 23.02 do not pass it on from sbatch." if srun_cpus else ""
+    carry_over = "" if experiment.model.embeddings is None else (
+        "# The base model is carried over to the experiment's tokenizer here, on this node and its GPU, before any\n"
+        "# rank starts (kept while nothing it depends on changes): ranks waiting for it would time out.\n"
+        '"$python" -m dapt model carry-over "$config" || { echo "dapt: carrying the base model over failed" >&2; exit 1; }\n\n')
     return f"""#!/bin/bash
 # Written by `dapt launch slurm` for experiment {q(experiment.name)}: {slurm.nodes} node(s) x {nproc} training processes.
 # Kept for the record; `sbatch` this file to run the same job again.
@@ -102,7 +106,7 @@ ask_training_to_stop() {{
 }}
 trap ask_training_to_stop USR1
 
-# Each node's log folder is named after the node, so the name is expanded on the node.
+{carry_over}# Each node's log folder is named after the node, so the name is expanded on the node.
 # torchrun waits --shutdown-timeout seconds for the ranks to save before it kills them.{cpus_note}
 srun --ntasks-per-node=1{srun_cpus} --kill-on-bad-exit=1 \\
   bash -c 'exec "$0" -m torch.distributed.run --log-dir="$1/$SLURMD_NODENAME" "${{@:2}}"' "$python" "$logs" \\

@@ -132,6 +132,11 @@ class TrainConfig(StrictModel):
     """Recent steps whose loss a new one is compared with, for the loss-spike detector."""
     spike_threshold: float = Field(default=6.0, gt=0)
     """A loss this many standard deviations above the window's mean is logged as a spike."""
+    dist_timeout_minutes: float = Field(default=30.0, gt=0)
+    """How long a rank waits for the others in one collective (a step's all-reduce, a checkpoint's
+    barrier) before the job ends naming the rank, the operation and the step. The default outlasts a
+    70B model's checkpoint save on a shared filesystem (~1 TB of weights and Adam state at ~1 GB/s:
+    ~17 minutes); a lost node is found sooner, by the ranks' heartbeats."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -152,30 +152,50 @@ def retokenized_bpb(model: torch.nn.Module, model_tokenizer, tokenizer, stores: 
 
 def base_model_bpb(experiment: Experiment, dtype: torch.dtype, device: torch.device) -> dict[str, float] | None:
     """With a carry-over (`model.embeddings`), the base model's held-out BPB with its own tokenizer on
-    the documents the run evaluates: where the carried-over model should start. Measured once by the
-    calling process alone and kept in the carried-over folder while the base model, both tokenizers,
+    the documents the run evaluates: where the carried-over model should start. Measured once, by the
+    carry-over stage alone, and kept in the carried-over folder while the base model, both tokenizers,
     the held-out stores and the evaluation settings stay as they were."""
     from transformers import AutoModelForCausalLM
 
     model_config, train = experiment.model, experiment.train
     if model_config.embeddings is None:
         return None
-    # Text corpora only: a record corpus's figure is its completions', which this measurement does not read.
-    stores = {name: store for name, store in experiment_stores(experiment, "heldout").items() if not store.records}
-    record = experiment.carried_over_dir / BASE_BPB_FILE
-    key = experiment_hash(json.dumps([
-        (experiment.carried_over_dir / CARRY_OVER_STAMP).read_text(), {n: s.manifest for n, s in stores.items()},
-        experiment.mix.seq_len, train.eval_max_tokens, train.micro_batch_size, str(dtype),
-    ], sort_keys=True, default=str))
-    if record.exists() and json.loads(record.read_text())["key"] == key:
-        return json.loads(record.read_text())["bpb"]
+    recorded = recorded_base_bpb(experiment, dtype)
+    if recorded is not None:
+        return recorded
+    stores = _base_bpb_stores(experiment)
+    print(f"embeddings: measuring the base model's held-out BPB with its own tokenizer on {', '.join(stores)}",
+          flush=True)
     base = Path(model_config.base_tokenizer or model_config.path)
     model = AutoModelForCausalLM.from_pretrained(model_config.path, attn_implementation="sdpa", dtype=dtype).to(device)
     bpb = retokenized_bpb(model, load_tokenizer(base), load_tokenizer(experiment.tokenizer_dir), stores,
                           experiment.mix.seq_len, train.eval_max_tokens, train.micro_batch_size, device)
     del model
-    record.write_text(json.dumps({"key": key, "bpb": bpb}, indent=1))
+    record = experiment.carried_over_dir / BASE_BPB_FILE
+    record.write_text(json.dumps({"key": _base_bpb_key(experiment, stores, dtype), "bpb": bpb}, indent=1))
     return bpb
+
+
+def recorded_base_bpb(experiment: Experiment, dtype: torch.dtype) -> dict[str, float] | None:
+    """The base model's held-out BPB the carry-over stage measured for these settings; None without one."""
+    record = experiment.carried_over_dir / BASE_BPB_FILE
+    if not record.exists() or not (experiment.carried_over_dir / CARRY_OVER_STAMP).exists():
+        return None
+    saved = json.loads(record.read_text())
+    return saved["bpb"] if saved["key"] == _base_bpb_key(experiment, _base_bpb_stores(experiment), dtype) else None
+
+
+def _base_bpb_stores(experiment: Experiment) -> dict[str, TokenStore]:
+    # Text corpora only: a record corpus's figure is its completions', which this measurement does not read.
+    return {name: store for name, store in experiment_stores(experiment, "heldout").items() if not store.records}
+
+
+def _base_bpb_key(experiment: Experiment, stores: dict[str, TokenStore], dtype: torch.dtype) -> str:
+    train = experiment.train
+    return experiment_hash(json.dumps([
+        (experiment.carried_over_dir / CARRY_OVER_STAMP).read_text(), {n: s.manifest for n, s in stores.items()},
+        experiment.mix.seq_len, train.eval_max_tokens, train.micro_batch_size, str(dtype),
+    ], sort_keys=True, default=str))
 
 
 class Evaluator:

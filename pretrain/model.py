@@ -141,10 +141,8 @@ def write_carried_over(config: ModelConfig, tokenizer_dir: Path, out_dir: Path,
     """The base model carried over to the experiment's tokenizer, as a Hugging Face folder with that
     tokenizer: written once (by one process), kept while the base model, both tokenizers and the
     fitting windows are unchanged."""
-    stamp = _carry_over_stamp(config, tokenizer_dir)
-    if fit_windows is not None:
-        stamp["fit_windows"] = hashlib.sha256(fit_windows.numpy().tobytes()).hexdigest()
-    if (out_dir / CARRY_OVER_STAMP).exists() and json.loads((out_dir / CARRY_OVER_STAMP).read_text()) == stamp:
+    stamp = carry_over_stamp(config, tokenizer_dir, fit_windows)
+    if carried_over_matches(out_dir, stamp):
         print(f"embeddings: carried-over base model up to date in {out_dir}", flush=True)
         return out_dir
     model = carried_over_model(config, load_tokenizer(tokenizer_dir), fit_windows)
@@ -159,6 +157,20 @@ def write_carried_over(config: ModelConfig, tokenizer_dir: Path, out_dir: Path,
     temporary.rename(out_dir)
     print(f"embeddings: base model carried over ({config.embeddings}) into {out_dir}", flush=True)
     return out_dir
+
+
+def carried_over_matches(out_dir: Path, stamp: dict) -> bool:
+    """Whether `out_dir` holds the carried-over model `stamp` describes."""
+    return (out_dir / CARRY_OVER_STAMP).exists() and json.loads((out_dir / CARRY_OVER_STAMP).read_text()) == stamp
+
+
+def carry_over_stamp(config: ModelConfig, tokenizer_dir: Path, fit_windows: torch.Tensor | None) -> dict:
+    """What the carried-over folder depends on: the base model, both tokenizers and the windows its new
+    rows are fitted on."""
+    stamp = _carry_over_stamp(config, tokenizer_dir)
+    if fit_windows is not None:
+        stamp["fit_windows"] = hashlib.sha256(fit_windows.numpy().tobytes()).hexdigest()
+    return stamp
 
 
 def _carry_over_stamp(config: ModelConfig, tokenizer_dir: Path) -> dict:

@@ -19,6 +19,7 @@ import torch
 
 from dapt.data_mix.store import TokenStore
 from dapt.pretrain.loss import next_token_loss
+from dapt.pretrain.progress import Progress
 
 FIT_BATCH = 8  # windows a step
 FIT_LR = 1e-3
@@ -55,14 +56,19 @@ def fit_new_rows(model, new_ids: list[int], windows: torch.Tensor) -> tuple[floa
     hooks = [matrix.register_hook(lambda grad: grad * mask) for matrix in matrices]
     optimizer = torch.optim.Adam(matrices, lr=FIT_LR)
     losses = []
+    batches = windows.to(device).split(FIT_BATCH)
+    # A 7B model's fit runs for many minutes: a bar on a terminal, a line every tenth in a log.
+    progress = Progress(len(batches), 0, max(1, len(batches) // 10), enabled=True, label="fitting new rows, step")
     try:
-        for batch in windows.to(device).split(FIT_BATCH):
+        for step, batch in enumerate(batches, 1):
             loss, _ = next_token_loss(model, batch)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+            progress.update(step, {"loss": f"{losses[-1]:.4f}"})
     finally:
+        progress.close()
         for hook in hooks:
             hook.remove()
         for parameter in frozen:

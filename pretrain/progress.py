@@ -1,5 +1,6 @@
-"""Rank 0's view of a run: on a terminal, a bar with step, loss, tokens/s and ETA; in a
-log file (Slurm, CI), a line every `every` steps with the same figures."""
+"""Rank 0's view of long work (training steps, fitting new rows): on a terminal, a bar with
+the step, the work's own figures and an ETA; in a log file (Slurm, CI), a line every `every`
+steps with the same figures."""
 
 from __future__ import annotations
 
@@ -10,22 +11,24 @@ from tqdm import tqdm
 
 
 class Progress:
-    def __init__(self, total: int, first: int, every: int, enabled: bool):
-        self.total, self.first, self.every, self.enabled = total, first, every, enabled
+    def __init__(self, total: int, first: int, every: int, enabled: bool, label: str = "step"):
+        self.total, self.first, self.every, self.enabled, self.label = total, first, every, enabled, label
         self.started = time.perf_counter()
         terminal = enabled and sys.stdout.isatty()
-        self.bar = tqdm(total=total, initial=first, unit="step", dynamic_ncols=True) if terminal else None
+        self.bar = tqdm(total=total, initial=first, unit=label, dynamic_ncols=True) if terminal else None
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+    def update(self, step: int, figures: dict[str, str]) -> None:
+        """`step` done; `figures` (name → formatted value) shown beside it."""
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            self.bar.set_postfix(figures, refresh=False)
         elif step % self.every == 0 or step in (self.first + 1, self.total):
             per_step = (time.perf_counter() - self.started) / (step - self.first)
             eta = per_step * (self.total - step)
-            print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  "
+            shown = "  ".join(f"{name} {value}" for name, value in figures.items())
+            print(f"{self.label} {step}/{self.total}  {shown}  "
                   f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
 
     def write(self, message: str) -> None:

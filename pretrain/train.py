@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -31,7 +32,8 @@ from dapt.experiment import Experiment
 from dapt.pretrain.checkpointer import Checkpointer, RunState
 from dapt.pretrain.ds_config import resolve_deepspeed_config
 from dapt.pretrain.env import DistributedEnv, discover, export_for_torch
-from dapt.pretrain.evaluate import Evaluator, base_model_bpb
+from dapt.pretrain.carry_over import require_carried_over
+from dapt.pretrain.evaluate import Evaluator, recorded_base_bpb
 from dapt.pretrain.export import GENERATION_CONFIG
 from dapt.pretrain.guard import (StepGuard, engine_checks_overflow, injected_nan_steps, loss_for_backward,
                            step_skipping_nonfinite_gradients)
@@ -39,8 +41,7 @@ from dapt.pretrain.hf_folder import make_config_portable
 from dapt.pretrain.loss import check_chunked_loss, check_packed_records, install_chunked_loss, next_token_loss
 from dapt.pretrain.lora import with_lora
 from dapt.pretrain.metrics import flops_per_token, mfu, peak_flops
-from dapt.pretrain.model import PRECISION_DTYPES, build_model, write_carried_over
-from dapt.pretrain.new_rows import fit_windows
+from dapt.pretrain.model import PRECISION_DTYPES, build_model
 from dapt.pretrain.progress import Progress
 from dapt.pretrain.stop import StopRequest, exit_with_launcher
 from dapt.pretrain.tracking import Tracker
@@ -105,12 +106,13 @@ RUN_MARKER = "== training run "
 ALL_RUNS_DONE = "== training runs done: "
 RUNS_STOPPED = "== training stopped by a signal"
 
-def train_one_after_another(configs: list[Path], resume: bool = True) -> None:
+def train_one_after_another(configs: list[Path], resume: bool = True, timeout_minutes: float = 30.0) -> None:
     """Train each experiment on this rank, resuming from its workdir's latest checkpoint unless
     `resume` is off. Several experiments (the proxy runs of a sweep) train one after another in
     these processes: process start, imports and the process group are paid once, not per run,
     and each run is exactly what it would be alone (same seed, data order and checkpoints).
-    A stop by signal ends the sequence; its run resumes on the next start."""
+    A stop by signal ends the sequence; its run resumes on the next start. `timeout_minutes`: how long
+    a collective waits for every rank (`train.dist_timeout_minutes`)."""
     from dapt.experiment import load_experiment
 
     env = discover()
@@ -118,7 +120,7 @@ def train_one_after_another(configs: list[Path], resume: bool = True) -> None:
     if env.source != DistributedEnv.source:  # started by a launcher (torchrun, deepspeed, srun, mpirun)
         exit_with_launcher(env.rank)
     # One stop request for the whole sequence: a signal that arrives between two runs still stops it.
-    stop = StopRequest(init_distributed(env))
+    stop = StopRequest(init_distributed(env, timeout_minutes))
     measured_at_start: dict[str, dict[str, float]] = {}  # see `Evaluator`: runs here that start alike share it
     for number, config in enumerate(configs, 1):
         if number > 1 and stop.agreed():
@@ -147,14 +149,15 @@ def _say(env, line: str) -> None:
         sys.stdout.flush()
 
 
-def init_distributed(dist_env) -> torch.device:
-    """NCCL on GPUs, gloo on CPU; this rank's device."""
+def init_distributed(dist_env, timeout_minutes: float) -> torch.device:
+    """NCCL on GPUs, gloo on CPU, collectives bounded by `timeout_minutes`; this rank's device."""
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False,
+                               timeout=timedelta(minutes=timeout_minutes))
     if not on_gpu:
         return torch.device("cpu")
     device = torch.device("cuda", dist_env.local_rank)
@@ -237,28 +240,14 @@ class Trainer:
 
     def _base_model_folder(self) -> Path | None:
         """The folder every rank loads: `model.path`, or with `model.embeddings` the base model carried
-        over to the experiment's tokenizer, which rank 0 writes (once) while the others wait."""
+        over to the experiment's tokenizer by the carry-over stage, before the ranks started."""
         model = self.experiment.model
         if model.embeddings is None:
             return Path(model.path) if model.path else None
+        require_carried_over(self.experiment)
         if self.env.is_main:
-            write_carried_over(model, self.experiment.tokenizer_dir, self.experiment.carried_over_dir,
-                               self._fit_windows())
-            self.base_bpb = base_model_bpb(self.experiment, PRECISION_DTYPES[self.train.precision], self.device)
-        dist.barrier()
+            self.base_bpb = recorded_base_bpb(self.experiment, PRECISION_DTYPES[self.train.precision])
         return self.experiment.carried_over_dir
-
-    def _fit_windows(self) -> torch.Tensor | None:
-        """With `model.fit_new_rows`, the training text the new rows are fitted on: all of it, or the
-        domain's for `extend` with pieces inside words (which other text seldom holds; runs of words
-        such as ` of the` it holds often)."""
-        experiment, model = self.experiment, self.experiment.model
-        if not model.fit_new_rows:
-            return None
-        inside_words = model.embeddings == "extend" and model.extend_phrase_words == 1
-        domain = experiment.extend_domain_corpora() if inside_words else experiment.corpora
-        return fit_windows([self.train_stores[c.name] for c in domain], self.mix.seq_len,
-                           experiment.model.fit_new_rows, experiment.seed)
 
     def _start_tracking(self, resumed: bool) -> None:
         experiment, mix, state = self.experiment, self.mix, self.state
@@ -322,7 +311,8 @@ class Trainer:
             if guard.exhausted:
                 latest = self.checkpointer.latest()
                 raise guard.stop_error(done, latest and str(latest))
-            progress.update(done, state.last_loss, metrics["train/lr"], metrics["perf/tokens_per_s"])
+            progress.update(done, {"loss": f"{state.last_loss:.4f}", "lr": f"{metrics['train/lr']:.2e}",
+                                   "tok/s": f"{metrics['perf/tokens_per_s']:,.0f}"})
             if self.stop.agreed():
                 tag = self.checkpointer.save(self.engine, state)
                 if main:

@@ -40,6 +40,20 @@ def test_dry_run_prints_the_script_with_flags_over_the_config(tmp_path):
     assert not (tmp_path / "slurm").exists(), "a dry run writes nothing"
 
 
+def test_a_carried_over_base_model_is_made_on_the_first_node_before_torchrun(tmp_path):
+    """With `model.embeddings` the job carries the base model over before any rank starts, and stops
+    with its reason if that fails; without it, the script does not mention it."""
+    (tmp_path / "carried").mkdir()
+    (tmp_path / "plain").mkdir()
+    carried = write_experiment(tmp_path / "carried", {"model": {"path": str(tmp_path), "embeddings": "transplant"}})
+    experiment, _ = load_experiment(carried)
+    script = render_script(experiment, carried, experiment.launch.slurm)
+    assert script.index('-m dapt model carry-over "$config" || {') < script.index("\nsrun --ntasks")
+    plain = write_experiment(tmp_path / "plain", {})
+    experiment, _ = load_experiment(plain)
+    assert "carry-over" not in render_script(experiment, plain, experiment.launch.slurm)
+
+
 def test_every_value_is_shell_quoted(tmp_path):
     folder = tmp_path / HOSTILE.replace("/", "")
     folder.mkdir()

@@ -1,0 +1,71 @@
+"""The carry-over stage (`model.embeddings`): the base model carried over to the experiment's
+tokenizer, its new rows fitted (`model.fit_new_rows`) and the base model's own held-out BPB
+measured, in one process before any rank starts. `dapt model carry-over` runs it; `dapt run`,
+`dapt launch local|deepspeed` and the Slurm job (on its first node, before torchrun) run it first.
+
+Why a stage and not rank 0's work at start: the other ranks would wait for it at a barrier, and a
+barrier is bounded by the process group's timeout, which a 7B model's carry-over and fit outlast;
+every rank then died before step 1. Now the ranks only load the folder it wrote.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dapt.base import DaptError
+from dapt.data_mix.store import TokenStore, experiment_stores
+from dapt.experiment import Experiment
+from dapt.pretrain.evaluate import base_model_bpb, recorded_base_bpb
+from dapt.pretrain.model import (CARRY_OVER_STAMP, PRECISION_DTYPES, carried_over_matches, carry_over_stamp,
+                                 write_carried_over)
+from dapt.pretrain.new_rows import fit_windows
+
+
+def carry_over_base_model(experiment: Experiment) -> Path | None:
+    """Write (or keep, when up to date) the carried-over folder and the base model's held-out BPB;
+    the folder, or None without `model.embeddings`. On this machine's first GPU when it has one."""
+    if experiment.model.embeddings is None:
+        return None
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    windows = new_row_windows(experiment, experiment_stores(experiment, "train"))
+    write_carried_over(experiment.model, experiment.tokenizer_dir, experiment.carried_over_dir, windows)
+    base_model_bpb(experiment, PRECISION_DTYPES[experiment.train.precision], device)
+    return experiment.carried_over_dir
+
+
+def carry_over_problem(experiment: Experiment, config: Path) -> str | None:
+    """Why the ranks could not start from the carried-over folder as it stands (missing, or made for
+    another base model, tokenizer, text or evaluation); None when they can."""
+    if experiment.model.embeddings is None:
+        return None
+    folder = experiment.carried_over_dir
+    windows = new_row_windows(experiment, experiment_stores(experiment, "train"))
+    stamp = carry_over_stamp(experiment.model, experiment.tokenizer_dir, windows)
+    if carried_over_matches(folder, stamp) and recorded_base_bpb(experiment, PRECISION_DTYPES[experiment.train.precision]):
+        return None
+    state = "is out of date" if folder.exists() else "does not exist yet"
+    return (f"model.embeddings: the base model carried over to the experiment's tokenizer ({folder}) {state}; "
+            f"run `dapt model carry-over {config}` (dapt run and dapt launch do it before the ranks start)")
+
+
+def require_carried_over(experiment: Experiment) -> None:
+    """On a rank: the carried-over folder must be there, written whole by the stage."""
+    if not (experiment.carried_over_dir / CARRY_OVER_STAMP).exists():
+        raise DaptError(f"model.embeddings: no carried-over base model in {experiment.carried_over_dir}; run "
+                        "`dapt model carry-over` on the experiment file before the ranks start (dapt run and "
+                        "dapt launch do it)")
+
+
+def new_row_windows(experiment: Experiment, train_stores: dict[str, TokenStore]) -> torch.Tensor | None:
+    """With `model.fit_new_rows`, the training text the new rows are fitted on: all of it, or the
+    domain's for `extend` with pieces inside words (which other text seldom holds; runs of words
+    such as ` of the` it holds often)."""
+    model = experiment.model
+    if not model.fit_new_rows:
+        return None
+    inside_words = model.embeddings == "extend" and model.extend_phrase_words == 1
+    domain = experiment.extend_domain_corpora() if inside_words else experiment.corpora
+    return fit_windows([train_stores[c.name] for c in domain], experiment.mix.seq_len, model.fit_new_rows,
+                       experiment.seed)
