@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dapt.base import DaptError
 from dapt.data_mix.batches import batch_sizes
 from dapt.data_mix.blend import build_schedule
 from dapt.data_mix.ledger import MixLedger
@@ -42,6 +43,7 @@ from dapt.pretrain.loss import check_chunked_loss, check_packed_records, install
 from dapt.pretrain.lora import with_lora
 from dapt.pretrain.metrics import flops_per_token, mfu, peak_flops
 from dapt.pretrain.model import PRECISION_DTYPES, build_model
+from dapt.pretrain.peers import PeerWatch
 from dapt.pretrain.progress import Progress
 from dapt.pretrain.stop import StopRequest, exit_with_launcher
 from dapt.pretrain.tracking import Tracker
@@ -113,23 +115,37 @@ def train_one_after_another(configs: list[Path], resume: bool = True, timeout_mi
     and each run is exactly what it would be alone (same seed, data order and checkpoints).
     A stop by signal ends the sequence; its run resumes on the next start. `timeout_minutes`: how long
     a collective waits for every rank (`train.dist_timeout_minutes`)."""
-    from dapt.experiment import load_experiment
-
     env = discover()
     export_for_torch(env)
     if env.source != DistributedEnv.source:  # started by a launcher (torchrun, deepspeed, srun, mpirun)
         exit_with_launcher(env.rank)
     # One stop request for the whole sequence: a signal that arrives between two runs still stops it.
     stop = StopRequest(init_distributed(env, timeout_minutes))
+    watch = PeerWatch(env, timeout_minutes)
+    try:
+        _train_runs(configs, resume, env, stop, watch)
+    except RuntimeError as err:  # a collective failed: one line naming whom and when, not every rank's C++ frames
+        line = watch.explain(err)
+        if line is None:
+            raise
+        raise DaptError(line) from None
+    finally:
+        watch.stop()
+
+
+def _train_runs(configs: list[Path], resume: bool, env: DistributedEnv, stop: StopRequest, watch: PeerWatch) -> None:
+    from dapt.experiment import load_experiment
+
     measured_at_start: dict[str, dict[str, float]] = {}  # see `Evaluator`: runs here that start alike share it
     for number, config in enumerate(configs, 1):
         if number > 1 and stop.agreed():
             break
         experiment, text = load_experiment(config)
         _say(env, f"{RUN_MARKER}{number}/{len(configs)}: {config}")
+        watch.checkpoints, watch.doing = experiment.checkpoints_dir, f"the start of {config}"
         # One job per workdir: rank 0 holds its lock (a no-op under a dapt launcher, which holds it already).
         with workdir_lock(experiment.workpath) if env.is_main else contextlib.nullcontext():
-            trainer = Trainer(experiment, text, resume, env, stop, measured_at_start)
+            trainer = Trainer(experiment, text, resume, env, stop, measured_at_start, watch)
             try:
                 trainer.fit()
             finally:
@@ -171,8 +187,8 @@ class Trainer:
     resumes; `fit` sequences steps, evaluations and checkpoints."""
 
     def __init__(self, experiment: Experiment, yaml_text: str, resume: bool, env: DistributedEnv, stop: StopRequest,
-                 measured_at_start: dict[str, dict[str, float]]):
-        self.experiment, self.stop = experiment, stop
+                 measured_at_start: dict[str, dict[str, float]], watch: PeerWatch):
+        self.experiment, self.stop, self.watch = experiment, stop, watch
         self.train, self.mix, self.names = experiment.train, experiment.mix, experiment.corpus_names()
         self.env, self.device = env, stop.device
         self._build_data()
@@ -301,6 +317,7 @@ class Trainer:
         inject_nan_at = injected_nan_steps(self.env.rank)
         started = time.perf_counter()
         for batch in self.loader.iterate(self.train.steps):
+            self.watch.doing = f"step {batch.step + 1}"
             metrics, applied = self.step(batch, started, inject_nan=batch.step + 1 in inject_nan_at)
             done = state.step
             if not applied and main:
@@ -320,12 +337,15 @@ class Trainer:
                 self.stopped = True
                 return
             if self.evaluator.due(done):
+                self.watch.doing = f"the evaluation after step {done}"
                 self.evaluator.evaluate(self.engine.module, step=done)
             if self.checkpointer.due(done):
+                self.watch.doing = f"the checkpoint save after step {done}"
                 self.checkpointer.save(self.engine, state)
             started = time.perf_counter()  # after evaluation and checkpoints, so that throughput is training alone
 
     def _finish(self) -> dict | None:
+        self.watch.doing = f"the final evaluation and checkpoint of step {self.train.steps}"
         bpb_after = self.evaluator.evaluate(self.engine.module, step=self.train.steps)
         tag = self.checkpointer.save(self.engine, self.state)
         results = None

@@ -1,6 +1,8 @@
 """Resume and stop-by-signal with a real 2-process DeepSpeed run (ZeRO-2, gloo, fp32)."""
 
 import json
+import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -92,3 +94,88 @@ def test_resume_at_another_world_size_keeps_the_data_order(tmp_path, uninterrupt
     second = json.loads((tmp_path / "results.json").read_text())
     assert {n: r["tokens_seen"] for n, r in second["corpora"].items()} == {n: r["tokens_seen"] for n, r in first["corpora"].items()}
     assert not list(experiment.checkpoints_dir.glob("universal-*")), "the converted copy is removed once loaded"
+
+
+# --- a job across two nodes, as the Slurm script starts it on each ---------------------------
+
+def node_agents(path, nodes: list[str], tmp_path) -> list[subprocess.Popen]:
+    """The per-node command of the sbatch script `dapt launch slurm` writes, run for each node of a
+    `len(nodes)`-node job on this host (its `srun` runs the command on one node here), each node's
+    processes in a session of their own so that the test can take a node away whole."""
+    import socket
+    import sys
+
+    from dapt.launch.slurm import render_script
+
+    experiment, _ = load_experiment(path)
+    script = render_script(experiment, path, experiment.launch.slurm)
+    start = script.index("\nsrun --ntasks")
+    command = script[start:script.index(" &\n", start)]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    prelude = (f"srun() {{ while [[ $1 == --* ]]; do shift; done; \"$@\"; }}\n"  # one node's task, run here
+               f"python={shlex.quote(sys.executable)} logs={shlex.quote(str(tmp_path / 'logs'))} "
+               f"config={shlex.quote(str(path))} head_node=127.0.0.1 rdzv_port={port}\n")
+    agents = []
+    for node in nodes:
+        env = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": str(len(nodes)), "SLURMD_NODENAME": node}
+        log = open(tmp_path / f"{node}.out", "w")
+        agents.append(subprocess.Popen(["bash", "-c", prelude + command], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       text=True, start_new_session=True))
+    return agents
+
+
+def one_process_per_node(path) -> None:
+    config = yaml.safe_load(path.read_text())
+    config["launch"] = {"nproc_per_node": 1}
+    path.write_text(yaml.safe_dump(config))
+
+
+def test_two_nodes_train_as_one_node_with_two_processes(tmp_path, uninterrupted):
+    """Two torchrun agents (`--nnodes 2`, c10d rendezvous), one process each, train to the losses of
+    one agent with two processes; W&B logs from global rank 0 alone; each node keeps its ranks' logs."""
+    path, _, uninterrupted_losses, _, _ = rewound_to_step_3(uninterrupted, 2, tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints")
+    shutil.rmtree(tmp_path / "wandb")
+    (tmp_path / "metrics.jsonl").unlink()
+    one_process_per_node(path)
+    agents = node_agents(path, ["node-a", "node-b"], tmp_path)
+    assert [agent.wait(timeout=600) for agent in agents] == [0, 0], (tmp_path / "node-a.out").read_text()[-3000:]
+    two_nodes = losses(tmp_path)
+    assert sorted(two_nodes) == list(range(1, 7))
+    for step, loss in two_nodes.items():
+        assert loss == pytest.approx(uninterrupted_losses[step], abs=1e-6), step
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    for node in ("node-a", "node-b"):
+        assert list((tmp_path / "logs" / node).rglob("stdout.log")), node
+
+
+def test_a_lost_node_ends_the_job_in_seconds_and_one_node_resumes_it(tmp_path, built_experiment):
+    """Node b is taken away whole (kill -9 of every process on it) mid-run: rank 0 ends within a minute
+    with one line naming the lost rank and the checkpoint to resume from, and the run resumes from it
+    on one node (2 processes → 1)."""
+    import psutil
+
+    path = experiment_file(tmp_path, built_experiment, steps=60, wandb="disabled")
+    one_process_per_node(path)
+    agents = node_agents(path, ["node-a", "node-b"], tmp_path)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and '"step": 5,' in metrics.read_text()):
+        time.sleep(0.2)
+    node_b = psutil.Process(agents[1].pid)
+    for process in [node_b, *node_b.children(recursive=True)]:
+        process.kill()
+    lost_at = time.time()
+    assert agents[0].wait(timeout=120) != 0
+    assert time.time() - lost_at < 60
+    output = (tmp_path / "node-a.out").read_text()
+    line = next(line for line in output.splitlines() if "dapt: error: rank 0" in line)  # torchrun prefixes its rank
+    assert "lost rank 1 on node node-b" in line and "during step " in line, line
+    assert f"the last good checkpoint is {tmp_path / 'checkpoints'}/step000000" in line, line
+    assert "Traceback" not in output.split("dapt: error: rank 0")[0][-2000:]
+    resumed = subprocess.run(torchrun_command(path, 1), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "written by 2 processes, now 1" in resumed.stdout
+    assert sorted(losses(tmp_path)) == list(range(1, 61))
