@@ -2,13 +2,15 @@
 
 A lost node ends a job in two ways, neither readable: on gloo its peers' next collective fails
 with `Connection closed by peer` (an address, no rank), on NCCL they wait in it until the
-process group's timeout and abort with C++ frames. So every rank beats a heartbeat into the
-job's store (the TCP store the launcher or rank 0 serves at MASTER_ADDR:MASTER_PORT) from a
-thread of its own, and watches the next rank's: a rank whose beat stops for LOST_AFTER_S is
-named (its rank and node) in the store for every rank to read, and each rank then ends in
-one line saying whom it lost, what it was doing and the checkpoint a rerun resumes from. A
-store that stops answering means the node serving it (rank 0's) is gone. Each rank watches
-one other, so the store serves a few requests per rank every HEARTBEAT_S at any scale.
+process group's timeout and abort with C++ frames. So every rank beats a heartbeat (and what it
+is doing) into the job's store (the TCP store the launcher or rank 0 serves at
+MASTER_ADDR:MASTER_PORT) from a thread of its own, and watches the next rank's. A collective
+that fails looks at every rank's heartbeat and names those that stopped (seconds, on gloo); a
+watch whose rank stops beating for LOST_AFTER_S names it in the store for every rank (NCCL,
+where nothing fails); a timeout names the ranks that were elsewhere. Each rank then ends in one
+line saying whom it lost, what it was doing and the checkpoint a rerun resumes from. A store
+that stops answering means the node serving it (rank 0's) is gone. Each rank watches one other,
+so the store serves a few requests per rank every HEARTBEAT_S at any scale.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ class PeerWatch:
         hosts: list = [None] * env.world_size
         dist.all_gather_object(hosts, os.environ.get("SLURMD_NODENAME") or socket.gethostname())  # Slurm's name if any
         self.hosts = hosts
-        self.verdict: str | None = None
         self._stopped = threading.Event()
         self._store = None
         if env.world_size > 1:
@@ -69,6 +70,7 @@ class PeerWatch:
         while not self._stopped.wait(HEARTBEAT_S):
             try:
                 self._store.add(f"beat/{self.env.rank}", 1)
+                self._store.set(f"doing/{self.env.rank}", self.doing)
                 beat = self._store.add(f"beat/{watched}", 0)
                 told = self._store.get("lost").decode() if self._store.check(["lost"]) else None
                 finished = self._store.check([f"done/{watched}"])
@@ -87,29 +89,50 @@ class PeerWatch:
                 self._end(lost)
 
     def _end(self, what: str) -> None:
-        self.verdict = what
         sys.stderr.write(f"dapt: error: {self.line(what)}\n")  # as the command says any error
         sys.stderr.flush()
         os._exit(LOST_EXIT_CODE)  # the main thread may be inside a collective that never returns
 
-    def line(self, what: str) -> str:
+    def line(self, what: str, elsewhere: str = "") -> str:
         checkpoint = latest_tag(self.checkpoints) if self.checkpoints else None
         resume = (f"the last good checkpoint is {Path(self.checkpoints) / checkpoint}; rerun the job (or let Slurm "
                   "requeue it) to resume from it") if checkpoint else "no checkpoint was written yet; rerun the job"
-        return (f"rank {self.env.rank} (node {self.hosts[self.env.rank]}): {what}, during {self.doing}; "
+        return (f"rank {self.env.rank} (node {self.hosts[self.env.rank]}): {what}, during {self.doing}{elsewhere}; "
                 f"the job ends here; {resume}")
 
     def explain(self, err: BaseException) -> str | None:
-        """The line for a collective that failed in the training loop (None: not a collective's failure).
-        A peer's loss is what the watch names, so it is given until then to name one."""
+        """The line for a collective that failed in the training loop (None: not a collective's failure):
+        the ranks whose heartbeat has stopped, else the ranks that were elsewhere when it timed out."""
         message = str(err)
         if not isinstance(err, RuntimeError) or not any(marker in message for marker in COLLECTIVE_ERRORS):
             return None
-        deadline = time.monotonic() + LOST_AFTER_S + 3 * HEARTBEAT_S
-        while self._store is not None and self.verdict is None and time.monotonic() < deadline:
-            time.sleep(0.2)  # the watch ends the process with its own line if it finds the lost rank
-        reason = message.strip().splitlines()[0]
-        reason = reason.split("] ", 1)[-1]  # without the C++ source location
-        timeout = (f"; collectives wait train.dist_timeout_minutes = {self.timeout_minutes:g}"
-                   if "Timed out" in reason else "")
-        return self.line(f"a collective failed ({reason}){timeout}")
+        reason = message.strip().splitlines()[0].split("] ", 1)[-1]  # without the C++ source location
+        if self._store is None:
+            return self.line(f"a collective failed ({reason})")
+        try:
+            if "Timed out" in reason:
+                return self.line(f"a collective timed out after train.dist_timeout_minutes = {self.timeout_minutes:g} "
+                                 f"({reason})", self._elsewhere())
+            lost = self._silent_ranks()
+            what = (f"lost {', '.join(f'rank {r} on node {self.hosts[r]}' for r in lost[:8])} (no heartbeat)"
+                    if lost else f"a collective failed ({reason})")
+        except Exception as store_error:  # the store is served where rank 0 runs: that node is gone
+            what = (f"a collective failed ({reason}) and the job's store on node {self.hosts[0]} (rank 0's) stopped "
+                    f"answering ({type(store_error).__name__})")
+        return self.line(what)
+
+    def _silent_ranks(self) -> list[int]:
+        """The other ranks whose heartbeat does not move over a few beats and that did not finish."""
+        others = [rank for rank in range(self.env.world_size) if rank != self.env.rank]
+        before = {rank: self._store.add(f"beat/{rank}", 0) for rank in others}
+        time.sleep(2.5 * HEARTBEAT_S)
+        return [rank for rank in others if self._store.add(f"beat/{rank}", 0) == before[rank]
+                and not self._store.check([f"done/{rank}"])]
+
+    def _elsewhere(self) -> str:
+        """The ranks that were not where this one waited, and where they were."""
+        places = {rank: self._store.get(f"doing/{rank}").decode() for rank in range(self.env.world_size)
+                  if rank != self.env.rank and self._store.check([f"doing/{rank}"])}
+        away = [f"rank {rank} (node {self.hosts[rank]}) was at {doing}" for rank, doing in places.items()
+                if doing != self.doing]
+        return f"; {', '.join(away[:8])}" if away else ""
