@@ -83,8 +83,8 @@ class Experiment(StrictModel):
 
     @property
     def carried_over_dir(self) -> Path:
-        """With `model.embeddings`: the base model carried over to the experiment's tokenizer (written at start)."""
-        return self.workpath / "carried-over"
+        """With `model.embeddings`: the base model carried over to the experiment's tokenizer (by the carry-over stage)."""
+        return Path(self.model.carried_over) if self.model.carried_over else self.workpath / "carried-over"
 
     @property
     def stores_dir(self) -> Path:
@@ -240,6 +240,8 @@ def _resolve_paths(experiment: Experiment, base: Path) -> Experiment:
         model = model.model_copy(update={"path": absolute(model.path)})
     if model.base_tokenizer is not None:
         model = model.model_copy(update={"base_tokenizer": absolute(model.base_tokenizer)})
+    if model.carried_over is not None:
+        model = model.model_copy(update={"carried_over": absolute(model.carried_over)})
     stores = absolute(experiment.stores) if experiment.stores else None
     sweep = experiment.sweep
     if sweep is not None and sweep.tasks:

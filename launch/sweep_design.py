@@ -95,6 +95,8 @@ def proxy_yaml(experiment: Experiment, run: ProxyRun) -> str:
     data["wandb"] = experiment.wandb.model_dump(mode="json") | {"group": wandb_group(experiment)}
     if proxy.model is not None:
         data["model"] = proxy.model.model_dump(mode="json", exclude_defaults=True)
+    if data["model"].get("embeddings"):  # one carried-over model for every run, not a copy each
+        data["model"]["carried_over"] = str(sweep_dir(experiment) / "carried-over")
     if proxy.deepspeed is not None:
         data["deepspeed"] = proxy.deepspeed
     if proxy.nproc is not None or proxy.slurm is not None:  # where `dapt launch` and `--slurm` read them

@@ -10,6 +10,7 @@ every rank then died before step 1. Now the ranks only load the folder it wrote.
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 
 import torch
@@ -30,9 +31,14 @@ def carry_over_base_model(experiment: Experiment) -> Path | None:
         return None
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     windows = new_row_windows(experiment, experiment_stores(experiment, "train"))
-    write_carried_over(experiment.model, experiment.tokenizer_dir, experiment.carried_over_dir, windows)
-    base_model_bpb(experiment, PRECISION_DTYPES[experiment.train.precision], device)
-    return experiment.carried_over_dir
+    folder = experiment.carried_over_dir
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Runs sharing the folder (a sweep's array tasks) may start together: one writes, the others then find it done.
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        write_carried_over(experiment.model, experiment.tokenizer_dir, folder, windows)
+        base_model_bpb(experiment, PRECISION_DTYPES[experiment.train.precision], device)
+    return folder
 
 
 def carry_over_problem(experiment: Experiment, config: Path) -> str | None:

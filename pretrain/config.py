@@ -39,6 +39,10 @@ class ModelConfig(StrictModel):
     extend_domain: list[str] = []
     """extend: the groups or corpora that are the domain, whose text the new pieces are learnt on
     (required when the corpora form more than one group; public text needs no new pieces)."""
+    carried_over: str | None = None
+    """transplant / extend: where the base model carried over to the experiment's tokenizer is kept
+    (default: `<workdir>/carried-over`). Runs that start alike may share one folder: a sweep's proxy
+    runs share the sweep's, one copy instead of one per run."""
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -48,6 +52,8 @@ class ModelConfig(StrictModel):
             raise ValueError(f"embeddings: {self.embeddings} carries a base model over; it needs `path`, not `config`")
         if self.fit_new_rows and self.embeddings is None:
             raise ValueError("fit_new_rows fits the new rows of a carry-over; set `embeddings: transplant` or `extend`")
+        if self.carried_over and self.embeddings is None:
+            raise ValueError("carried_over is where a carry-over is kept; set `embeddings: transplant` or `extend`")
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("config: needs `model_type` (e.g. llama)")
         return self

@@ -103,6 +103,20 @@ def test_proxy_run_is_a_complete_experiment_on_the_shared_tokenizer_and_stores(t
     assert (proxy.wandb.group, proxy.wandb.project) == (f"{experiment.name}-sweep", "p")
 
 
+def test_proxy_runs_of_a_carried_over_model_share_one_carried_over_folder(tmp_path):
+    """A sweep carries its base model over once, into the sweep's folder, not once per proxy run."""
+    sweep = {"mixes": [{"weights": {"filings": 3, "web": 1}}, {"weights": {"filings": 1, "web": 3}}]}
+    model = {"path": str(tmp_path), "embeddings": "transplant", "fit_new_rows": 20}
+    experiment, _ = load_experiment(sweep_experiment(tmp_path, sweep, model=model))
+    carried = set()
+    for run in design(experiment, dict.fromkeys(experiment.corpus_names(), 0.25)):
+        path = run_dir(experiment, run) / "experiment.yaml"
+        path.parent.mkdir(parents=True)
+        path.write_text(proxy_yaml(experiment, run))
+        carried.add(load_experiment(path)[0].carried_over_dir)
+    assert carried == {sweep_dir(experiment) / "carried-over"}
+
+
 @pytest.mark.parametrize("law, model", [(lambda x: 1.0 + x @ [2.0, -1.0, 0.5], "linear"),
                                         (lambda x: np.exp(x @ [1.2, 0.1, 0.6]), "log-linear"),
                                         (lambda x: 2.0 * (x[:, 0] + 1e-3) ** -0.3 * (x[:, 1] + 1e-3) ** 0.1, "log-log")])
