@@ -6,6 +6,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -103,7 +104,6 @@ def node_agents(path, nodes: list[str], tmp_path) -> list[subprocess.Popen]:
     `len(nodes)`-node job on this host (its `srun` runs the command on one node here), each node's
     processes in a session of their own so that the test can take a node away whole."""
     import socket
-    import sys
 
     from dapt.launch.slurm import render_script
 
@@ -132,13 +132,18 @@ def one_process_per_node(path) -> None:
     path.write_text(yaml.safe_dump(config))
 
 
+def untrained_copy(uninterrupted: dict, folder):
+    """The uninterrupted ZeRO-2 run's experiment in `folder`, nothing trained yet; and its losses."""
+    path, _, uninterrupted_losses, _, _ = rewound_to_step_3(uninterrupted, 2, folder)
+    for trained in ("checkpoints", "wandb", "metrics.jsonl"):
+        subprocess.run(["rm", "-r", str(folder / trained)], check=True)
+    return path, uninterrupted_losses
+
+
 def test_two_nodes_train_as_one_node_with_two_processes(tmp_path, uninterrupted):
     """Two torchrun agents (`--nnodes 2`, c10d rendezvous), one process each, train to the losses of
     one agent with two processes; W&B logs from global rank 0 alone; each node keeps its ranks' logs."""
-    path, _, uninterrupted_losses, _, _ = rewound_to_step_3(uninterrupted, 2, tmp_path)
-    shutil.rmtree(tmp_path / "checkpoints")
-    shutil.rmtree(tmp_path / "wandb")
-    (tmp_path / "metrics.jsonl").unlink()
+    path, uninterrupted_losses = untrained_copy(uninterrupted, tmp_path)
     one_process_per_node(path)
     agents = node_agents(path, ["node-a", "node-b"], tmp_path)
     assert [agent.wait(timeout=600) for agent in agents] == [0, 0], (tmp_path / "node-a.out").read_text()[-3000:]
@@ -179,3 +184,34 @@ def test_a_lost_node_ends_the_job_in_seconds_and_one_node_resumes_it(tmp_path, b
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "written by 2 processes, now 1" in resumed.stdout
     assert sorted(losses(tmp_path)) == list(range(1, 61))
+
+
+FAKE_PDSH = """import subprocess, sys
+# pdsh runs the command on every host of -w over ssh, %n being the host's rank; here every host is this machine.
+args = sys.argv[1:]
+hosts = args[args.index("-w") + 1].split(",")
+command = " ".join(args[args.index("-w") + 2:])
+nodes = [subprocess.Popen(["bash", "-c", command.replace("%n", str(rank))]) for rank in range(len(hosts))]
+sys.exit(max(node.wait() for node in nodes))
+"""
+
+
+def test_two_hosts_of_the_deepspeed_launcher_train_as_one_node_with_two_processes(tmp_path, uninterrupted, monkeypatch):
+    """`dapt launch deepspeed` over a hostfile of two hosts with one slot each: the launcher's own per-node
+    command (`deepspeed.launcher.launch --node_rank=%n`, what pdsh runs on each host over ssh) on this
+    machine for both, training to the losses of one node with two processes."""
+    from dapt.launch.cli import main
+
+    path, uninterrupted_losses = untrained_copy(uninterrupted, tmp_path / "run")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    pdsh = tmp_path / "bin" / "pdsh"
+    pdsh.parent.mkdir()
+    pdsh.write_text(f"#!{sys.executable}\n{FAKE_PDSH}")
+    pdsh.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{pdsh.parent}:{os.environ['PATH']}")
+    assert main(["launch", "deepspeed", str(path), "--hostfile", str(hostfile)]) == 0
+    two_hosts = losses(tmp_path / "run")
+    assert sorted(two_hosts) == list(range(1, 7))
+    for step, loss in two_hosts.items():
+        assert loss == pytest.approx(uninterrupted_losses[step], abs=1e-6), step
