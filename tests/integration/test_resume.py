@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -177,7 +178,8 @@ def test_a_lost_node_ends_the_job_in_seconds_and_one_node_resumes_it(tmp_path, b
     assert time.time() - lost_at < 60
     output = (tmp_path / "node-a.out").read_text()
     line = next(line for line in output.splitlines() if "dapt: error: rank 0" in line)  # torchrun prefixes its rank
-    assert "lost rank 1 on node node-b" in line and "during step " in line, line
+    assert "lost rank 1 on node node-b" in line, line
+    assert re.search(r", during (step \d+|the checkpoint save after step \d+);", line), line  # steps are faster than saves
     assert f"the last good checkpoint is {tmp_path / 'checkpoints'}/step000000" in line, line
     assert "Traceback" not in output.split("dapt: error: rank 0")[0][-2000:]
     resumed = subprocess.run(torchrun_command(path, 1), capture_output=True, text=True, timeout=600)
