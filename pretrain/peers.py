@@ -30,6 +30,7 @@ from dapt.pretrain.env import DistributedEnv
 
 HEARTBEAT_S = 2.0
 LOST_AFTER_S = 20.0
+STALL_MARGIN_MINUTES = 1.0  # the process group's timeout beyond a step's
 LOST_EXIT_CODE = 3  # a rank that ends because another was lost; torchrun reports it as the failure
 COLLECTIVE_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "Broken pipe",
                      "NCCL communicator was aborted")
@@ -41,7 +42,8 @@ class PeerWatch:
 
     def __init__(self, env: DistributedEnv, timeout_minutes: float):
         self.env, self.timeout_minutes = env, timeout_minutes
-        self.doing, self.checkpoints = "start-up", None
+        self.checkpoints = None
+        self.doing = "start-up"
         hosts: list = [None] * env.world_size
         dist.all_gather_object(hosts, os.environ.get("SLURMD_NODENAME") or socket.gethostname())  # Slurm's name if any
         self.hosts = hosts
@@ -53,6 +55,19 @@ class PeerWatch:
             self._store = dist.PrefixStore(f"dapt/peers/{attempt}/", dist.TCPStore(
                 env.master_addr, env.master_port, is_master=False, timeout=timedelta(seconds=10)))
             threading.Thread(target=self._watch, name="peer-watch", daemon=True).start()
+
+    @property
+    def doing(self) -> str:
+        return self._doing
+
+    @doing.setter
+    def doing(self, what: str) -> None:
+        self._doing, self._step_since = what, None
+
+    def step(self, number: int) -> None:
+        """Step `number` starts: a step lasting longer than the timeout is a stall (evaluations and saves
+        may take long; a step never does)."""
+        self._doing, self._step_since = f"step {number}", time.monotonic()
 
     def stop(self) -> None:
         """Training is over on this rank: its beat stops, and it says so, so that no rank still
@@ -81,6 +96,10 @@ class PeerWatch:
                 return
             if told:
                 self._end(told)
+            if self._step_since is not None and time.monotonic() - self._step_since > self.timeout_minutes * 60:
+                # Before NCCL's own watchdog, which aborts at the process group's timeout (a minute later) in C++ frames.
+                self._end(f"this step waited longer than train.dist_timeout_minutes = {self.timeout_minutes:g} for the "
+                          "other ranks", self._elsewhere())
             if beat != last_beat or finished:
                 last_beat, since = beat, time.monotonic()
             elif time.monotonic() - since > LOST_AFTER_S:
@@ -88,8 +107,8 @@ class PeerWatch:
                 self._store.set("lost", lost)
                 self._end(lost)
 
-    def _end(self, what: str) -> None:
-        sys.stderr.write(f"dapt: error: {self.line(what)}\n")  # as the command says any error
+    def _end(self, what: str, elsewhere: str = "") -> None:
+        sys.stderr.write(f"dapt: error: {self.line(what, elsewhere)}\n")  # as the command says any error
         sys.stderr.flush()
         os._exit(LOST_EXIT_CODE)  # the main thread may be inside a collective that never returns
 

@@ -43,7 +43,7 @@ from dapt.pretrain.loss import check_chunked_loss, check_packed_records, install
 from dapt.pretrain.lora import with_lora
 from dapt.pretrain.metrics import flops_per_token, mfu, peak_flops
 from dapt.pretrain.model import PRECISION_DTYPES, build_model
-from dapt.pretrain.peers import PeerWatch
+from dapt.pretrain.peers import STALL_MARGIN_MINUTES, PeerWatch
 from dapt.pretrain.progress import Progress
 from dapt.pretrain.stop import StopRequest, exit_with_launcher
 from dapt.pretrain.tracking import Tracker
@@ -120,7 +120,8 @@ def train_one_after_another(configs: list[Path], resume: bool = True, timeout_mi
     if env.source != DistributedEnv.source:  # started by a launcher (torchrun, deepspeed, srun, mpirun)
         exit_with_launcher(env.rank)
     # One stop request for the whole sequence: a signal that arrives between two runs still stops it.
-    stop = StopRequest(init_distributed(env, timeout_minutes))
+    # The process group waits a minute longer than a step may: the watch names a stalled step first.
+    stop = StopRequest(init_distributed(env, timeout_minutes + STALL_MARGIN_MINUTES))
     watch = PeerWatch(env, timeout_minutes)
     try:
         _train_runs(configs, resume, env, stop, watch)
@@ -317,7 +318,7 @@ class Trainer:
         inject_nan_at = injected_nan_steps(self.env.rank)
         started = time.perf_counter()
         for batch in self.loader.iterate(self.train.steps):
-            self.watch.doing = f"step {batch.step + 1}"
+            self.watch.step(batch.step + 1)
             metrics, applied = self.step(batch, started, inject_nan=batch.step + 1 in inject_nan_at)
             done = state.step
             if not applied and main:
@@ -331,6 +332,7 @@ class Trainer:
             progress.update(done, {"loss": f"{state.last_loss:.4f}", "lr": f"{metrics['train/lr']:.2e}",
                                    "tok/s": f"{metrics['perf/tokens_per_s']:,.0f}"})
             if self.stop.agreed():
+                self.watch.doing = f"the checkpoint save after step {done}, on a stop signal"
                 tag = self.checkpointer.save(self.engine, state)
                 if main:
                     progress.write(f"stopped by a signal after step {done}; checkpoint {tag} saved, rerun to resume")
