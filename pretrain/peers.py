@@ -30,7 +30,7 @@ from dapt.pretrain.env import DistributedEnv
 
 HEARTBEAT_S = 2.0
 LOST_AFTER_S = 20.0
-STALL_MARGIN_MINUTES = 1.0  # the process group's timeout beyond a step's
+STALL_MARGIN_S = 5.0  # the process group's timeout beyond a step's: a few heartbeats
 LOST_EXIT_CODE = 3  # a rank that ends because another was lost; torchrun reports it as the failure
 COLLECTIVE_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "Broken pipe",
                      "NCCL communicator was aborted")
@@ -97,7 +97,7 @@ class PeerWatch:
             if told:
                 self._end(told)
             if self._step_since is not None and time.monotonic() - self._step_since > self.timeout_minutes * 60:
-                # Before NCCL's own watchdog, which aborts at the process group's timeout (a minute later) in C++ frames.
+                # Before NCCL's own watchdog, which aborts at the process group's timeout (STALL_MARGIN_S later) in C++ frames.
                 self._end(f"this step waited longer than train.dist_timeout_minutes = {self.timeout_minutes:g} for the "
                           "other ranks", self._elsewhere())
             if beat != last_beat or finished:

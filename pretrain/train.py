@@ -43,7 +43,7 @@ from dapt.pretrain.loss import check_chunked_loss, check_packed_records, install
 from dapt.pretrain.lora import with_lora
 from dapt.pretrain.metrics import flops_per_token, mfu, peak_flops
 from dapt.pretrain.model import PRECISION_DTYPES, build_model
-from dapt.pretrain.peers import STALL_MARGIN_MINUTES, PeerWatch
+from dapt.pretrain.peers import STALL_MARGIN_S, PeerWatch
 from dapt.pretrain.progress import Progress
 from dapt.pretrain.stop import StopRequest, exit_with_launcher
 from dapt.pretrain.tracking import Tracker
@@ -120,8 +120,8 @@ def train_one_after_another(configs: list[Path], resume: bool = True, timeout_mi
     if env.source != DistributedEnv.source:  # started by a launcher (torchrun, deepspeed, srun, mpirun)
         exit_with_launcher(env.rank)
     # One stop request for the whole sequence: a signal that arrives between two runs still stops it.
-    # The process group waits a minute longer than a step may: the watch names a stalled step first.
-    stop = StopRequest(init_distributed(env, timeout_minutes + STALL_MARGIN_MINUTES))
+    # The process group waits a little longer than a step may: the watch names a stalled step first.
+    stop = StopRequest(init_distributed(env, timeout_minutes + STALL_MARGIN_S / 60))
     watch = PeerWatch(env, timeout_minutes)
     try:
         _train_runs(configs, resume, env, stop, watch)
