@@ -84,7 +84,7 @@ def cmd_train(args) -> None:
 
 def cmd_launch_local(args) -> None:
     from dapt.launch.local import default_nproc, run_local
-    from dapt.pretrain.carry_over import carry_over_base_model
+    from dapt.pretrain.carry_over import carry_over_in_a_process
     from dapt.launch.pipeline import load_training_experiment
     from dapt.launch.preflight import preflight
     from dapt.workdir import workdir_lock
@@ -92,7 +92,7 @@ def cmd_launch_local(args) -> None:
     experiment = load_training_experiment(args.config)
     with workdir_lock(experiment.workpath):
         preflight(experiment, Path(args.config), resume=not args.no_resume)
-        carry_over_base_model(experiment)
+        carry_over_in_a_process(experiment, Path(args.config))
         run_local(Path(args.config), args.nproc or default_nproc(experiment), resume=not args.no_resume)
 
 
@@ -114,12 +114,12 @@ def cmd_launch_deepspeed(args) -> None:
     from dapt.launch.deepspeed_launcher import run_deepspeed
     from dapt.launch.pipeline import load_training_experiment
     from dapt.launch.preflight import preflight
-    from dapt.pretrain.carry_over import carry_over_base_model
+    from dapt.pretrain.carry_over import carry_over_in_a_process
 
     # A bad experiment file, a missing store or tokenizer is reported here, not by every rank.
     experiment = load_training_experiment(args.config)
     preflight(experiment, Path(args.config), resume=not args.no_resume)
-    carry_over_base_model(experiment)
+    carry_over_in_a_process(experiment, Path(args.config))
     run_deepspeed(Path(args.config), Path(args.hostfile), args.launcher, resume=not args.no_resume)
 
 
@@ -141,7 +141,7 @@ def cmd_model_carry_over(args) -> None:
         print("model.embeddings is not set: the ranks load model.path as it is, nothing to carry over")
         return
     with workdir_lock(experiment.workpath):
-        carry_over_base_model(experiment)
+        carry_over_base_model(experiment, Path(args.config))
 
 
 def cmd_model_import_gguf(args) -> None:

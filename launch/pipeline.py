@@ -23,7 +23,7 @@ from dapt.experiment import Experiment, load_experiment
 from dapt.workdir import workdir_lock
 from dapt.launch.local import default_nproc, run_local
 from dapt.launch.preflight import preflight
-from dapt.pretrain.carry_over import carry_over_base_model
+from dapt.pretrain.carry_over import carry_over_in_a_process
 from dapt.pretrain.checkpoint import latest_tag, tag_for
 from dapt.pretrain.export import export_checkpoint
 from dapt.pretrain.model import check_model
@@ -276,7 +276,7 @@ def _run_stages(experiment: Experiment, config: Path, nproc: int | None, resume:
     preflight(experiment, config, resume)
     if experiment.model.embeddings is not None:
         print(f"== the base model carried over ({experiment.model.embeddings})", flush=True)
-        carry_over_base_model(experiment)
+        carry_over_in_a_process(experiment, config)
     print("== 4/5 training", flush=True)
     run_local(config, nproc or default_nproc(experiment), resume)
     if not experiment.results_file.exists() or latest_tag(experiment.checkpoints_dir) != tag_for(experiment.train.steps):

@@ -74,7 +74,9 @@ def render_script(experiment: Experiment, config_path: Path, slurm: SlurmConfig)
     carry_over = "" if experiment.model.embeddings is None else (
         "# The base model is carried over to the experiment's tokenizer here, on this node and its GPU, before any\n"
         "# rank starts (kept while nothing it depends on changes): ranks waiting for it would time out.\n"
-        '"$python" -m dapt model carry-over "$config" || { echo "dapt: carrying the base model over failed" >&2; exit 1; }\n\n')
+        '"$python" -m dapt model carry-over "$config" || { echo "dapt: carrying the base model over failed" >&2; exit 1; }\n'
+        "# A USR1 that came meanwhile found no training to stop: requeue now, before the time limit.\n"
+        'if [ "$stop_requested" = 1 ]; then scontrol requeue "$SLURM_JOB_ID" && exit 0; exit 1; fi\n\n')
     return f"""#!/bin/bash
 # Written by `dapt launch slurm` for experiment {q(experiment.name)}: {slurm.nodes} node(s) x {nproc} training processes.
 # Kept for the record; `sbatch` this file to run the same job again.

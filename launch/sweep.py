@@ -31,7 +31,7 @@ from dapt.base import DaptError
 from dapt.experiment import Experiment, load_experiment
 from dapt.launch.local import default_nproc, torchrun_command, training_environment
 from dapt.launch.preflight import preflight
-from dapt.pretrain.carry_over import carry_over_base_model
+from dapt.pretrain.carry_over import carry_over_in_a_process
 from dapt.launch.sweep_design import ProxyRun, base_weights, design, proxy_yaml, run_dir, sweep_dir, wandb_group
 from dapt.launch.sweep_results import write_results
 from dapt.launch.sweep_slurm import submit_array
@@ -212,8 +212,12 @@ def train_here(experiment: Experiment, runs: list[ProxyRun], nproc: int | None,
     statuses, pending = prepare_pending(experiment, runs)
     if not pending:
         return statuses
-    for _, config in pending:  # before the ranks start, as `dapt launch` does
-        carry_over_base_model(load_experiment(config)[0])
+    carried = set()
+    for _, config in pending:  # before the ranks start, as `dapt launch` does: once for the runs that share it
+        proxy, _ = load_experiment(config)
+        if proxy.model.embeddings is not None and proxy.carried_over_dir not in carried:
+            carry_over_in_a_process(proxy, config)
+            carried.add(proxy.carried_over_dir)
     nproc = nproc or default_nproc(load_experiment(pending[0][1])[0])
     numbers = {run.name: number for number, run in enumerate(runs, 1)}
     by_name = {run.name: run for run in runs}

@@ -10,7 +10,10 @@ every rank then died before step 1. Now the ranks only load the folder it wrote.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -18,27 +21,46 @@ import torch
 from dapt.base import DaptError
 from dapt.data_mix.store import TokenStore, experiment_stores
 from dapt.experiment import Experiment
-from dapt.pretrain.evaluate import base_model_bpb, recorded_base_bpb
+from dapt.pretrain.evaluate import BASE_BPB_FILE, base_model_bpb, recorded_base_bpb
 from dapt.pretrain.model import (CARRY_OVER_STAMP, PRECISION_DTYPES, carried_over_matches, carry_over_stamp,
                                  write_carried_over)
 from dapt.pretrain.new_rows import fit_windows
 
 
-def carry_over_base_model(experiment: Experiment) -> Path | None:
+def carry_over_base_model(experiment: Experiment, config: Path) -> Path | None:
     """Write (or keep, when up to date) the carried-over folder and the base model's held-out BPB;
     the folder, or None without `model.embeddings`. On this machine's first GPU when it has one."""
     if experiment.model.embeddings is None:
         return None
+    if carry_over_problem(experiment, config) is None:
+        print(f"embeddings: carried-over base model up to date in {experiment.carried_over_dir}", flush=True)
+        return experiment.carried_over_dir
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     windows = new_row_windows(experiment, experiment_stores(experiment, "train"))
     folder = experiment.carried_over_dir
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # Runs sharing the folder (a sweep's array tasks) may start together: one writes, the others then find it done.
+    # Runs sharing the folder (a sweep's array tasks) may start together: one writes, the others then
+    # find it done. Where the filesystem has no locks, each writes a whole folder of its own and renames it.
     with open(folder.with_name(folder.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_EX)
         write_carried_over(experiment.model, experiment.tokenizer_dir, folder, windows)
         base_model_bpb(experiment, PRECISION_DTYPES[experiment.train.precision], device)
     return folder
+
+
+def carry_over_in_a_process(experiment: Experiment, config: Path) -> None:
+    """The carry-over stage as its own process (`dapt model carry-over`), as a launcher runs it before
+    the ranks: the GPU memory it took (the whole model, the new rows' optimizer) is given back before
+    rank 0 needs it, which a process that goes on waiting for the training would keep."""
+    if experiment.model.embeddings is None:
+        return
+    if carry_over_problem(experiment, config) is None:  # up to date: no process to start
+        print(f"embeddings: carried-over base model up to date in {experiment.carried_over_dir}", flush=True)
+        return
+    done = subprocess.run([sys.executable, "-m", "dapt", "model", "carry-over", str(config)])
+    if done.returncode != 0:
+        raise DaptError(f"carrying the base model over ({config}) failed; the messages above say why")
 
 
 def carry_over_problem(experiment: Experiment, config: Path) -> str | None:
@@ -57,11 +79,11 @@ def carry_over_problem(experiment: Experiment, config: Path) -> str | None:
 
 
 def require_carried_over(experiment: Experiment) -> None:
-    """On a rank: the carried-over folder must be there, written whole by the stage."""
-    if not (experiment.carried_over_dir / CARRY_OVER_STAMP).exists():
-        raise DaptError(f"model.embeddings: no carried-over base model in {experiment.carried_over_dir}; run "
-                        "`dapt model carry-over` on the experiment file before the ranks start (dapt run and "
-                        "dapt launch do it)")
+    """On a rank: the carried-over folder and the base model's measurement must be there, written by the stage."""
+    folder = experiment.carried_over_dir
+    if not (folder / CARRY_OVER_STAMP).exists() or not (folder / BASE_BPB_FILE).exists():
+        raise DaptError(f"model.embeddings: no carried-over base model in {folder}; run `dapt model carry-over` on "
+                        "the experiment file before the ranks start (dapt run and dapt launch do it)")
 
 
 def new_row_windows(experiment: Experiment, train_stores: dict[str, TokenStore]) -> torch.Tensor | None:

@@ -139,10 +139,11 @@ class TrainConfig(StrictModel):
     spike_threshold: float = Field(default=6.0, gt=0)
     """A loss this many standard deviations above the window's mean is logged as a spike."""
     dist_timeout_minutes: float = Field(default=30.0, gt=0)
-    """How long a rank waits for the others in one collective (a step's all-reduce, a checkpoint's
-    barrier) before the job ends naming the rank, the operation and the step. The default outlasts a
-    70B model's checkpoint save on a shared filesystem (~1 TB of weights and Adam state at ~1 GB/s:
-    ~17 minutes); a lost node is found sooner, by the ranks' heartbeats."""
+    """How long a step may wait for the other ranks (while one of them is elsewhere) before the job ends
+    naming the step and where the others were; collectives outside a step (a checkpoint's barrier, an
+    evaluation) wait this plus a few seconds (the process group's timeout). The default outlasts a 70B
+    model's checkpoint save on a shared filesystem (~1 TB of weights and Adam state at ~1 GB/s: ~17
+    minutes); a lost node is found sooner, by the ranks' heartbeats."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -150,7 +150,7 @@ def retokenized_bpb(model: torch.nn.Module, model_tokenizer, tokenizer, stores: 
     return results
 
 
-def base_model_bpb(experiment: Experiment, dtype: torch.dtype, device: torch.device) -> dict[str, float] | None:
+def base_model_bpb(experiment: Experiment, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
     """With a carry-over (`model.embeddings`), the base model's held-out BPB with its own tokenizer on
     the documents the run evaluates: where the carried-over model should start. Measured once, by the
     carry-over stage alone, and kept in the carried-over folder while the base model, both tokenizers,
@@ -158,8 +158,6 @@ def base_model_bpb(experiment: Experiment, dtype: torch.dtype, device: torch.dev
     from transformers import AutoModelForCausalLM
 
     model_config, train = experiment.model, experiment.train
-    if model_config.embeddings is None:
-        return None
     recorded = recorded_base_bpb(experiment, dtype)
     if recorded is not None:
         return recorded

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -146,15 +148,21 @@ def write_carried_over(config: ModelConfig, tokenizer_dir: Path, out_dir: Path,
         print(f"embeddings: carried-over base model up to date in {out_dir}", flush=True)
         return out_dir
     model = carried_over_model(config, load_tokenizer(tokenizer_dir), fit_windows)
-    # Written beside and renamed last: a killed start never leaves a folder that looks complete.
-    temporary = out_dir.with_name(out_dir.name + ".tmp")
+    # Written beside, under a name of this process's own, and renamed last: a killed start never leaves a
+    # folder that looks complete, and two processes writing the same folder at once do not mix their files.
+    temporary = out_dir.with_name(f"{out_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     save_model_folder(model, temporary)
     del model
     copy_tokenizer_files(tokenizer_dir, temporary)
     (temporary / CARRY_OVER_STAMP).write_text(json.dumps(stamp, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
-    temporary.rename(out_dir)
+    try:
+        temporary.rename(out_dir)
+    except OSError:
+        if not carried_over_matches(out_dir, stamp):
+            raise
+        shutil.rmtree(temporary)  # another process wrote the same folder first
     print(f"embeddings: base model carried over ({config.embeddings}) into {out_dir}", flush=True)
     return out_dir
 
@@ -174,8 +182,8 @@ def carry_over_stamp(config: ModelConfig, tokenizer_dir: Path, fit_windows: torc
 
 
 def _carry_over_stamp(config: ModelConfig, tokenizer_dir: Path) -> dict:
-    """What the carried-over folder depends on. Weight files are known by name, size and modification
-    time rather than read through (a 7B model is 14 GB), as build tools know their inputs."""
+    """The base model and both tokenizers. Weight files are known by name, size and modification time
+    rather than read through (a 7B model is 14 GB), as build tools know their inputs."""
     base = Path(config.path)
     weights = sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in base.iterdir()
                      if p.name.endswith(WEIGHT_SUFFIXES) or p.name.endswith(".index.json"))

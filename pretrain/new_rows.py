@@ -58,7 +58,7 @@ def fit_new_rows(model, new_ids: list[int], windows: torch.Tensor) -> tuple[floa
     losses = []
     batches = windows.to(device).split(FIT_BATCH)
     # A 7B model's fit runs for many minutes: a bar on a terminal, a line every tenth in a log.
-    progress = Progress(len(batches), 0, max(1, len(batches) // 10), enabled=True, label="fitting new rows, step")
+    progress = Progress(len(batches), 0, max(1, len(batches) // 10), enabled=True, what="fitting new rows")
     try:
         for step, batch in enumerate(batches, 1):
             loss, _ = next_token_loss(model, batch)

@@ -11,11 +11,12 @@ from tqdm import tqdm
 
 
 class Progress:
-    def __init__(self, total: int, first: int, every: int, enabled: bool, label: str = "step"):
-        self.total, self.first, self.every, self.enabled, self.label = total, first, every, enabled, label
+    def __init__(self, total: int, first: int, every: int, enabled: bool, what: str | None = None):
+        self.total, self.first, self.every, self.enabled = total, first, every, enabled
+        self.label = f"{what}, step" if what else "step"
         self.started = time.perf_counter()
         terminal = enabled and sys.stdout.isatty()
-        self.bar = tqdm(total=total, initial=first, unit=label, dynamic_ncols=True) if terminal else None
+        self.bar = tqdm(total=total, initial=first, desc=what, unit="step", dynamic_ncols=True) if terminal else None
 
     def update(self, step: int, figures: dict[str, str]) -> None:
         """`step` done; `figures` (name → formatted value) shown beside it."""

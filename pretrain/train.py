@@ -125,8 +125,9 @@ def train_one_after_another(configs: list[Path], resume: bool = True, timeout_mi
     watch = PeerWatch(env, timeout_minutes)
     try:
         _train_runs(configs, resume, env, stop, watch)
-    except RuntimeError as err:  # a collective failed: one line naming whom and when, not every rank's C++ frames
-        line = watch.explain(err)
+    except (RuntimeError, DaptError) as err:  # a collective failed: one line naming whom and when, not C++ frames
+        failure = err.__cause__ if isinstance(err, DaptError) else err  # a failed save names its collective's cause
+        line = watch.explain(failure) if failure is not None else None
         if line is None:
             raise
         raise DaptError(line) from None
@@ -193,7 +194,7 @@ class Trainer:
         self.train, self.mix, self.names = experiment.train, experiment.mix, experiment.corpus_names()
         self.env, self.device = env, stop.device
         self._build_data()
-        self.base_bpb: dict[str, float] | None = None  # rank 0's, with a carry-over: see `base_model_bpb`
+        self.base_bpb: dict[str, float] | None = None  # rank 0's, with a carry-over: measured by the carry-over stage
         self.checkpointer = Checkpointer(experiment.checkpoints_dir, self.train, yaml_text, resume,
                                          parts={"loader": self.loader, "ledger": self.ledger, "guard": self.guard})
         self._build_engine()
@@ -344,6 +345,7 @@ class Trainer:
             if self.checkpointer.due(done):
                 self.watch.doing = f"the checkpoint save after step {done}"
                 self.checkpointer.save(self.engine, state)
+            self.watch.doing = f"loading the batch of step {done + 1}"  # a rank slow here is not stalled in a step
             started = time.perf_counter()  # after evaluation and checkpoints, so that throughput is training alone
 
     def _finish(self) -> dict | None:

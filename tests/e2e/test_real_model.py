@@ -97,13 +97,13 @@ def test_a_carried_over_real_model_trains_and_exports_under_zero3(carried_over_r
     assert len(list((experiment.checkpoints_dir / tag).glob("*zero_pp_rank_*_model_states.pt"))) == 2
 
 
-def test_every_rank_trains_from_the_folder_rank_0_carried_over(carried_over_run):
+def test_every_rank_trains_from_the_folder_the_carry_over_stage_wrote(carried_over_run):
     experiment, results, output = carried_over_run
     assert "new rows fitted on 16 windows of the training text" in output
     assert "embeddings: 49,152 rows copied from the base model" in output
     assert_loads_alike(experiment.tokenizer_dir)  # tokenizer-extended/
     assert_loads_alike(experiment.carried_over_dir, model=True)
-    # Every rank trained from the folder rank 0 carried over: the step-0 figure is that folder's.
+    # Every rank trained from the folder the carry-over stage wrote: the step-0 figure is that folder's.
     for name, bpb in evaluate_model_dir(experiment, experiment.carried_over_dir).items():
         assert bpb == pytest.approx(results["corpora"][name]["bpb_before"], abs=1e-4), name
 
