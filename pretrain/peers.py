@@ -60,7 +60,8 @@ class PeerWatch:
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             self._store = dist.PrefixStore(f"dapt/peers/{attempt}/", dist.TCPStore(
                 env.master_addr, env.master_port, is_master=False, timeout=timedelta(seconds=10)))
-            threading.Thread(target=self._watch, name="peer-watch", daemon=True).start()
+            self._thread = threading.Thread(target=self._watch, name="peer-watch", daemon=True)
+            self._thread.start()
 
     @property
     def doing(self) -> str:
@@ -82,6 +83,9 @@ class PeerWatch:
         self._stopped.set()
         if self._store is None:
             return
+        # The thread's store request in flight ends first: a process leaving while a thread is inside the
+        # store's C++ client aborts ("terminate called without an active exception").
+        self._thread.join(timeout=HEARTBEAT_S + 15)
         try:
             self._store.set(f"done/{self.env.rank}", "1")
             if self.env.is_main:
