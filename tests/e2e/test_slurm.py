@@ -153,34 +153,6 @@ def test_sigusr1_checkpoints_requeues_and_resumes_the_same_run(slurm_env, finish
            {n: c["tokens_seen"] for n, c in uninterrupted["corpora"].items()}
 
 
-def test_a_lost_node_is_requeued_and_the_job_resumes_from_its_last_checkpoint(slurm_env, finished_job, built_experiment,
-                                                                              tmp_path):
-    """The job's node goes down mid-run (`scontrol update State=DOWN`, what Slurm does to a node that
-    stops answering): Slurm requeues the job (`--requeue`), and once the node is back the new attempt
-    resumes from the last checkpoint and ends as the uninterrupted run did."""
-    path = slurm_experiment(tmp_path, built_experiment)
-    config = yaml.safe_load(path.read_text())
-    config["train"]["checkpoint_every"] = 5
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    job_id = submit(path)
-    metrics = tmp_path / "metrics.jsonl"
-    wait_for_job(job_id, slurm_env, until=lambda: metrics.exists() and '"step": 7,' in metrics.read_text())
-    node = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
-    subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=lost in a test"], env=slurm_env,
-                   check=True)
-    try:
-        wait_for_job(job_id, slurm_env, until=lambda: job_info(job_id, slurm_env).get("Restarts") == "1")
-    finally:  # the node may be back already: slurmd registers again and the test Slurm has ReturnToService=2
-        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], env=slurm_env, capture_output=True)
-    info = wait_for_job(job_id, slurm_env)
-    output = slurm_output(tmp_path, job_id)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", output
-    resumed_at = int(re.search(r"resuming from \S+ at step (\d+)", output).group(1))
-    assert resumed_at >= 5 and resumed_at % 5 == 0, "from a checkpoint of the schedule: no stop was asked for"
-    assert "stopped by a signal" not in output and "DUE TO NODE FAILURE" in output
-    assert losses(tmp_path) == losses(finished_job[0]), "every step logged once, with the uninterrupted run's loss"
-
-
 # --- the store build as Slurm job arrays -------------------------------------------------------
 
 def test_a_store_build_runs_as_slurm_tasks_and_a_cancelled_task_reruns_alone(slurm_env, built_experiment, tmp_path):
