@@ -2,7 +2,8 @@
 generated corpus, against, in one run: the raw batched fast tokenizer on one thread on the same
 text in memory, in 1 process (the ceiling per core) and in one process per core at once (the
 ceiling of what this machine gives parallel tasks: cores that share caches, memory bandwidth or a
-host do not scale linearly), datatrove's own `DocumentTokenizer` (1 task), and `datasets` load +
+host do not scale linearly), the raw tokenizer with its normalizer run as `str.replace` (as dapt
+runs a tokenizer whose normalizer only replaces characters: what remains is dapt's own cost), datatrove's own `DocumentTokenizer` (1 task), and `datasets` load +
 map(tokenize, batched=True, num_proc=cores) + save_to_disk; dapt's peak RSS per task at two
 corpus sizes (it should not grow with the corpus); and near-deduplication's cost (MinHash
 signatures and buckets) per GB.
@@ -49,10 +50,13 @@ elif kind == "datatrove":
                                              eos_token="</s>", shuffle_documents=False)],
                           tasks=1, logging_dir=out + "/logs").run()
     tokens = sum(p.stat().st_size for p in Path(out, "tokens").glob("*.ds")) // 2
-elif kind == "raw":  # `tasks` is "share/shares": this process tokenises every shares-th document
+elif kind.startswith("raw"):  # `tasks` is "share/shares": this process tokenises every shares-th document
     from transformers import AutoTokenizer
     share, shares = map(int, tasks.split("/"))
     encoder = AutoTokenizer.from_pretrained(tokenizer_dir).backend_tokenizer
+    if kind == "raw_python_normalized":  # dapt's way: the replacing normalizer run as str.replace
+        from dapt.data_mix.tokenise import normalizing_in_python
+        encoder = normalizing_in_python(encoder)
     texts = [json.loads(line)["text"] for number, line in enumerate(open(corpus, encoding="utf-8"))
              if number % shares == share]
     # The processes of one measurement start tokenising together: each says it is ready and waits for all.
@@ -95,7 +99,7 @@ def run(kind: str, corpus: Path, tokenizer_dir: Path, scratch: Path, tasks: int 
     """One measurement in fresh processes: `tasks` tasks of dapt, or for "raw" as many tokenizer
     processes at once, each on its share of the documents (tokens summed, the slowest one's time)."""
     out = Path(tempfile.mkdtemp(prefix=f"{kind}-{tasks}-", dir=scratch))
-    shares = [f"{share}/{tasks}" for share in range(tasks)] if kind == "raw" else [str(tasks)]
+    shares = [f"{share}/{tasks}" for share in range(tasks)] if kind.startswith("raw") else [str(tasks)]
     # One tokenizer thread everywhere: the ceiling is per core, and parallelism is the tasks'.
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, kind, str(corpus), str(tokenizer_dir), str(out), share],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -126,7 +130,7 @@ def best_of(repeats: int, measurements: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=float, default=400.0, help="size of the large corpus (the small one is a quarter)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each of the first four measurements (the best is kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each of the first five measurements (the best is kept)")
     args = parser.parse_args()
 
     from dapt.data_mix.demo_corpora import article, filing, news, web_page
@@ -147,6 +151,7 @@ def main() -> None:
         results = best_of(args.repeats, {
             "raw": lambda: run("raw", large, tokenizer_dir, scratch),
             "raw_cores": lambda: run("raw", large, tokenizer_dir, scratch, cores),
+            "raw_python_normalized": lambda: run("raw_python_normalized", large, tokenizer_dir, scratch),
             "dapt": lambda: run("dapt", large, tokenizer_dir, scratch),
             "dapt_cores": lambda: run("dapt", large, tokenizer_dir, scratch, cores),
         })
@@ -160,11 +165,12 @@ def main() -> None:
     small_mb, large_mb = args.size_mb / 4, args.size_mb
     print(f"data build benchmark on {cores} cores; baseline: the raw batched fast tokenizer, one thread per process, "
           f"on text in memory (the ceiling), with as many processes as the row has tasks; best of {args.repeats} "
-          "for the first four rows")
-    print(f"{'what':<66}{'tokens/s':>12}{'peak RSS':>12}{'÷ raw':>9}")
+          "for the first five rows")
+    print(f"{'what':<74}{'tokens/s':>12}{'peak RSS':>12}{'÷ raw':>9}")
     rows = [
         (f"raw encode_batch_fast, 1 process ({large_mb:g} MB)", "raw", "raw"),
         (f"raw encode_batch_fast, {cores} processes at once ({large_mb:g} MB)", "raw_cores", "raw_cores"),
+        (f"raw, its normalizer as str.replace (dapt's way), 1 process ({large_mb:g} MB)", "raw_python_normalized", "raw"),
         (f"dapt data build, 1 task ({large_mb:g} MB)", "dapt", "raw"),
         (f"dapt data build, {cores} tasks ({large_mb:g} MB)", "dapt_cores", "raw_cores"),
         (f"dapt data build, 1 task ({small_mb:g} MB)", "dapt_small", "raw"),
@@ -173,9 +179,11 @@ def main() -> None:
         (f"datasets load + map(num_proc={os.cpu_count()}) + save_to_disk ({small_mb:g} MB)", "datasets", "raw_cores"),
     ]
     for label, name, baseline in rows:
-        print(f"{label:<66}{rate[name]:>12,.0f}{results[name]['peak_rss_mb']:>9,.0f} MB{rate[name] / rate[baseline]:>8.2f}x")
+        print(f"{label:<74}{rate[name]:>12,.0f}{results[name]['peak_rss_mb']:>9,.0f} MB{rate[name] / rate[baseline]:>8.2f}x")
     print(f"from 1 to {cores} tasks: dapt {rate['dapt_cores'] / rate['dapt']:.2f}x, the raw tokenizer in {cores} processes "
           f"{rate['raw_cores'] / rate['raw']:.2f}x (what this machine gives {cores} processes)")
+    print(f"dapt, 1 task ÷ the raw tokenizer with its normalizer as str.replace: "
+          f"{rate['dapt'] / rate['raw_python_normalized']:.2f}x (what dapt's reading, checks and writing cost around it)")
     print(f"peak RSS per task from {small_mb:g} to {large_mb:g} MB of input: {results['dapt_small']['peak_rss_mb']:,.0f} → "
           f"{results['dapt']['peak_rss_mb']:,.0f} MB")
     near = results["dapt_near"]["seconds"] - results["dapt_small"]["seconds"]

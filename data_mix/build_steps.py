@@ -117,7 +117,7 @@ def _read_corpus(corpus: CorpusConfig, units: list[Unit], out: Path, tokenizer_d
                           deduplicate=False)
     writer = ShardWriter(out, "documents", dtype, records)
     digests, places, chars, where_offsets, record_lengths = bytearray(), array("q"), array("q"), array("q", [0]), []
-    with open(out / "where.txt", "w", encoding="utf-8", errors="surrogatepass") as where_file:
+    with open(out / "where.txt", "wb") as where_file:
         for batch in _batches(reader.documents_with_digests(units)):
             if records:
                 flat, lengths, trained, status, token_lengths = tokenise.encode_record_batch(
@@ -134,8 +134,9 @@ def _read_corpus(corpus: CorpusConfig, units: list[Unit], out: Path, tokenizer_d
                 digests += document.digest
                 places.append(document.unit)
                 chars.append(len(document.text))
-                where_file.write(document.where.replace("\n", " ") + "\n")
-                where_offsets.append(where_file.tell())
+                line = (document.where.replace("\n", " ") + "\n").encode("utf-8", "surrogatepass")
+                where_file.write(line)
+                where_offsets.append(where_offsets[-1] + len(line))  # a text file's tell() is slow
                 yield document
     np.save(out / "digests.npy", np.frombuffer(bytes(digests), dtype=np.uint8).reshape(-1, 16))
     np.save(out / "units.npy", np.frombuffer(places, dtype=np.int64))

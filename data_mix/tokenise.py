@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -84,12 +85,52 @@ def _line_start(text: str, start: int, end: int) -> int | None:
     return position + 1 if position != -1 else None
 
 
+class PythonNormalized:
+    """A tokenizer whose normalizer only replaces single characters (dapt's own: " " → "▁"), with
+    the replacing done by `str.replace` before the Rust tokenizer runs without it: the same ids,
+    ~20% less time (the Rust normalizer keeps an alignment entry for every character)."""
+
+    def __init__(self, encoder, replacements: list[tuple[str, str]]):
+        from tokenizers import Tokenizer
+
+        self.replacements = replacements
+        self.bare = Tokenizer.from_str(encoder.to_str())
+        self.bare.normalizer = None
+
+    def encode_batch_fast(self, texts: list[str], add_special_tokens: bool = False):
+        for old, new in self.replacements:
+            texts = [text.replace(old, new) for text in texts]
+        return self.bare.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+
+
+def normalizing_in_python(encoder):
+    """`encoder` as a PythonNormalized where that gives the same ids, else `encoder` itself."""
+    normalizer = json.loads(encoder.to_str()).get("normalizer") or {}
+    steps = normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
+    replacements = [(step["pattern"].get("String"), step["content"]) for step in steps
+                    if step.get("type") == "Replace" and isinstance(step.get("pattern"), dict)]
+    if not steps or len(replacements) != len(steps) or any(old is None or len(old) != 1 for old, _ in replacements):
+        return encoder
+    # Added tokens are matched in the text before the normalizer runs: one that holds a character the
+    # replacing touches, or that strips the spaces beside it, would match differently.
+    touched = {character for pair in replacements for character in pair}
+    for token in encoder.get_added_tokens_decoder().values():
+        if token.lstrip or token.rstrip or touched & set(token.content):
+            return encoder
+    fast = PythonNormalized(encoder, replacements)
+    probes = ["Revenue  rose 3%.\n\n  Net income ▁fell", " 價格 Price\t", "</s> <s> x"]
+    same = all(a.ids == b.ids for a, b in zip(encoder.encode_batch_fast(probes, add_special_tokens=False),
+                                             fast.encode_batch_fast(probes)))
+    return fast if same else encoder
+
+
 def start_encoder(tokenizer_dir: str, dtype: str) -> None:
     """Load the tokenizer this process encodes with (once per process)."""
     # One tokenizer thread per process: the processes are the parallelism.
     os.environ["RAYON_NUM_THREADS"] = "1"
     global _encoder
     encoder, eos = load_encoder(Path(tokenizer_dir))
+    encoder = normalizing_in_python(encoder)
     _encoder = (encoder, eos, np.dtype(dtype), cuts_cleanly(encoder))
 
 
@@ -107,15 +148,16 @@ def encode_record_batch(records: list[Record], max_tokens: int, truncate: bool) 
 
 def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(ids of every document with EOS after each, each document's length with its EOS).
-    Encoded a piece group of at most PIECE_CHARS characters at a time, each turned into an array at once."""
+    Encoded a piece group of at most PIECE_CHARS characters at a time."""
     encoder, eos, dtype, in_pieces = _encoder
     pieces_of = [document_pieces(text) if in_pieces and len(text) > PIECE_CHARS else [text] for text in texts]
-    arrays: list[np.ndarray] = []
+    # Ids kept as arrays of C integers: `array` takes the tokenizer's lists in about half the time
+    # numpy does, and numpy then converts the whole batch at once.
+    pieces_ids: list[array] = []
     group: list[str] = []
 
     def encode_group() -> None:
-        arrays.extend(np.array(encoding.ids, dtype=dtype)
-                      for encoding in encoder.encode_batch_fast(group, add_special_tokens=False))
+        pieces_ids.extend(array("I", encoding.ids) for encoding in encoder.encode_batch_fast(group, add_special_tokens=False))
         group.clear()
 
     size = 0
@@ -126,9 +168,12 @@ def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         group.append(piece)
         size += len(piece)
     encode_group()
-    end_of_document = np.array([eos], dtype=dtype)
-    documents, first = [], 0
-    for pieces in pieces_of:
-        documents.append(np.concatenate([*arrays[first:first + len(pieces)], end_of_document]))
-        first += len(pieces)
-    return np.concatenate(documents), np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
+    flat, lengths, piece = array("I"), np.empty(len(pieces_of), dtype=np.int64), 0
+    for document, pieces in enumerate(pieces_of):
+        start = len(flat)
+        for ids in pieces_ids[piece:piece + len(pieces)]:
+            flat.extend(ids)
+        flat.append(eos)
+        lengths[document] = len(flat) - start
+        piece += len(pieces)
+    return np.frombuffer(flat, dtype=np.uint32).astype(dtype), lengths

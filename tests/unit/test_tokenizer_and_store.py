@@ -143,3 +143,32 @@ def test_prepare_and_inspect_commands(built_experiment, small_corpora):
     inspected = subprocess.run([sys.executable, "-m", "dapt", "data", "inspect", config, "--sample", "1"],
                                capture_output=True, text=True, check=True).stdout
     assert "bytes/tok" in inspected and "--- news, sample 1 ---" in inspected
+
+
+def test_a_replacing_normalizer_runs_in_python_to_the_same_ids(built_experiment):
+    """dapt's own tokenizers replace " " with "▁": the build does that with str.replace, the
+    tokenizer's ids unchanged, hostile text and special tokens in it included."""
+    from tokenizers import AddedToken, Tokenizer, normalizers
+
+    from dapt.data_mix import tokenise
+
+    encoder, eos = tokenise.load_encoder(built_experiment.tokenizer_dir)
+    fast = tokenise.normalizing_in_python(encoder)
+    assert isinstance(fast, tokenise.PythonNormalized)
+    texts = [*HOSTILE, "a </s> b<unk>c ▁ d", "  ", "x" * 3000]
+    expected = [e.ids for e in encoder.encode_batch_fast(texts, add_special_tokens=False)]
+    assert [e.ids for e in fast.encode_batch_fast(texts)] == expected
+    tokenise.start_encoder(str(built_experiment.tokenizer_dir), "uint16")
+    flat, lengths = tokenise.encode_texts(texts)
+    assert flat.tolist() == [token for ids in expected for token in [*ids, eos]]
+    assert lengths.tolist() == [len(ids) + 1 for ids in expected]
+
+    # Where the replacing could match differently, the tokenizer keeps its own normalizer.
+    spaced = Tokenizer.from_str(encoder.to_str())
+    spaced.add_tokens([AddedToken("net income", normalized=False)])
+    stripping = Tokenizer.from_str(encoder.to_str())
+    stripping.add_special_tokens([AddedToken("<sep>", lstrip=True)])
+    nfkc = Tokenizer.from_str(encoder.to_str())
+    nfkc.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" ", "▁")])
+    for kept in (spaced, stripping, nfkc):
+        assert tokenise.normalizing_in_python(kept) is kept
