@@ -136,7 +136,9 @@ if [ "$stop_requested" = 1 ]; then
   echo "dapt: scontrol requeue failed; resubmit this script to resume" >&2
   exit 1
 fi
-echo "dapt: training failed (srun exit status $status); see $logs" >&2
+# srun's status may be 0 here: a node lost with its ranks ends the job step without an error of its own.
+echo "dapt: $(date -u +%FT%TZ) training ended before its last step (srun exit status $status); the last checkpoint," \
+  "$(cat "$latest" 2>/dev/null || echo '(none yet)'), is where a resubmitted job resumes; see $logs" >&2
 exit $((status == 0 ? 1 : status))
 """
 

@@ -1,6 +1,6 @@
 """`dapt launch slurm` on a real one-node Slurm (munged, slurmctld, slurmd started by
 tests/slurm/start_local_slurm.sh): a complete 2-process run, and a run that checkpoints on SIGUSR1,
-requeues itself and resumes."""
+requeues itself and resumes, then loses its node and resumes again."""
 
 from __future__ import annotations
 
@@ -125,25 +125,34 @@ def test_submitted_job_completes_and_both_ranks_train(finished_job):
     assert rank_logs == ["0", "1"], "one log per rank"
 
 
-def test_sigusr1_checkpoints_requeues_and_resumes_the_same_run(slurm_env, finished_job, built_experiment, tmp_path):
+def test_a_job_stopped_by_sigusr1_then_by_a_lost_node_resumes_the_same_run_each_time(slurm_env, finished_job,
+                                                                                     built_experiment, tmp_path):
+    """Attempt 1 is told to stop (SIGUSR1): it checkpoints and requeues itself. Attempt 2's node dies
+    under it: Slurm requeues the job, and attempt 3 resumes from the last checkpoint (the one of the
+    stop). The run ends as the uninterrupted one did, in one W&B run."""
     path = slurm_experiment(tmp_path, built_experiment)
     job_id = submit(path)
     metrics = tmp_path / "metrics.jsonl"
     wait_for_job(job_id, slurm_env, until=lambda: metrics.exists() and '"step": 2,' in metrics.read_text())
     # What `#SBATCH --signal=B:USR1@<lead>` does before the time limit, sent now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm_env, check=True)
+    output = tmp_path / "slurm" / f"{job_id}.out"
+    wait_for_job(job_id, slurm_env, until=lambda: "stopped by a signal after step" in output.read_text())
+    stopped_at = int(re.search(r"stopped by a signal after step (\d+)", output.read_text()).group(1))
+    assert 2 <= stopped_at < STEPS - 10
+    wait_for_job(job_id, slurm_env, until=lambda: f'"step": {stopped_at + 2},' in metrics.read_text())
+    lose_the_node(job_id, slurm_env)
     info = wait_for_job(job_id, slurm_env)
     output = slurm_output(tmp_path, job_id)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", output
-    stopped_at = int(re.search(r"stopped by a signal after step (\d+)", output).group(1))
-    assert 2 <= stopped_at < STEPS
-    assert "attempt 1 " in output and "attempt 2 " in output and f"requeueing job {job_id}" in output
-    assert f"resuming from {tmp_path / 'checkpoints' / f'step{stopped_at:08d}'} at step {stopped_at}" in output
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", output
+    assert "attempt 1 " in output and "attempt 3 " in output and f"requeueing job {job_id}" in output
+    resumed = f"resuming from {tmp_path / 'checkpoints' / f'step{stopped_at:08d}'} at step {stopped_at}"
+    assert output.count(resumed) == 2, output
 
     results = json.loads((tmp_path / "results.json").read_text())
     run_dirs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(run_dirs) >= 2 and {d.name.rsplit("-", 1)[1] for d in run_dirs} == {results["wandb_run_id"]}, \
-        "the requeued attempt logs to the same W&B run"
+    assert len(run_dirs) >= 3 and {d.name.rsplit("-", 1)[1] for d in run_dirs} == {results["wandb_run_id"]}, \
+        "the requeued attempts log to the same W&B run"
     # No sample repeated or skipped: every step logged once, with the uninterrupted run's loss,
     # and the ledger's tokens per corpus equal to the uninterrupted run's.
     uninterrupted_dir = finished_job[0]
@@ -151,6 +160,17 @@ def test_sigusr1_checkpoints_requeues_and_resumes_the_same_run(slurm_env, finish
     uninterrupted = json.loads((uninterrupted_dir / "results.json").read_text())
     assert {n: c["tokens_seen"] for n, c in results["corpora"].items()} == \
            {n: c["tokens_seen"] for n, c in uninterrupted["corpora"].items()}
+
+
+def lose_the_node(job_id: str, env: dict) -> None:
+    """The job's node dies (slurmd and the job's processes killed at once), Slurm is told so (what
+    its timeout for a node that stops answering would do, minutes later) and requeues the job, then
+    the node boots again."""
+    node = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    subprocess.run(["bash", str(START_SLURM), str(SLURM_STATE), "lose-node", job_id], check=True, timeout=60)
+    subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=lost in a test"], env=env, check=True)
+    wait_for_job(job_id, env, until=lambda: job_info(job_id, env).get("Restarts") == "2")
+    subprocess.run(["bash", str(START_SLURM), str(SLURM_STATE), "node-back"], check=True, timeout=60)
 
 
 # --- the store build as Slurm job arrays -------------------------------------------------------

@@ -5,6 +5,8 @@
 #   bash tests/slurm/start_local_slurm.sh [STATE_DIR]      (default: /tmp/dapt-slurm)
 #   export SLURM_CONF=STATE_DIR/slurm.conf                 then sbatch, squeue, scontrol work
 #   bash tests/slurm/start_local_slurm.sh [STATE_DIR] stop
+#   bash tests/slurm/start_local_slurm.sh STATE_DIR lose-node JOB_ID    the node dies under its job
+#   bash tests/slurm/start_local_slurm.sh STATE_DIR node-back            and boots again
 #
 # Needs root or sudo (slurmd runs jobs as their users) and Debian's `slurm-wlm` and `munge`
 # (Slurm 22.05 on Debian 12). Prints the reason and exits 1 where it cannot start.
@@ -27,14 +29,35 @@ stop() {
 }
 
 if [ "$action" = stop ]; then stop; exit 0; fi
-[ "$action" = start ] || fail "unknown action '$action' (start or stop)"
+case "$action" in start|lose-node|node-back) ;; *) fail "unknown action '$action' (start, stop, lose-node or node-back)" ;; esac
 
 for program in munged mungekey slurmctld slurmd scontrol sinfo sbatch; do
   command -v "$program" >/dev/null || fail "'$program' is not installed (apt-get install slurm-wlm munge)"
 done
 if [ "$(id -u)" != 0 ]; then  # the daemons need root; client commands then work for this user too
   sudo -n true 2>/dev/null || fail "slurmd must run as root to start jobs (running as $(id -un), without sudo)"
-  exec sudo -n bash "$0" "$state" "$action"
+  exec sudo -n bash "$0" "$state" "$action" "${@:3}"
+fi
+
+# A machine that dies takes slurmd and every process of its jobs with it at once: all are frozen
+# first, so that none reports the others' end, then killed. Slurm learns of it as of a node that
+# stopped answering (the caller sets it DOWN: the timeout that would otherwise tell is minutes).
+if [ "$action" = lose-node ]; then
+  job=${3:?lose-node needs the job id}
+  victims=$(cat "$state/slurmd.pid")
+  for proc in /proc/[0-9]*; do
+    if tr '\0' '\n' < "$proc/cmdline" 2>/dev/null | grep -q "^slurmstepd: \[$job\." ||
+       tr '\0' '\n' < "$proc/environ" 2>/dev/null | grep -qx "SLURM_JOB_ID=$job"; then
+      victims="$victims ${proc#/proc/}"
+    fi
+  done
+  kill -STOP $victims 2>/dev/null
+  kill -KILL $victims 2>/dev/null
+  exit 0
+fi
+if [ "$action" = node-back ]; then
+  slurmd -f "$conf" || fail "slurmd did not start again (see $state/slurmd.log)"
+  exit 0
 fi
 
 if [ -f "$conf" ] && scontrol ping >/dev/null 2>&1 && sinfo -h -n "$node" -o %T 2>/dev/null | grep -qx idle; then
