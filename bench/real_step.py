@@ -84,9 +84,8 @@ def text_batches(folder: Path, steps: int, seq_len: int) -> np.ndarray:
 
 
 def deepspeed_config(train: TrainConfig) -> dict:
-    config = resolve_deepspeed_config({"zero_optimization": {"stage": 2}}, train, world_size=1, on_gpu=ON_GPU)
-    del config["scheduler"]  # a constant lr on both sides: the optimizer's own
-    return config
+    # No scheduler (dapt's is given to deepspeed.initialize): a constant lr on both sides, the optimizer's own.
+    return resolve_deepspeed_config({"zero_optimization": {"stage": 2}}, train, world_size=1, on_gpu=ON_GPU)
 
 
 def time_dapt(folder: Path, vocab: int | None, train: TrainConfig, batches: np.ndarray) -> tuple[list[float], list[float]]:

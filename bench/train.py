@@ -71,7 +71,6 @@ def main() -> None:
     train = TrainConfig(steps=1000, global_batch_size=MICRO, micro_batch_size=MICRO, lr=1e-3, warmup_steps=1,
                         schedule="constant", precision="fp32", weight_decay=0.1)
     config = resolve_deepspeed_config({"zero_optimization": {"stage": 0}}, train, world_size=1, on_gpu=False)
-    del config["scheduler"]  # a constant lr on both sides
     model = tiny_llama(0)
     install_chunked_loss(model, train.loss_chunk_tokens)  # as the trainer does: dapt's default chunked loss
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)

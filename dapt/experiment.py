@@ -149,6 +149,7 @@ def _check_names(experiment: Experiment, path: Path, root: yaml.Node) -> None:
     groups = sorted(experiment.groups())
     mix = experiment.mix
     sections = [(("mix",), mix)] + [(("mix", "stages", i), stage) for i, stage in enumerate(mix.stages)]
+    sections += [(("mix", "decay"), mix.decay)] if mix.decay is not None else []
     for prefix, weights in sections:
         for section, known, kind in (("weights", names, "corpus"), ("group_weights", groups, "group")):
             for key in getattr(weights, section) or {}:
@@ -183,6 +184,24 @@ def _check_names(experiment: Experiment, path: Path, root: yaml.Node) -> None:
             loc = ("mix", "stages", index, "start_step")
             raise DaptError(f"{path}:{line_of(root, loc)}: {dotted(loc)}: {stage.start_step} is not before the "
                             f"last step ({experiment.train.steps}); the stage would never start")
+    _check_decay(experiment, path, root)
+
+
+def _check_decay(experiment: Experiment, path: Path, root: yaml.Node) -> None:
+    """`mix.decay` is the decay of a warmup-stable-decay run, after every other stage."""
+    mix, decay_start = experiment.mix, experiment.train.decay_start
+    if mix.decay is None:
+        return
+    loc = ("mix", "decay")
+    if decay_start is None:
+        raise DaptError(f"{path}:{line_of(root, loc)}: mix.decay: the weights of a learning-rate decay phase need "
+                        f"`train.schedule: wsd` (the schedule is {experiment.train.schedule}); set it, or drop mix.decay")
+    for index, stage in enumerate(mix.stages):
+        if stage.start_step >= decay_start:
+            loc = ("mix", "stages", index, "start_step")
+            raise DaptError(f"{path}:{line_of(root, loc)}: {dotted(loc)}: {stage.start_step} is not before the decay, "
+                            f"which starts after step {decay_start} with mix.decay's weights; start the stage "
+                            "earlier, or put its weights in mix.decay")
 
 
 def _check_sweep(experiment: Experiment, path: Path, root: yaml.Node) -> None:

@@ -180,13 +180,15 @@ class MixSchedule:
 
 
 def build_schedule(corpora: list[CorpusConfig], mix: MixConfig, seed: int, train_stores: dict, batches: BatchSizes,
-                   steps: int) -> MixSchedule:
-    """The run's schedule from the training stores: natural sizes are counted in tokens."""
+                   steps: int, decay_start: int | None = None) -> MixSchedule:
+    """The run's schedule from the training stores: natural sizes are counted in tokens. `decay_start`:
+    the step from which `mix.decay`'s weights hold (a warmup-stable-decay run's decay)."""
     names = [c.name for c in corpora]
     sizes = {name: len(train_stores[name].tokens) for name in names}
     total_tokens = batches.first_sample(steps) * mix.seq_len
     stages = []
-    for start_step, weights in [(0, mix), *((s.start_step, s) for s in mix.stages)]:
+    decay = [(decay_start, mix.decay)] if mix.decay is not None and decay_start is not None else []
+    for start_step, weights in [(0, mix), *((s.start_step, s) for s in mix.stages), *decay]:
         shares = target_shares(weights, corpora, sizes, mix.temperature, mix.budgets, total_tokens)
         stages.append(Stage(batches.first_sample(start_step), np.array([shares[n] for n in names], dtype=np.float64)))
     samples = [train_stores[name].num_samples(mix.seq_len) for name in names]

@@ -215,6 +215,9 @@ class MixConfig(WeightsConfig):
     """Refuse a plan that repeats a corpus more often than this."""
     stages: list[StageConfig] = []
     """Later weight sets, each from its `start_step`; the top-level weights hold before the first."""
+    decay: WeightsConfig | None = None
+    """With `train.schedule: wsd`, the weights of the decay, a stage from its first step (annealing on
+    the best data, as Llama 3, OLMo 2 and MiniCPM did); default: the weights before it go on."""
 
     @model_validator(mode="after")
     def _check_mix(self) -> MixConfig:
@@ -225,6 +228,7 @@ class MixConfig(WeightsConfig):
         starts = [stage.start_step for stage in self.stages]
         if starts != sorted(set(starts)):
             raise ValueError(f"stages: start_step values must increase, got {starts}")
-        if self.budgets and self.stages:
-            raise ValueError("budgets fix a corpus's share for the whole run, so they cannot be combined with stages")
+        if self.budgets and (self.stages or self.decay):
+            raise ValueError("budgets fix a corpus's share for the whole run, so they cannot be combined with stages "
+                             "or a decay's weights")
         return self

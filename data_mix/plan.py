@@ -98,7 +98,10 @@ def format_plan(rows: list[PlanRow], seq_len: int) -> str:
     return "\n".join(lines)
 
 
-def plot_plan(schedule: MixSchedule, rows: list[PlanRow], batches: BatchSizes, steps: int, path: Path) -> Path:
+def plot_plan(schedule: MixSchedule, rows: list[PlanRow], batches: BatchSizes, steps: int, path: Path,
+              learning_rates: np.ndarray | None = None) -> Path:
+    """The mix over training (with the learning rate of every step over it, where given) and each
+    corpus's repetition."""
     plt = pyplot()
 
     figure, (shares_axis, epochs_axis) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
@@ -112,7 +115,14 @@ def plot_plan(schedule: MixSchedule, rows: list[PlanRow], batches: BatchSizes, s
                                      label=name if stage_index == 0 else None, step="post")
         bottom = [b + h for b, h in zip(bottom, heights)]
     shares_axis.set(xlim=(0, steps), ylim=(0, 1), xlabel="training step", ylabel="share of tokens", title="Mix over training")
-    shares_axis.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    handles, labels = shares_axis.get_legend_handles_labels()
+    if learning_rates is not None:  # step s over [s - 1, s], as the shares are drawn
+        lr_axis = shares_axis.twinx()
+        line = lr_axis.stairs(learning_rates, np.arange(steps + 1), color="black", linewidth=1.5, baseline=None)
+        lr_axis.set(ylim=(0, learning_rates.max() * 1.05), ylabel="learning rate")
+        handles, labels = [*handles, line], [*labels, "learning rate"]
+    shares_axis.legend(handles, labels, loc="center left", fontsize=8,
+                       bbox_to_anchor=(1.16 if learning_rates is not None else 1.0, 0.5))
     epochs_axis.barh([row.corpus for row in rows], [row.epochs for row in rows], color=[f"C{i}" for i in range(len(rows))])
     epochs_axis.axvline(DIMINISHING_EPOCHS, color="grey", linestyle="--", label=f"{DIMINISHING_EPOCHS:g} epochs")
     epochs_axis.invert_yaxis()

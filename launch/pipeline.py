@@ -26,6 +26,7 @@ from dapt.launch.preflight import preflight
 from dapt.pretrain.carry_over import carry_over_in_a_process
 from dapt.pretrain.checkpoint import latest_tag, tag_for
 from dapt.pretrain.export import export_checkpoint
+from dapt.pretrain.lr_schedule import lr_curve
 from dapt.pretrain.model import check_model
 from dapt.pretrain.report import build_report
 from dapt.tokenizer.evaluate import (evaluate, format_evaluation, load_tokenizer, plot_evaluation,
@@ -213,10 +214,11 @@ def mix_plan(experiment: Experiment) -> str:
     stores = experiment_stores(experiment, "train")
     train = experiment.train
     batches = batch_sizes(train)
-    schedule = build_schedule(experiment.corpora, experiment.mix, experiment.seed, stores, batches, train.steps)
+    schedule = build_schedule(experiment.corpora, experiment.mix, experiment.seed, stores, batches, train.steps,
+                              train.decay_start)
     rows = plan(schedule, experiment.corpora, experiment.mix, batches, train.steps)
     table = format_plan(rows, experiment.mix.seq_len)
-    figure = plot_plan(schedule, rows, batches, train.steps, experiment.workpath / "mix_plan.png")
+    figure = plot_plan(schedule, rows, batches, train.steps, experiment.workpath / "mix_plan.png", lr_curve(train))
     total = batches.first_sample(train.steps)
     print(f"mix plan: {total:,} samples of {experiment.mix.seq_len} tokens over {train.steps:,} steps\n{table}\nplot: {figure}")
     return table

@@ -94,12 +94,23 @@ class TrainConfig(StrictModel):
     lr: float = Field(gt=0)
     """Peak learning rate (AdamW), reached after `warmup_steps`."""
     warmup_steps: int = Field(default=0, ge=0)
-    """Steps of linear warmup from 0 to `lr`: step s ≤ W trains at lr·(s−1)/W, as in transformers (DeepSpeed's
-    schedulers warm up over 2 steps at least); 0: every step at `lr`."""
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """The learning rate after warmup: cosine or linear decay, or constant."""
+    """Steps of linear warmup from `warmup_start_lr` (0) to `lr`: step s ≤ W trains at lr·(s−1)/W, as in
+    transformers; 0: the first step trains at `lr`."""
+    warmup_start_lr: float = Field(default=0.0, ge=0.0)
+    """The rate warmup starts from: 0, or when continuing a model whose own run ended at some rate, that
+    rate, so that training re-warms from where the model left off instead of from nothing."""
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    """The learning rate after warmup: cosine or linear decay over the run, constant, or `wsd`
+    (warmup-stable-decay: constant at `lr`, then a decay over the last `decay_steps`, whose data can
+    be a mix of its own, `mix.decay`)."""
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
-    """The lr decays to lr × min_lr_ratio (linear decay goes to zero: set 0)."""
+    """The lr decays to lr × min_lr_ratio."""
+    decay_steps: int | None = Field(default=None, gt=0)
+    """`schedule: wsd`: the steps of the decay that ends the run; default: the last fifth of the steps."""
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt"
+    """`schedule: wsd`: how the rate falls from `lr` to lr × min_lr_ratio over the decay, at progress p
+    from 0 to 1: `linear` 1 − p, `cosine` (1 + cos πp) / 2, `1-sqrt` 1 − √p (Hägele et al. 2024: at
+    equal decay length it matches a cosine run's loss)."""
     weight_decay: float = Field(default=0.1, ge=0.0)
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -151,9 +162,22 @@ class TrainConfig(StrictModel):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})")
         if self.batch_warmup is not None:
             self._check_batch_warmup(self.batch_warmup)
-        if self.schedule == "linear" and self.min_lr_ratio != 0:
-            raise ValueError("schedule linear decays to zero (DeepSpeed WarmupDecayLR): set min_lr_ratio: 0, or use cosine")
+        if self.warmup_start_lr > self.lr:
+            raise ValueError(f"warmup_start_lr ({self.warmup_start_lr}) is above lr ({self.lr}): warmup rises to lr")
+        if self.decay_steps is not None and self.schedule != "wsd":
+            raise ValueError(f"decay_steps is a setting of `schedule: wsd` (the schedule is {self.schedule}): "
+                             "set `schedule: wsd`, or drop decay_steps")
+        if self.decay_start is not None and self.decay_start < self.warmup_steps:
+            raise ValueError(f"decay_steps ({self.steps - self.decay_start}) leave fewer steps before the decay "
+                             f"({self.decay_start}) than warmup_steps ({self.warmup_steps}); shorten one of them")
         return self
+
+    @property
+    def decay_start(self) -> int | None:
+        """`schedule: wsd`: the steps before the decay (warmup and the constant phase); None otherwise."""
+        if self.schedule != "wsd":
+            return None
+        return self.steps - (self.decay_steps or max(1, round(self.steps / 5)))
 
 
     def _check_batch_warmup(self, warmup: BatchWarmupConfig) -> None:

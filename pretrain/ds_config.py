@@ -1,4 +1,5 @@
-"""The experiment's `deepspeed:` section completed from `train:`.
+"""The experiment's `deepspeed:` section completed from `train:` (all but the learning rate's
+schedule, which dapt runs itself: lr_schedule.py).
 
 The section is a native DeepSpeed config. As in transformers' integration, a field
 that is left out or set to "auto" is filled from the experiment; a field set to a
@@ -20,19 +21,6 @@ AUTO = "auto"
 def derived_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """What the experiment implies for DeepSpeed."""
     micro_steps = train.global_batch_size // (train.micro_batch_size * world_size)
-    # DeepSpeed's schedulers refuse 0 warmup steps; no warmup is a flat one (it starts at the peak).
-    warmup, flat = max(train.warmup_steps, 1), train.warmup_steps == 0
-    scheduler = {
-        "cosine": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": train.steps, "warmup_num_steps": warmup,
-            "warmup_min_ratio": 1.0 if flat else 0.0, "cos_min_ratio": train.min_lr_ratio, "warmup_type": "linear"}},
-        "linear": {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": train.steps, "warmup_num_steps": warmup,
-            "warmup_min_lr": train.lr if flat else 0.0, "warmup_max_lr": train.lr, "warmup_type": "linear"}},
-        "constant": {"type": "WarmupLR", "params": {
-            "warmup_num_steps": warmup, "warmup_min_lr": train.lr if flat else 0.0, "warmup_max_lr": train.lr,
-            "warmup_type": "linear"}},
-    }[train.schedule]
     return {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -42,13 +30,15 @@ def derived_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict[st
             "lr": train.lr, "betas": list(train.betas), "eps": 1e-8, "weight_decay": train.weight_decay,
             # FusedAdam needs CUDA (and a long compile); on CPU DeepSpeed takes torch's AdamW.
             "torch_adam": not on_gpu}},
-        "scheduler": scheduler,
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": train.precision == "fp16"},
     }
 
 
 def resolve_deepspeed_config(user: dict[str, Any], train: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    if "scheduler" in user:
+        raise DaptError(f"deepspeed.scheduler: the learning rate follows `train` (schedule: {train.schedule}, lr, "
+                        "warmup_steps, min_lr_ratio; lr_schedule.py), which dapt runs itself; drop deepspeed.scheduler")
     resolved = copy.deepcopy(user)
     _fill(resolved, derived_config(train, world_size, on_gpu), "deepspeed")
     resolved.setdefault("zero_optimization", {"stage": 0})

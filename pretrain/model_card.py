@@ -38,7 +38,7 @@ def model_card(experiment: Experiment, yaml_text: str, results: dict | None, tag
     tokens = sum(row["tokens_seen"] for row in results["corpora"].values()) if results else None
     lines += [f"- steps: {train.steps:,}, global batch {train.global_batch_size} sequences of {experiment.mix.seq_len} "
               f"tokens" + (f" ({tokens:,} tokens seen)" if tokens else ""),
-              f"- AdamW, lr {train.lr:g} ({train.schedule}, {train.warmup_steps} warmup steps, min lr ratio "
+              f"- AdamW, lr {train.lr:g} ({_schedule(train)}, {train.warmup_steps} warmup steps, min lr ratio "
               f"{train.min_lr_ratio:g}), weight decay {train.weight_decay:g}, gradient clip {train.grad_clip:g}",
               f"- precision {train.precision}, DeepSpeed ZeRO stage {stage}, seed {experiment.seed}",
               "", "## Provenance", "",
@@ -89,3 +89,9 @@ def write_model_card(out_dir: Path, experiment: Experiment, yaml_text: str, resu
     """The card and, beside it, the experiment file the model was trained from."""
     (out_dir / CARD).write_text(model_card(experiment, yaml_text, results, tag), encoding="utf-8")
     (out_dir / "experiment.yaml").write_text(yaml_text, encoding="utf-8")
+
+
+def _schedule(train) -> str:
+    if train.schedule != "wsd":
+        return train.schedule
+    return f"warmup-stable-decay, a {train.decay_shape} decay over the last {train.steps - train.decay_start} steps"

@@ -25,8 +25,9 @@ ALLOW_CHANGED = "DAPT_ALLOW_CHANGED"  # the --allow-changed fields, for the rank
 FIXED_MODEL = ("model", "tokenizer")
 FIXED_DATA = ("corpora", "mix", "seed", "heldout", "stores", "train.global_batch_size", "train.micro_batch_size",
               "train.batch_warmup")
-OPTIMIZER = ("train.lr", "train.steps", "train.warmup_steps", "train.schedule", "train.min_lr_ratio",
-             "train.weight_decay", "train.betas", "train.grad_clip", "train.precision", "deepspeed")
+OPTIMIZER = ("train.lr", "train.steps", "train.warmup_steps", "train.warmup_start_lr", "train.schedule",
+             "train.min_lr_ratio", "train.decay_steps", "train.decay_shape", "train.weight_decay", "train.betas",
+             "train.grad_clip", "train.precision", "deepspeed")
 
 
 def differences(before: object, after: object, path: str = "") -> list[tuple[str, object, object]]:

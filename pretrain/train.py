@@ -41,6 +41,7 @@ from dapt.pretrain.guard import (StepGuard, engine_checks_overflow, injected_nan
 from dapt.pretrain.hf_folder import make_config_portable
 from dapt.pretrain.loss import check_chunked_loss, check_packed_records, install_chunked_loss, next_token_loss
 from dapt.pretrain.lora import with_lora
+from dapt.pretrain.lr_schedule import LearningRateSchedule
 from dapt.pretrain.metrics import flops_per_token, mfu, peak_flops
 from dapt.pretrain.model import PRECISION_DTYPES, build_model
 from dapt.pretrain.peers import STALL_MARGIN_S, PeerWatch
@@ -216,7 +217,7 @@ class Trainer:
         self.train_stores = train_stores = experiment_stores(experiment, "train")
         self.batches = batch_sizes(train)
         self.schedule = build_schedule(experiment.corpora, self.mix, experiment.seed, train_stores, self.batches,
-                                       train.steps)
+                                       train.steps, train.decay_start)
         self.loader = MixLoader(self.schedule, [train_stores[n] for n in self.names], self.mix.seq_len,
                                 train.micro_batch_size, self.batches, self.env.rank, self.env.world_size,
                                 num_workers=train.loader_workers)
@@ -243,13 +244,11 @@ class Trainer:
         if train.lora is not None:
             model = with_lora(model, train.lora)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        with _without_unstarted_schedule_warning():
-            self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=self.ds_config)
-        if self.engine.lr_scheduler is not None:
-            # DeepSpeed's schedulers start at iteration -1, which they price at lr 0: the first step would
-            # not train. Step s trains at the schedule's iteration s - 1, as in transformers; a resume then
-            # loads the checkpoint's iteration over this.
-            self.engine.lr_scheduler.step(0)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=self.ds_config,
+                                                    lr_scheduler=lambda optimizer: LearningRateSchedule(optimizer, train))
+        # Step s trains at the schedule's iteration s - 1, as in transformers; a resume then loads the
+        # checkpoint's iteration over this.
+        self.engine.lr_scheduler.step(0)
         if self.loader.records:
             check_packed_records(self.engine, model.config.vocab_size, self.device)
         unchunked = check_chunked_loss(self.engine, model.config.vocab_size, self.mix.seq_len, self.device)
@@ -374,22 +373,6 @@ class Trainer:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-@contextlib.contextmanager
-def _without_unstarted_schedule_warning():
-    """While DeepSpeed builds the engine, its scheduler reads the rate of iteration -1 and warns that it
-    has not started; the trainer starts it right after, so the warning would only puzzle the user."""
-    from deepspeed.utils import logger
-
-    def not_that_warning(record) -> bool:
-        return "before it has started" not in record.getMessage()
-
-    logger.addFilter(not_that_warning)
-    try:
-        yield
-    finally:
-        logger.removeFilter(not_that_warning)
 
 
 def _save_model_recipe(module, model_folder: Path | None, tokenizer_dir: Path, checkpoints: Path) -> None:

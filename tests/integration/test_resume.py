@@ -15,18 +15,24 @@ import yaml
 
 from dapt.experiment import load_experiment
 from dapt.launch.local import torchrun_command
+from dapt.pretrain.lr_schedule import lr_at
 from tests.helpers import experiment_file, losses, train, train_together
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, built_experiment) -> dict:
-    """6 steps at ZeRO 2 and at ZeRO 0, checkpointing every 3, trained together on one pair of ranks."""
+    """6 steps at ZeRO 2 and at ZeRO 0, checkpointing every 3, trained together on one pair of ranks.
+    The ZeRO-2 run is warmup-stable-decay: the peak rate for 3 steps, then 3 steps of decay on a mix
+    of their own (mostly financial), so that its resumes cross both switches."""
     root, paths = tmp_path_factory.mktemp("uninterrupted"), {}
     for stage in (2, 0):
         (root / f"zero{stage}").mkdir()
         paths[stage] = experiment_file(root / f"zero{stage}", built_experiment, steps=6, wandb="offline")
         config = yaml.safe_load(paths[stage].read_text())
         config["deepspeed"] = {"zero_optimization": {"stage": stage}}
+        if stage == 2:
+            config["train"] |= {"schedule": "wsd", "decay_steps": 3, "decay_shape": "linear", "min_lr_ratio": 0.0}
+            config["mix"]["decay"] = {"group_weights": {"financial": 0.9, "public": 0.1}}
         paths[stage].write_text(yaml.safe_dump(config))
     train_together(list(paths.values()))
     return paths
@@ -52,12 +58,21 @@ def rewound_to_step_3(uninterrupted: dict, stage: int, folder):
 
 
 def test_resume_continues_bitwise_like_the_uninterrupted_run(tmp_path, uninterrupted):
-    path, experiment, uninterrupted, lrs, first = rewound_to_step_3(uninterrupted, 2, tmp_path)
+    uninterrupted_runs = uninterrupted
+    path, experiment, uninterrupted, lrs, first = rewound_to_step_3(uninterrupted_runs, 2, tmp_path)
     resumed_run = train(path)
     assert "resuming from" in resumed_run.stdout and "at step 3" in resumed_run.stdout
     resumed = losses(tmp_path)
     assert [resumed[s] for s in (4, 5, 6)] == [uninterrupted[s] for s in (4, 5, 6)], "bitwise equal losses"
     assert losses(tmp_path, "train/lr") == lrs, "the schedule goes on where it stopped"
+    assert lrs == {step: lr_at(experiment.train, step - 1) for step in range(1, 7)}, "the formula at every step"
+    assert [lrs[step] for step in (3, 4, 5, 6)] == [1e-3, 1e-3, pytest.approx(1e-3 * 2 / 3), pytest.approx(1e-3 / 3)]
+    groups = {corpus.name: corpus.group for corpus in experiment.corpora}
+    cosine_run = json.loads((uninterrupted_runs[0].parent / "results.json").read_text())
+
+    def financial_tokens(results: dict) -> int:
+        return sum(row["tokens_seen"] for name, row in results["corpora"].items() if groups[name] == "financial")
+    assert financial_tokens(first) > financial_tokens(cosine_run), "the decay's steps drew on its own mix"
     second = json.loads((tmp_path / "results.json").read_text())
     assert second["wandb_run_id"] == first["wandb_run_id"]
     assert {n: r["tokens_seen"] for n, r in second["corpora"].items()} == {n: r["tokens_seen"] for n, r in first["corpora"].items()}

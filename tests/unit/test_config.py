@@ -108,6 +108,24 @@ def test_stage_errors_name_the_stage(tmp_path):
         load_experiment(path)
 
 
+def test_a_decays_weights_need_warmup_stable_decay_and_come_after_every_stage(tmp_path):
+    train = {"steps": 100, "global_batch_size": 16, "micro_batch_size": 4, "lr": 1e-3}
+    decay = {"weights": {"filings": 1}}
+    path = write_experiment(tmp_path, {"train": train, "mix": {"decay": decay}})
+    with pytest.raises(DaptError, match=r"experiment.yaml:\d+: mix.decay: the weights of a learning-rate decay phase "
+                                        r"need `train.schedule: wsd` \(the schedule is cosine\)"):
+        load_experiment(path)
+    wsd = {**train, "schedule": "wsd", "decay_steps": 30}
+    path = write_experiment(tmp_path, {"train": wsd, "mix": {"decay": {"weights": {"filngs": 1}}}})
+    with pytest.raises(DaptError, match=r"mix.decay.weights.filngs: unknown corpus 'filngs'"):
+        load_experiment(path)
+    path = write_experiment(tmp_path, {"train": wsd, "mix": {"decay": decay, "stages": [{"start_step": 70, "weights": {"web": 1}}]}})
+    with pytest.raises(DaptError, match=r"mix.stages\[0\].start_step: 70 is not before the decay, which starts after step 70"):
+        load_experiment(path)
+    path = write_experiment(tmp_path, {"train": wsd, "mix": {"decay": decay, "stages": [{"start_step": 69, "weights": {"web": 1}}]}})
+    assert load_experiment(path)[0].train.decay_start == 70
+
+
 def test_readme_experiment_file_is_valid(tmp_path):
     readme = (DEMO_CONFIG.parents[1] / "README.md").read_text()
     block = readme.split("## An experiment file", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from dapt.base import DaptError
 from dapt.pretrain.config import TrainConfig
@@ -15,8 +14,7 @@ def test_auto_and_missing_fields_are_filled_from_train():
     assert resolved["train_micro_batch_size_per_gpu"] == 4
     assert resolved["gradient_accumulation_steps"] == 4
     assert resolved["optimizer"]["params"]["lr"] == 3e-4 and resolved["optimizer"]["params"]["torch_adam"] is True
-    assert resolved["scheduler"] == {"type": "WarmupCosineLR", "params": {
-        "total_num_steps": 100, "warmup_num_steps": 10, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1, "warmup_type": "linear"}}
+    assert "scheduler" not in resolved, "dapt runs the learning rate's schedule itself (lr_schedule.py)"
     assert resolved["bf16"] == {"enabled": True} and resolved["zero_optimization"] == {"stage": 2}
     assert user["train_batch_size"] == "auto", "the experiment's own section is not modified"
 
@@ -33,15 +31,6 @@ def test_another_optimizer_keeps_its_own_params():
     assert resolve_deepspeed_config(user, TRAIN, 1, True)["optimizer"] == user["optimizer"]
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
-def test_no_warmup_starts_at_the_peak_lr_in_deepspeeds_own_scheduler(schedule):
-    from deepspeed.runtime import lr_schedules
-
-    train = TRAIN.model_copy(update={"warmup_steps": 0, "schedule": schedule,
-                                     "min_lr_ratio": 0.0 if schedule == "linear" else 0.1})
-    config = resolve_deepspeed_config({}, train, world_size=2, on_gpu=False)["scheduler"]
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=train.lr)
-    scheduler = getattr(lr_schedules, config["type"])(optimizer, **config["params"])
-    optimizer.step()
-    scheduler.step()
-    assert scheduler.get_last_lr()[0] == pytest.approx(train.lr, rel=1e-3)
+def test_a_scheduler_of_deepspeeds_own_is_refused_naming_the_train_fields():
+    with pytest.raises(DaptError, match=r"deepspeed.scheduler: the learning rate follows `train` \(schedule: cosine"):
+        resolve_deepspeed_config({"scheduler": {"type": "WarmupLR", "params": {}}}, TRAIN, 2, False)

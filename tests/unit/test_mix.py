@@ -12,6 +12,8 @@ from dapt.data_mix.ledger import MixLedger
 from dapt.data_mix.loader import MixLoader
 from dapt.data_mix.plan import format_plan, plan, plot_plan, worst_prefix_deviation
 from dapt.base import DaptError
+from dapt.pretrain.config import TrainConfig
+from dapt.pretrain.lr_schedule import lr_curve
 
 CORPORA = [CorpusConfig(name=n, group=g, paths=["x"]) for n, g in
            [("filings", "fin"), ("news", "fin"), ("wiki", "pub"), ("web", "pub")]]
@@ -147,6 +149,10 @@ def test_plan_reports_epochs_exhaustion_and_refuses_too_many(tmp_path):
         plan(schedule, corpora, MixConfig(max_epochs={"a": 4}), BatchSizes(4), steps=25)
     figure = plot_plan(schedule, rows, BatchSizes(4), 25, tmp_path / "plan.png")
     assert figure.stat().st_size > 10_000
+    wsd = TrainConfig(steps=25, global_batch_size=4, micro_batch_size=4, lr=1e-3, warmup_steps=3, schedule="wsd",
+                      decay_steps=8)
+    with_lr = plot_plan(schedule, rows, BatchSizes(4), 25, tmp_path / "plan-lr.png", lr_curve(wsd))
+    assert with_lr.stat().st_size > figure.stat().st_size, "the learning rate drawn over the mix"
 
 
 class FakeStore:
