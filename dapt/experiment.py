@@ -262,6 +262,9 @@ def _resolve_paths(experiment: Experiment, base: Path) -> Experiment:
     if model.carried_over is not None:
         model = model.model_copy(update={"carried_over": absolute(model.carried_over)})
     stores = absolute(experiment.stores) if experiment.stores else None
+    train = experiment.train
+    if train.branch_from is not None:
+        train = train.model_copy(update={"branch_from": absolute(train.branch_from)})
     sweep = experiment.sweep
     if sweep is not None and sweep.tasks:
         sweep = sweep.model_copy(update={"tasks": [absolute(task) for task in sweep.tasks]})
@@ -270,5 +273,5 @@ def _resolve_paths(experiment: Experiment, base: Path) -> Experiment:
         sweep = sweep.model_copy(update={"proxy": sweep.proxy.model_copy(update={"model": proxy_model})})
     return experiment.model_copy(
         update={"corpora": corpora, "tokenizer": tokenizer, "model": model, "workdir": absolute(experiment.workdir),
-                "stores": stores, "sweep": sweep}
+                "stores": stores, "sweep": sweep, "train": train}
     )

@@ -113,11 +113,18 @@ class MixLoader:
         return {"samples_consumed": self.samples_consumed, "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
-        current = self.fingerprint()
-        changed = [key for key in current if state["fingerprint"].get(key) != current[key]]
+        consumed = int(state["samples_consumed"])
+        current, saved = (_as_far_as(fingerprint, consumed) for fingerprint in (self.fingerprint(), state["fingerprint"]))
+        changed = [key for key in current if saved.get(key) != current[key]]
         if changed:
             raise DaptError(
                 f"the mix changed since this checkpoint ({', '.join(changed)} differ), so resuming would not continue "
                 "the same data order; restore the experiment's mix and stores, or train in a new workdir"
             )
-        self.samples_consumed = int(state["samples_consumed"])
+        self.samples_consumed = consumed
+
+
+def _as_far_as(fingerprint: dict, consumed: int) -> dict:
+    """What the first `consumed` samples depend on: a stage that begins later may differ (a run
+    branched from another, whose decay trains on a mix of its own)."""
+    return fingerprint | {"stages": [stage for stage in fingerprint.get("stages", []) if stage[0] < consumed]}

@@ -19,6 +19,7 @@ from dapt.data_mix.store import tokenizer_hash
 from dapt.experiment import Experiment
 from dapt.pretrain.carry_over import carry_over_problem
 from dapt.pretrain.checkpoint import checkpoint_bytes, latest_meta, latest_tag
+from dapt.pretrain.checkpointer import branch_meta
 from dapt.pretrain.model import check_model, parameter_count
 from dapt.pretrain.resume_settings import allowed_changes, check_resume_settings
 from dapt.pretrain.tracking import online_problem
@@ -70,13 +71,16 @@ def _model(experiment: Experiment) -> list[str]:
 
 
 def _resume(experiment: Experiment, config: Path) -> str | None:
-    """A resume under settings the checkpoint cannot take."""
+    """A resume under settings the checkpoint cannot take, or a branch from a checkpoint it cannot start from."""
     meta = latest_meta(experiment.checkpoints_dir)
-    if not meta or "experiment_yaml" not in meta:
-        return None
+    checkpoint, branch = (experiment.checkpoints_dir / str(latest_tag(experiment.checkpoints_dir))), False
     try:
-        check_resume_settings(meta["experiment_yaml"], config.read_text(encoding="utf-8"),
-                              str(experiment.checkpoints_dir / latest_tag(experiment.checkpoints_dir)), allowed_changes())
+        if meta is None and experiment.train.branch_from is not None:
+            checkpoint, branch = Path(experiment.train.branch_from), True
+            meta = branch_meta(checkpoint, experiment.train)
+        if meta and "experiment_yaml" in meta:
+            check_resume_settings(meta["experiment_yaml"], config.read_text(encoding="utf-8"), str(checkpoint),
+                                  allowed_changes(), branch=branch)
     except DaptError as err:
         return str(err)
     return None

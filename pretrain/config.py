@@ -127,6 +127,12 @@ class TrainConfig(StrictModel):
     """The loss and held-out BPB are computed this many positions at a time, the output head's matmul
     and the loss's gradient inside each chunk, so the whole [tokens, vocabulary] logits never exist
     (0: whole logits)."""
+    branch_from: str | None = None
+    """Another run's checkpoint folder (…/checkpoints/step00008000) to start from, as a resume would:
+    its weights, optimizer state, data position and step. This run then trains on to `steps` with
+    its own schedule and the stages of its mix that begin after that step: several decays of one
+    warmup-stable-decay run, each with its own `mix.decay`, from a checkpoint of its constant phase,
+    none retraining it. Its own checkpoints, once it has any, are what it resumes from."""
     checkpoint_every: int = Field(default=0, ge=0)
     """Save every N steps (0: only at the end)."""
     keep_checkpoints: int = Field(default=2, gt=0)

@@ -1,5 +1,5 @@
-"""What a resume needs beyond DeepSpeed's own checkpoint: every rank's RNG states,
-finding the checkpoint to resume from, and re-partitioning it for another world size.
+"""What a resume needs beyond DeepSpeed's own checkpoint: every rank's RNG states, loading the
+checkpoint to resume (or branch) from, and re-partitioning it for another world size.
 
 DeepSpeed saves no RNG state, so dropout or any sampling would differ after a
 resume. Each rank's python, numpy and torch (and CUDA) states are gathered into the
@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 
 from dapt.base import DaptError
-from dapt.pretrain.checkpoint import latest_tag
 
 
 def _rng_state() -> dict:
@@ -49,22 +48,22 @@ def restore_rng_states(states: list[dict]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def load_latest(engine, folder: Path, universal: bool) -> dict | None:
-    """Load the checkpoint `latest` names into the engine; its client state, or None if there is none.
+def load_checkpoint(engine, checkpoint: Path, universal: bool, scratch: Path) -> dict:
+    """Load the checkpoint folder `checkpoint` (this run's latest, or another run's it branches from)
+    into the engine; its client state.
 
     With `universal` (the checkpoint was written by another number of processes), rank 0
     first converts it with DeepSpeed's `ds_to_universal`, whose per-parameter form any
-    world size can load (the engine must be configured with `checkpoint.load_universal`);
+    world size can load (the engine must be configured with `checkpoint.load_universal`),
+    into `scratch` (this run's own checkpoints folder: another run's is left as it is);
     the converted copy is removed once loaded.
     """
-    tag = latest_tag(folder)
-    if tag is None:
-        return None
+    folder, tag = checkpoint.parent, checkpoint.name
     if universal:
-        tag = _to_universal(folder, tag)
+        folder, tag = scratch, _to_universal(checkpoint, scratch)
     _, client_state = engine.load_checkpoint(str(folder), tag=tag)
     if client_state is None:
-        raise DaptError(f"could not load checkpoint {folder / tag}; move it away or train with --no-resume")
+        raise DaptError(f"could not load checkpoint {checkpoint}; move it away or train with --no-resume")
     if universal:
         dist.barrier()
         if dist.get_rank() == 0:
@@ -72,14 +71,15 @@ def load_latest(engine, folder: Path, universal: bool) -> dict | None:
     return client_state
 
 
-def _to_universal(folder: Path, tag: str) -> str:
-    universal = f"universal-{tag}"
-    if dist.get_rank() == 0 and not (folder / universal).exists():
-        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder / tag),
-                   "--output_folder", str(folder / f"{universal}.tmp"), "--inject_missing_state"]
+def _to_universal(checkpoint: Path, scratch: Path) -> str:
+    universal = f"universal-{checkpoint.name}"
+    if dist.get_rank() == 0 and not (scratch / universal).exists():
+        scratch.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
+                   "--output_folder", str(scratch / f"{universal}.tmp"), "--inject_missing_state"]
         result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
         if result.returncode != 0:
-            raise DaptError(f"converting {folder / tag} to a universal checkpoint failed: {result.stderr.strip()[-500:]}")
-        os.replace(folder / f"{universal}.tmp", folder / universal)
+            raise DaptError(f"converting {checkpoint} to a universal checkpoint failed: {result.stderr.strip()[-500:]}")
+        os.replace(scratch / f"{universal}.tmp", scratch / universal)
     dist.barrier()
     return universal

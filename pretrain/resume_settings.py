@@ -70,7 +70,14 @@ def allowed_changes() -> list[str]:
     return [name for name in os.environ.get(ALLOW_CHANGED, "").split(",") if name]
 
 
-def check_resume_settings(saved_yaml: str, current_yaml: str, checkpoint: str, allowed: list[str]) -> list[str]:
+# A branch (another run's checkpoint, `train.branch_from`) continues the data order only as far as it
+# was read: later stages and the decay's mix are its own, which the loader checks against the
+# samples already drawn; and its schedule is its own, so optimizer settings change without asking.
+BRANCH_DATA = ("mix.stages", "mix.decay")
+
+
+def check_resume_settings(saved_yaml: str, current_yaml: str, checkpoint: str, allowed: list[str],
+                          branch: bool = False) -> list[str]:
     """The changed fields that are taken (as lines to print); a change that is refused raises, naming them all."""
     found = differences(_settings(saved_yaml), _settings(current_yaml))
     found = [change for change in found if change[0] != "name"]  # the experiment's name is only a label
@@ -82,9 +89,11 @@ def check_resume_settings(saved_yaml: str, current_yaml: str, checkpoint: str, a
     if model := refused(FIXED_MODEL):
         raise DaptError(f"{'; '.join(model)} since checkpoint {checkpoint}: a checkpoint resumes only into the model "
                         f"it was saved from; restore the field, or start afresh (--no-resume, or another workdir)")
-    if data := refused(FIXED_DATA):
-        raise DaptError(f"{'; '.join(data)} since checkpoint {checkpoint}: the resumed run would not continue the "
+    if data := [line for line in refused(FIXED_DATA) if not (branch and line.startswith(BRANCH_DATA))]:
+        run = "the branch" if branch else "the resumed run"
+        raise DaptError(f"{'; '.join(data)} since checkpoint {checkpoint}: {run} would not continue the "
                         f"same data order; restore the field, or train in another workdir")
+    allowed = [*allowed, *OPTIMIZER] if branch else allowed
     blocked = [line for line, (path, _, _) in zip(lines, found)
                if _under(path, OPTIMIZER) and not _under(path, tuple(allowed))]
     if blocked:

@@ -201,7 +201,7 @@ class Trainer:
         self._build_engine()
         resumed = self.checkpointer.resume(self.engine)
         self.state = resumed or RunState()
-        self._start_tracking(resumed is not None)
+        self._start_tracking(resumed is not None and not self.checkpointer.branched)
         self.evaluator = Evaluator(experiment, self.device, self.tracker, measured_at_start)
         if resumed is None:
             self.state.bpb_before = self.evaluator.at_start(self.engine.module, base=self.base_bpb)

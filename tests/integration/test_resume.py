@@ -1,6 +1,7 @@
 """Resume and stop-by-signal with a real 2-process DeepSpeed run (ZeRO-2, gloo, fp32)."""
 
 import json
+import math
 import os
 import re
 import shlex
@@ -77,6 +78,34 @@ def test_resume_continues_bitwise_like_the_uninterrupted_run(tmp_path, uninterru
     assert second["wandb_run_id"] == first["wandb_run_id"]
     assert {n: r["tokens_seen"] for n, r in second["corpora"].items()} == {n: r["tokens_seen"] for n, r in first["corpora"].items()}
     assert second["corpora"]["news"]["bpb_after"] == first["corpora"]["news"]["bpb_after"]
+
+
+def test_a_decay_branched_from_the_constant_phase_trains_on_its_own_mix_without_retraining_it(tmp_path, uninterrupted):
+    """A second decay of the warmup-stable-decay run, as a run of its own: from its step-3 checkpoint
+    (the last of the constant phase), 4 steps of cosine decay on a mostly public mix. It trains steps
+    4 to 7 only, each at its own schedule's rate, in its own W&B run, and leaves the stable run as it was."""
+    stable_dir = uninterrupted[2].parent
+    stable_checkpoints = sorted(path.name for path in (stable_dir / "checkpoints").iterdir())
+    config = yaml.safe_load(uninterrupted[2].read_text())
+    config["workdir"] = str(tmp_path)
+    config["train"] |= {"steps": 7, "decay_steps": 4, "decay_shape": "cosine",
+                        "branch_from": str(stable_dir / "checkpoints" / "step00000003")}
+    config["mix"]["decay"] = {"group_weights": {"financial": 0.1, "public": 0.9}}
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config))
+    branched = train(path)
+    assert f"branching from {stable_dir / 'checkpoints' / 'step00000003'} at step 3" in branched.stdout
+    assert "changed: mix.decay.group_weights.financial: 0.9 → 0.1" in branched.stdout
+    experiment, _ = load_experiment(path)
+    rates = losses(tmp_path, "train/lr")
+    assert sorted(rates) == [4, 5, 6, 7], "the constant phase is not trained again"
+    assert rates == {step: lr_at(experiment.train, step - 1) for step in range(4, 8)}
+    assert rates[4] == 1e-3 and rates[5] == pytest.approx(1e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    stable, branch = (json.loads((folder / "results.json").read_text()) for folder in (stable_dir, tmp_path))
+    assert branch["wandb_run_id"] != stable["wandb_run_id"]
+    public = [corpus.name for corpus in experiment.corpora if corpus.group == "public"]
+    assert sum(branch["corpora"][n]["tokens_seen"] for n in public) > sum(stable["corpora"][n]["tokens_seen"] for n in public)
+    assert sorted(path.name for path in (stable_dir / "checkpoints").iterdir()) == stable_checkpoints
 
 
 def test_sigusr1_checkpoints_and_the_rerun_finishes(tmp_path, built_experiment):

@@ -237,10 +237,30 @@ def test_resume_at_random_points_continues_the_same_sequence():
 
 
 def test_resume_under_another_mix_is_refused():
-    state = loaders(1, 8)[0].state_dict()
+    loader = loaders(1, 8)[0]
+    next(iter(loader.iterate(1)))  # a sample drawn under the first mix
+    state = loader.state_dict()
     other = MixLoader(schedule_of(BLOOMBERG[::-1]), [], 4, 8, BatchSizes(8), 0, 1)
     with pytest.raises(DaptError, match=r"the mix changed since this checkpoint \(stages differ\)"):
         other.load_state_dict(state)
+
+
+def test_a_branch_may_differ_in_the_stages_that_begin_after_the_samples_drawn():
+    """A decay branched from another run's checkpoint at sample 64 trains on a mix of its own from
+    there (the same samples before it); a stage that began before the checkpoint may not change."""
+    stores = [FakeStore(c) for c in range(len(BLOOMBERG))]
+    stable = MixLoader(schedule_of(BLOOMBERG), stores, 4, 8, BatchSizes(8), 0, 1)
+    for batch in stable.iterate(8):
+        pass
+    state = stable.state_dict()
+    assert state["samples_consumed"] == 64
+    decay = BLOOMBERG[::-1]
+    branch = MixLoader(schedule_of(BLOOMBERG, stages=[(64, decay)]), stores, 4, 8, BatchSizes(8), 0, 1)
+    branch.load_state_dict(state)
+    assert branch.samples_consumed == 64
+    earlier = MixLoader(schedule_of(BLOOMBERG, stages=[(48, decay)]), stores, 4, 8, BatchSizes(8), 0, 1)
+    with pytest.raises(DaptError, match=r"the mix changed since this checkpoint \(stages differ\)"):
+        earlier.load_state_dict(state)
 
 
 def test_ledger_counts_what_was_consumed():
