@@ -43,6 +43,29 @@ def test_warmup_stable_decay_holds_the_peak_then_decays_in_its_shape(shape, rate
     assert schedule(schedule="wsd").decay_start == 80, "default: the last fifth decays"
 
 
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant", "wsd"])
+def test_the_formulas_are_the_ones_transformers_schedulers_run(name):
+    """Where transformers has the schedule (warmup from 0; its warmup-stable-decay warms from the floor,
+    so with floor 0), dapt's rate is its rate at every step."""
+    from transformers import optimization
+
+    train = schedule(schedule=name, warmup_steps=10, min_lr_ratio=0.0 if name in ("linear", "wsd") else 0.1,
+                     **({"decay_steps": 30, "decay_shape": "1-sqrt"} if name == "wsd" else {}))
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=train.lr)
+    theirs = {
+        "cosine": lambda: optimization.get_cosine_with_min_lr_schedule_with_warmup(optimizer, 10, 100, min_lr_rate=0.1),
+        "linear": lambda: optimization.get_linear_schedule_with_warmup(optimizer, 10, 100),
+        "constant": lambda: optimization.get_constant_schedule_with_warmup(optimizer, 10),
+        "wsd": lambda: optimization.get_wsd_schedule(optimizer, 10, 30, num_training_steps=100, decay_type="1-sqrt"),
+    }[name]()
+    rates = []
+    for _ in range(100):
+        rates.append(theirs.get_last_lr()[0])
+        optimizer.step()
+        theirs.step()
+    assert lr_curve(train) == pytest.approx(rates, abs=1e-12)
+
+
 def test_the_scheduler_deepspeed_steps_runs_the_formula_and_resumes_from_its_state():
     train = schedule(schedule="wsd", warmup_steps=3, decay_steps=10, warmup_start_lr=1e-4)
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=train.lr)
