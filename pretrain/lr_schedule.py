@@ -9,9 +9,13 @@ Step s (1-based) trains at iteration i = s − 1, as in transformers: warmup ris
 - `wsd` stays at `lr` until the decay's first step D, then falls to lr × min_lr_ratio in the decay's
   shape at p = (i − D) / (T − D).
 
-dapt runs these as its own scheduler rather than DeepSpeed's: DeepSpeed has no warmup-stable-decay,
-its linear decay cannot start at the peak without warmup (the warmup's start is also its floor), and
-one formula serves the run, the plan's plot and the tests.
+These are transformers' formulas (`get_cosine_with_min_lr_schedule_with_warmup`,
+`get_linear_schedule_with_warmup`, `get_constant_schedule_with_warmup`, `get_wsd_schedule`; the
+tests hold them equal at every step), written as a function of the step because the mix plan plots
+them before any optimizer exists, and because warmup here may start from `warmup_start_lr`
+(transformers' warms from 0, or in warmup-stable-decay from the floor). dapt runs them as its own
+scheduler rather than DeepSpeed's: DeepSpeed has no warmup-stable-decay, and its linear decay cannot
+start at the peak without warmup (the warmup's start is also its floor).
 """
 
 from __future__ import annotations
