@@ -174,7 +174,7 @@ def test_a_real_model_tuned_on_headline_records_with_lora_beats_its_few_shot_acc
         "workdir": str(tmp_path), "corpora": corpora, "heldout": {"fraction": 0.5, "max_documents": 200},
         "tokenizer": {"path": str(smollm2)}, "model": {"path": str(smollm2)},
         "mix": {"seq_len": 64, "weights": {"sentiment": 0.9, "web": 0.1}},
-        "train": {"steps": 6, "global_batch_size": 8, "micro_batch_size": 4, "lr": 1e-3, "warmup_steps": 2,
+        "train": {"steps": 6, "global_batch_size": 8, "micro_batch_size": 4, "lr": 7e-4, "warmup_steps": 2,
                   "precision": "fp32", "eval_max_tokens": 1000, "log_every": 1, "lora": {"r": 16, "alpha": 32}},
         "deepspeed": {"zero_optimization": {"stage": 2}}, "launch": {"nproc_per_node": 2},
     })
